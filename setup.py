@@ -1,0 +1,124 @@
+"""Build t2t_fast and its native extension ``t2t_fast._C``.
+
+The extension is a pybind11 module that never includes torch headers: tensors cross as raw pointers,
+sizes, strides, dtype codes and a CUDA stream, all as integers. That keeps ``pip install .`` working
+under build isolation (no multi-GB torch download into the build env) and lets one binary load beside
+any torch version.
+
+CPU code is always built. CUDA code (``csrc/*.cu``) is built when nvcc is found:
+  T2T_FAST_CUDA=0  never build CUDA code
+  T2T_FAST_CUDA=1  build it, and fail if nvcc is missing
+  unset            build it when nvcc is found
+T2T_FAST_CUDA_ARCHS overrides the targets (default "80;90a", plus PTX for compute_80).
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    for root in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def _cuda_root(nvcc):
+    """Toolkit root holding libcudart_static.a. The nvcc on PATH may be a wrapper script, so ask nvcc."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.environ["CUDA_HOME"])
+    try:
+        out = subprocess.run([nvcc, "-v", "--version"], capture_output=True, text=True).stderr
+        for line in out.splitlines():
+            if line.startswith("#$ TOP="):
+                candidates.append(line.split("=", 1)[1].strip())
+    except OSError:
+        pass
+    candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for root in candidates:
+        for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            if os.path.exists(os.path.join(root, lib, "libcudart_static.a")):
+                return root, os.path.join(root, lib)
+    raise RuntimeError(f"nvcc found at {nvcc} but no libcudart_static.a next to it; set CUDA_HOME")
+
+
+def _cuda_mode():
+    mode = os.environ.get("T2T_FAST_CUDA", "").strip()
+    if mode not in ("", "0", "1"):
+        raise RuntimeError(f"T2T_FAST_CUDA must be 0, 1 or unset, got {mode!r}")
+    return mode
+
+
+class BuildExt(build_ext):
+    """Compiles ``.cu`` sources with nvcc (when wanted and found) and links them into the extension."""
+
+    def build_extensions(self):
+        mode = _cuda_mode()
+        nvcc = None if mode == "0" else _find_nvcc()
+        if mode == "1" and nvcc is None:
+            raise RuntimeError("T2T_FAST_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda*)")
+        for ext in self.extensions:
+            cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            if nvcc is None or not cu_sources:
+                if cu_sources:
+                    print("t2t_fast: building the CPU extension only (T2T_FAST_CUDA=0 or nvcc not found)")
+                continue
+            ext.extra_objects += self._compile_cuda(nvcc, cu_sources)
+            root, libdir = _cuda_root(nvcc)
+            ext.define_macros.append(("T2T_WITH_CUDA", "1"))
+            ext.include_dirs.append(os.path.join(root, "include"))
+            ext.library_dirs.append(libdir)
+            ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+        super().build_extensions()
+
+    def _compile_cuda(self, nvcc, sources):
+        archs = os.environ.get("T2T_FAST_CUDA_ARCHS", "80;90a").split(";")
+        gencode = []
+        for arch in archs:
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        gencode += ["-gencode", "arch=compute_80,code=compute_80"]  # PTX for GPUs newer than the list
+        os.makedirs(self.build_temp, exist_ok=True)
+        objects = []
+        for src in sources:
+            obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+                   "--threads", "2", "-Icsrc", "-DT2T_WITH_CUDA=1", *gencode]
+            print("t2t_fast: " + " ".join(cmd))
+            subprocess.check_call(cmd, cwd=HERE)
+            objects.append(obj)
+        return objects
+
+
+native = Pybind11Extension(
+    "t2t_fast._C",
+    sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    packages=find_packages(include=["t2t_fast", "t2t_fast.*"]) + ["t2t_fast.kernels"],
+    package_dir={"t2t_fast.kernels": "kernels"},
+    ext_modules=[native],
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)

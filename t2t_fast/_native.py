@@ -1,0 +1,28 @@
+"""Loads the compiled extension ``t2t_fast._C`` and says why when it cannot."""
+import importlib
+
+_module = None
+_error = None
+
+
+def native_module():
+    """The compiled extension, or None when it could not be imported (see :func:`native_error`)."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            _module = importlib.import_module("t2t_fast._C")
+        except ImportError as exc:  # a source checkout without a build, or a broken build
+            _error = f"the native extension t2t_fast._C could not be imported ({exc}); reinstall with `pip install .`"
+    return _module
+
+
+def native_error():
+    """Why :func:`native_module` returned None, or None."""
+    native_module()
+    return _error
+
+
+def native_cuda_compiled():
+    """True when the extension was built with its CUDA kernels (nvcc found at install time)."""
+    module = native_module()
+    return bool(module is not None and module.compiled_with_cuda())

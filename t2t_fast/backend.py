@@ -1,0 +1,137 @@
+"""Backend choice, in one place.
+
+Backends:
+  ``auto``    CUDA tensors: Triton kernels + the CUDA extension; CPU tensors: the C++ extension + torch;
+              while tracing/exporting (ONNX, torch.export, TorchScript): the reference-equivalent torch ops.
+  ``triton``  the fused Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``)
+  ``cuda``    the CUDA kernels of the native extension
+  ``cpp``     the CPU kernels of the native extension
+  ``torch``   plain torch ops (always available)
+
+Precedence: a ``backend=`` argument of a call, then the model's ``backend`` setting, then the
+``T2T_FAST_BACKEND`` environment variable, then ``auto``. A forced backend that cannot run raises
+:class:`BackendUnavailableError` listing why; ``auto`` never fails where plain torch would work.
+A forced backend that an op does not implement (e.g. ``cpp`` for FAVOR+, whose CPU path is plain
+torch) runs that op's ``torch`` implementation, once the backend itself is known to be usable.
+"""
+import os
+
+import torch
+
+from t2t_fast._native import native_cuda_compiled, native_error, native_module
+
+BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
+ENV_VAR = "T2T_FAST_BACKEND"
+
+# Preference order of ``auto`` per device type; each op keeps the ones it implements.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot run here; the message says why."""
+
+
+def check_backend_name(name):
+    """Validate a backend name (None is allowed and means "not set")."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def _triton_reason(device_type):
+    """Why Triton cannot run on this device type, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing "
+                "t2t_fast (slow; meant for tests)")
+    return f"Triton does not support device type {device_type!r}"
+
+
+def _cuda_reason(device_type):
+    if device_type != "cuda":
+        return f"the CUDA extension runs CUDA tensors only, got a {device_type} tensor"
+    if native_module() is None:
+        return native_error()
+    if not native_cuda_compiled():
+        return "t2t_fast._C was built without CUDA kernels (nvcc not found or T2T_FAST_CUDA=0 at install time)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _cpp_reason(device_type):
+    if device_type != "cpu":
+        return f"the C++ extension runs CPU tensors only, got a {device_type} tensor"
+    if native_module() is None:
+        return native_error()
+    return None
+
+
+_REASONS = {
+    "triton": _triton_reason,
+    "cuda": _cuda_reason,
+    "cpp": _cpp_reason,
+    "torch": lambda device_type: None,
+}
+
+
+def unavailable_reason(backend, device_type):
+    """Why ``backend`` cannot run tensors of ``device_type`` (``'cpu'``/``'cuda'``), or None if it can."""
+    check_backend_name(backend)
+    if backend == "auto":
+        return None
+    return _REASONS[backend](device_type)
+
+
+def is_exporting():
+    """True while TorchScript, torch.export, ONNX export or FX tracing records the model."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    if torch.onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
+        return True
+    return False
+
+
+def requested_backend(backend=None):
+    """The backend asked for: the argument, else ``T2T_FAST_BACKEND``, else ``'auto'``."""
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    return check_backend_name(backend)
+
+
+def select_backend(op, device, implemented, backend=None):
+    """Pick the implementation of ``op`` for tensors on ``device``.
+
+    ``implemented`` is the tuple of backends the op has (always including ``'torch'``). Returns one of
+    them. Raises :class:`BackendUnavailableError` when a forced backend cannot run here.
+    """
+    requested = requested_backend(backend)
+    device_type = torch.device(device).type
+    if requested == "auto":
+        if is_exporting():
+            return "torch"
+        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
+            if candidate in implemented and unavailable_reason(candidate, device_type) is None:
+                return candidate
+        return "torch"
+    reason = unavailable_reason(requested, device_type)
+    if reason is not None:
+        raise BackendUnavailableError(f"{op}: backend {requested!r} cannot run here: {reason}")
+    return requested if requested in implemented else "torch"
+
+
+def available_backends(device_type):
+    """``{backend: reason or None}`` for every concrete backend on ``device_type``."""
+    return {name: unavailable_reason(name, device_type) for name in BACKENDS if name != "auto"}

@@ -1,0 +1,27 @@
+"""Test setup. Runs before t2t_fast is imported so the Triton interpreter can be switched on for CPU runs."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels then run on CPU tensors in the interpreter (must be set before @triton.jit runs).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import t2t_fast  # noqa: E402
+
+
+def pytest_report_header(config):
+    return [f"t2t_fast from {os.path.dirname(t2t_fast.__file__)}",
+            f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
