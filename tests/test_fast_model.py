@@ -1,0 +1,198 @@
+"""The fast model against the reference: parity on every variant, backends, mixed precision,
+torch.compile, ONNX export and training memory."""
+import os
+
+import pytest
+import torch
+
+import t2t_fast
+import t2t_fast.reference as ref
+from t2t_fast.testing import assert_within_reference_error, relative_error
+
+ALL_VARIANTS = t2t_fast.list_models()
+
+
+def _pair(name, **kwargs):
+    """A reference model and a fast model holding the same weights (eval mode)."""
+    reference = ref.create_model(name, **kwargs).eval()
+    fast = t2t_fast.create_model(name, **kwargs).eval()
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    reference.load_state_dict(fast.state_dict(), strict=True)  # and back: both directions load
+    return reference, fast
+
+
+def _loss_and_grads(model, x, probe):
+    model.zero_grad()
+    logits = model(x)
+    (logits * probe).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def _check_parity(reference, fast, x, logits_rtol=1e-5, grad_rtol=1e-4):
+    probe = torch.randn(x.shape[0], reference.num_classes, dtype=x.dtype)
+    ref_logits, ref_grads = _loss_and_grads(reference, x, probe)
+    fast_logits, fast_grads = _loss_and_grads(fast, x, probe)
+    assert relative_error(fast_logits, ref_logits) <= logits_rtol
+    assert ref_grads.keys() == fast_grads.keys()
+    worst = max(ref_grads, key=lambda n: relative_error(fast_grads[n], ref_grads[n]))
+    assert relative_error(fast_grads[worst], ref_grads[worst]) <= grad_rtol, worst
+
+
+@pytest.mark.parametrize("name", ALL_VARIANTS)
+def test_parity_with_reference_cpu_fp32(name):
+    torch.manual_seed(0)
+    reference, fast = _pair(name)
+    _check_parity(reference, fast, torch.randn(2, 3, 224, 224))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="runs the Triton kernels on CPU tensors in the interpreter")
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_parity_triton_backend_in_interpreter(name):
+    torch.manual_seed(0)
+    reference, fast = _pair(name, img_size=112)
+    fast.set_backend("triton")
+    _check_parity(reference, fast, torch.randn(1, 3, 112, 112))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_forced_cpu_backends_agree(backend):
+    reference, fast = _pair("t2t_vit_7", img_size=112)
+    fast.set_backend(backend)
+    _check_parity(reference, fast, torch.randn(2, 3, 112, 112))
+
+
+def test_forced_backend_that_cannot_run_raises():
+    fast = t2t_fast.create_model("t2t_vit_7", backend="cuda").eval()
+    with pytest.raises(t2t_fast.BackendUnavailableError, match="cuda"):
+        fast(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="unknown backend"):
+        t2t_fast.create_model("t2t_vit_7", backend="fastest")
+
+
+def test_env_var_selects_backend(monkeypatch):
+    fast = t2t_fast.create_model("t2t_vit_7").eval()
+    monkeypatch.setenv("T2T_FAST_BACKEND", "cuda")
+    with pytest.raises(t2t_fast.BackendUnavailableError):
+        fast(torch.randn(1, 3, 224, 224))
+    monkeypatch.setenv("T2T_FAST_BACKEND", "torch")
+    with torch.no_grad():
+        assert torch.isfinite(fast(torch.randn(1, 3, 224, 224))).all()
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_bf16_autocast_error_within_twice_the_reference(name):
+    torch.manual_seed(0)
+    reference, fast = _pair(name)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        exact = ref.create_model(name).double().eval()
+        exact.load_state_dict(reference.state_dict())
+        expected = exact(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16 = reference(x)
+            fast_bf16 = fast(x)
+    assert_within_reference_error(fast_bf16.float(), ref_bf16.float(), expected, factor=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights(dtype):
+    reference, fast = _pair("t2t_vit_7", img_size=112)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        expected = reference(x)
+        out = fast.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert relative_error(out, expected) < (2e-2 if dtype == torch.float16 else 8e-2)
+
+
+def _overflowing_pair():
+    """Weights for which every performer feature of attention1 is exp(~16): inf in fp16."""
+    reference, fast = _pair("t2t_vit_7", img_size=112)
+    layer = reference.tokens_to_token.attention1
+    with torch.no_grad():
+        layer.kqv.weight.mul_(0.01)
+        layer.kqv.bias[:64] = layer.w[0]      # k ~ w_0
+        layer.kqv.bias[64:128] = layer.w[0]   # q ~ w_0: u.w_0 - |u|^2/2 ~ 16, exp(16) > fp16 max
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def test_fp16_input_that_makes_the_reference_nan_stays_finite():
+    reference, fast = _overflowing_pair()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        exact = ref.create_model("t2t_vit_7", img_size=112).double().eval()
+        exact.load_state_dict(reference.state_dict())
+        expected = exact(x.double())
+        with torch.autocast("cpu", dtype=torch.float16):
+            ref_out = reference(x)
+            fast_out = fast(x)
+    assert not torch.isfinite(ref_out).all(), "the crafted input no longer breaks the reference"
+    assert torch.isfinite(fast_out).all()
+    assert relative_error(fast_out.float(), expected) < 5e-2
+
+
+def _tiny(**kwargs):
+    return t2t_fast.T2TViT(img_size=64, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10,
+                           **kwargs)
+
+
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_torch_compile_fullgraph_forward_and_backward(tokens_type):
+    torch._dynamo.reset()
+    model = _tiny(tokens_type=tokens_type).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
+
+
+def test_onnx_round_trip(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    path = tmp_path / "t2t.onnx"
+    torch.onnx.export(model, (x,), str(path), opset_version=18, input_names=["image"], output_names=["logits"],
+                      dynamo=True)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_matches_eager():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_training_keeps_no_unfolded_tensor_alive():
+    """The (B, L, C*k*k) soft-split rows are recomputed in backward, never saved."""
+    model = t2t_fast.create_model("t2t_vit_7", img_size=112).train()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.tokens_to_token(torch.randn(2, 3, 112, 112))
+    unfolded = [s for s in saved if len(s) == 3 and s[-1] in (147, 576)]
+    assert not unfolded, f"unfolded tensors saved for backward: {unfolded}"
+    out.sum().backward()
+    assert model.tokens_to_token.attention1.kqv.weight.grad is not None
