@@ -153,3 +153,49 @@ def performer_projection(m, emb):
     """The frozen random matrix w (m, emb): orthogonal rows scaled to norm sqrt(m) (consumes RNG)."""
     w = torch.randn(m, emb)
     return torch.nn.init.orthogonal_(w) * math.sqrt(m)
+
+
+# --- experimental families (upstream models/t2t_vit_{se,dense,ghost}.py) --------------------------------
+SE_REDUCTION = 16          # squeeze-excite bottleneck: width // 16
+DENSE_RATE_TABLE_LEN = 12  # upstream spreads dense drop-path rates over its (otherwise unused) default depth 12
+
+
+def dense_layout(embed_dim, stages, growth_rate, num_heads):
+    """Backbone plan of the dense family: a list of ``(kind, stage, in_width, out_width)`` with kind
+    ``"block"`` (appends ``growth_rate`` channels) or ``"transition"`` (halves the width, floor, between
+    stages), stage s holding ``stages[s]`` blocks; and the final width."""
+    if (not isinstance(stages, (tuple, list)) or not stages
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in stages)):
+        raise TypeError(f"the dense family takes depth as a tuple of per-stage block counts, e.g. (3, 6, 6, 4); "
+                        f"got {stages!r}")
+    if len(stages) > DENSE_RATE_TABLE_LEN:
+        raise ValueError(f"the dense family supports at most {DENSE_RATE_TABLE_LEN} stages, got {len(stages)}")
+    if growth_rate < 1:
+        raise ValueError(f"growth_rate must be >= 1, got {growth_rate}")
+    plan, width = [], embed_dim
+    for stage, num_blocks in enumerate(stages):
+        for _ in range(num_blocks):
+            if width % num_heads:
+                raise ValueError(f"dense block width {width} is not divisible by num_heads {num_heads}")
+            plan.append(("block", stage, width, width + growth_rate))
+            width += growth_rate
+        if stage != len(stages) - 1:
+            plan.append(("transition", stage, width, width // 2))
+            width //= 2
+    return plan, width
+
+
+def dense_drop_path_rates(drop_path_rate, num_stages):
+    """Drop-path rate of each dense stage: entry ``stage`` of ``linspace(0, rate, 12)`` (upstream indexes its
+    per-depth table by the stage, so every block of a stage shares one small rate)."""
+    return torch.linspace(0, drop_path_rate, DENSE_RATE_TABLE_LEN).tolist()[:num_stages]
+
+
+def check_ghost_args(embed_dim, mlp_ratio):
+    """The ghost family halves q/k/v (embed_dim must be even) and its MLP concatenates exactly three
+    embed_dim-wide maps (the hidden width must be 3 * embed_dim)."""
+    if embed_dim % 2:
+        raise ValueError(f"the ghost family needs an even embed_dim, got {embed_dim}")
+    if int(embed_dim * mlp_ratio) != 3 * embed_dim:
+        raise ValueError(f"the ghost MLP only supports mlp_ratio=3 (hidden width 3 * embed_dim), "
+                         f"got mlp_ratio={mlp_ratio}")

@@ -1,2 +1,5 @@
 """Fused ops of t2t_fast. Each op is a ``torch.library`` custom op (fake + autograd registered) with a
 pure-torch ``<op>_ref`` twin that defines the numbers it must reproduce."""
+from t2t_fast.ops.soft_split_layernorm import soft_split_layernorm, soft_split_layernorm_ref  # noqa: F401
+from t2t_fast.ops.favor_attention import favor_attention, favor_attention_ref  # noqa: F401
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold, restructurize_unfold_ref  # noqa: F401

@@ -15,6 +15,12 @@ from t2t_fast import _config
 from t2t_fast._api import T2TViTAPI
 
 
+def _at_least_fp32(t):
+    """Upstream's ``.float()``: widens fp16/bf16 to fp32; float64 stays float64 so the reference can
+    also serve as the float64 oracle (upstream would crash there)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (active in train mode only)."""
 
@@ -66,14 +72,15 @@ class TokenPerformer(nn.Module):
         # phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m); the half squared norm stays in u's dtype, the
         # projection runs on u cast to fp32, as upstream does.
         half_sq_norm = (u * u).sum(dim=-1, keepdim=True).repeat(1, 1, self.m) / 2
-        projected = torch.einsum("bti,mi->btm", u.float(), self.w.float())
+        u_wide = _at_least_fp32(u)
+        projected = torch.einsum("bti,mi->btm", u_wide, self.w.to(u_wide.dtype))
         return torch.exp(projected - half_sq_norm) / math.sqrt(self.m)
 
     def attention(self, x):
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
         kp, qp = self.positive_features(k), self.positive_features(q)       # (B, T, m)
         normaliser = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(-1)  # (B, T, 1)
-        context = torch.einsum("bte,btm->bem", v.float(), kp)               # (B, e, m)
+        context = torch.einsum("bte,btm->bem", _at_least_fp32(v), kp)              # (B, e, m)
         y = torch.einsum("btm,bem->bte", qp, context) / (normaliser.repeat(1, 1, self.emb) + self.eps)
         return v + self.dp(self.proj(y.to(v.dtype)))
 

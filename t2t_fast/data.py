@@ -1,0 +1,138 @@
+"""Datasets for the training commands: the built-in digits demo, ImageFolder trees and CIFAR folders.
+
+Every dataset yields ``(PIL image, class index)`` through a transform, so the same timm transforms serve
+all of them. Unreadable image files are **skipped with a warning and counted**: the dataset returns
+``None`` for them and :func:`collate_skip_unreadable` drops those samples from the batch and reports how
+many it dropped (the trainers log the count per epoch and write it to the summary). A batch in which every
+image is unreadable is an error (the ranks of a distributed run must all take the same steps).
+"""
+import logging
+import os
+
+import numpy as np
+import torch
+
+_logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
+
+
+class DataError(ValueError):
+    """The data given to a command cannot be used; the message says what to fix."""
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes, shipped inside scikit-learn),
+    upscaled bicubically to ``img_size`` RGB images. ``split`` 'train' or 'val' is a fixed, stratified
+    80/20 split (the same on every machine)."""
+
+    VAL_FRACTION = 0.2
+    SPLIT_SEED = 0
+
+    def __init__(self, split, img_size, transform=None):
+        from PIL import Image
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        digits = load_digits()
+        index = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(index, test_size=self.VAL_FRACTION, random_state=self.SPLIT_SEED,
+                                              stratify=digits.target)
+        chosen = np.sort(train_idx if split == "train" else val_idx)
+        pixels = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)  # values 0..16 -> 0..255
+        self.images = [Image.fromarray(p).resize((img_size, img_size), Image.BICUBIC).convert("RGB")
+                       for p in pixels]
+        self.targets = digits.target[chosen].tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+def _check_dir(path, what):
+    if not os.path.isdir(path):
+        raise DataError(f"{what} {path!r} does not exist or is not a directory")
+
+
+class SafeImageFolder(torch.utils.data.Dataset):
+    """torchvision ``ImageFolder`` (one sub-folder per class) whose unreadable files yield ``None``."""
+
+    def __init__(self, root, transform=None):
+        from torchvision.datasets import ImageFolder
+
+        _check_dir(root, "image folder")
+        try:
+            self.folder = ImageFolder(root, allow_empty=False, is_valid_file=_has_image_extension)
+        except FileNotFoundError as exc:
+            raise DataError(f"{root}: {exc} (expected one sub-folder per class holding "
+                            f"{'/'.join(IMG_EXTENSIONS)} files)") from None
+        self.classes = self.folder.classes
+        self.targets = self.folder.targets
+        self.transform = transform
+        self.warned = set()
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, target = self.folder.samples[i]
+        try:
+            image = self.folder.loader(path)
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for truncated/corrupt files
+            if path not in self.warned:
+                self.warned.add(path)
+                _logger.warning("skipping unreadable image %s: %s", path, exc)
+            return None
+        return (self.transform(image) if self.transform else image), target
+
+
+def _has_image_extension(path):
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def image_folder_splits(root, train_transform, eval_transform):
+    """``root/train`` and ``root/val`` as :class:`SafeImageFolder` datasets with the same classes."""
+    _check_dir(root, "data directory")
+    missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(root, s))]
+    if missing:
+        raise DataError(f"data directory {root!r} needs train/ and val/ sub-folders (ImageFolder layout: "
+                        f"split/class/image); missing: {', '.join(missing)}")
+    train = SafeImageFolder(os.path.join(root, "train"), train_transform)
+    val = SafeImageFolder(os.path.join(root, "val"), eval_transform)
+    if train.classes != val.classes:
+        raise DataError(f"train/ and val/ of {root!r} hold different classes: {train.classes[:10]} vs "
+                        f"{val.classes[:10]}")
+    return train, val
+
+
+def cifar_splits(name, root, train_transform, eval_transform):
+    """torchvision CIFAR-10/100 from a folder the user already has (never downloaded here)."""
+    from torchvision import datasets
+
+    _check_dir(root, f"{name} directory")
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        return (cls(root, train=True, transform=train_transform, download=False),
+                cls(root, train=False, transform=eval_transform, download=False))
+    except RuntimeError as exc:
+        raise DataError(f"{root}: {exc} (expected the extracted python version, e.g. "
+                        f"{root}/{cls.base_folder}/)") from None
+
+
+def collate_skip_unreadable(batch):
+    """Default collate of the readable samples -> (images, targets, number of unreadable samples)."""
+    kept = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        raise DataError(f"all {len(batch)} images of a batch were unreadable (see the warnings above)")
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, skipped

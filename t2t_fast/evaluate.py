@@ -1,0 +1,166 @@
+"""``t2t-fast eval``: top-1 / top-5 of a checkpoint.
+
+Loads official checkpoint files (``81.5_T2T_ViT_14.pth.tar``: EMA weights preferred) and checkpoints
+written by ``t2t-fast train`` / ``finetune``. For the latter, the model, image size, model kwargs and
+evaluation transform of the run are read from the checkpoint, so the command reproduces the accuracy the
+run logged; without ``--data`` such a checkpoint of the digits demo is evaluated on the digits split.
+Otherwise the official evaluation transform is used: resize to img_size / 0.9, center crop, bicubic,
+ImageNet mean/std.
+
+    t2t-fast eval --model t2t_vit_14 --checkpoint 81.5_T2T_ViT_14.pth.tar --data /data/imagenet
+"""
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from t2t_fast import data as data_lib
+
+_logger = logging.getLogger("t2t_fast.train")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="t2t-fast eval", description="Top-1 / top-5 of a checkpoint (official files or ours) on an ImageFolder; "
+        "checkpoints of t2t-fast runs are evaluated with their run's model and transform.")
+    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint file (official or ours)")
+    parser.add_argument("--model", help="variant (default: the one recorded in the checkpoint)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="ImageFolder root: DIR/val when it exists, else DIR itself (one folder per class)")
+    parser.add_argument("--dataset", choices=("imagefolder", "cifar10", "cifar100"),
+                        help="dataset kind of --data (default: the checkpoint's, else imagefolder)")
+    parser.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's run, else 224)")
+    parser.add_argument("--num-classes", type=int, help="default: the checkpoint's head")
+    parser.add_argument("--model-kwargs", nargs="*", metavar="K=V", help="extra model constructor arguments")
+    parser.add_argument("--backend", help="kernel backend (auto/triton/cuda/cpp/torch)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
+    parser.add_argument("--batch-size", "-b", type=int, help="default: the checkpoint's run, else 100")
+    parser.add_argument("--crop-pct", type=float)
+    parser.add_argument("--interpolation")
+    parser.add_argument("--mean", type=float, nargs=3)
+    parser.add_argument("--std", type=float, nargs=3)
+    parser.add_argument("--workers", "-j", type=int, help="data loader processes (default: min(4, CPUs))")
+    parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the checkpoint's run setting)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
+    parser.add_argument("--results-file", help="also write the metrics as JSON here")
+    parser.add_argument("--log-interval", type=int, default=50)
+    return parser
+
+
+def _settings(args, checkpoint):
+    """Fill unset options: the training run's settings when the checkpoint has them, else the official ones."""
+    from t2t_fast import _config
+
+    run = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    if args.model is None:
+        recorded = run.get("model") or checkpoint.get("arch")
+        if recorded not in _config.VARIANTS:  # official files record timm's class name ('t2t_vit'), if anything
+            raise data_lib.DataError(f"the checkpoint does not record which variant it is (arch={recorded!r}): "
+                                     f"pass --model NAME")
+        args.model = recorded
+    if args.model not in _config.VARIANTS:
+        raise data_lib.DataError(str(_config.unknown_model_error(args.model)))
+    cfg = _config.DEFAULT_CFG
+    defaults = dict(img_size=run.get("img_size", cfg["input_size"][-1]), batch_size=run.get("batch_size", 100),
+                    crop_pct=run.get("crop_pct", cfg["crop_pct"]),
+                    interpolation=run.get("interpolation", cfg["interpolation"]),
+                    mean=tuple(run.get("mean", cfg["mean"])), std=tuple(run.get("std", cfg["std"])),
+                    model_kwargs=run.get("model_kwargs", []), dataset=run.get("dataset", "imagefolder"),
+                    workers=min(4, os.cpu_count() or 1), threads=run.get("threads"))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mean, args.std = tuple(args.mean), tuple(args.std)
+    if args.data is None and run and run.get("data") is None and "model" in run:
+        args.digits = True
+    elif args.data is None:
+        raise data_lib.DataError("--data DIR is required (an ImageFolder root, or the folder holding val/)")
+    else:
+        args.digits = False
+    return args
+
+
+def eval_dataset(args, transform):
+    if args.digits:
+        return data_lib.DigitsDataset("val", args.img_size, transform)
+    if args.dataset in ("cifar10", "cifar100"):
+        return data_lib.cifar_splits(args.dataset, args.data, None, transform)[1]
+    root = os.path.join(args.data, "val") if os.path.isdir(os.path.join(args.data, "val")) else args.data
+    return data_lib.SafeImageFolder(root, transform)
+
+
+def evaluate(args):
+    """Evaluate with resolved-or-partial ``args``; returns the metrics dict."""
+    import t2t_fast
+    from t2t_fast import _train_utils as tu
+    from t2t_fast.checkpoint import extract_state_dict, read_checkpoint
+    from t2t_fast.train import eval_transform, parse_model_kwargs
+
+    checkpoint = read_checkpoint(args.checkpoint)
+    if not isinstance(checkpoint, dict):
+        raise data_lib.DataError(f"{args.checkpoint} does not hold a checkpoint dict")
+    _settings(args, checkpoint)
+    use_ema = not args.no_ema
+    state = extract_state_dict(checkpoint, use_ema=use_ema)
+    if args.num_classes is None:
+        head = state.get("head.weight")
+        args.num_classes = head.shape[0] if head is not None else 1000
+    threads = torch.get_num_threads()
+    dist_info = tu.Distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        dataset = eval_dataset(args, eval_transform(args))
+        if len(dataset.classes) != args.num_classes:
+            raise data_lib.DataError(f"the checkpoint's head has {args.num_classes} classes but the evaluation "
+                                     f"data has {len(dataset.classes)}")
+        kwargs = dict(num_classes=args.num_classes, img_size=args.img_size, **parse_model_kwargs(args.model_kwargs))
+        if args.backend is not None:
+            kwargs["backend"] = args.backend
+        model = t2t_fast.create_model(args.model, **kwargs)
+        t2t_fast.load_checkpoint(model, checkpoint, use_ema=use_ema)
+        model.to(dist_info.device)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, num_workers=args.workers,
+            sampler=tu.ShardSampler(len(dataset), dist_info.rank, dist_info.world_size),
+            collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist_info.device.type == "cuda")
+        autocast = (functools.partial(torch.autocast, device_type=dist_info.device.type, dtype=torch.bfloat16)
+                    if args.amp else contextlib.nullcontext)
+        weights = "EMA" if use_ema and "state_dict_ema" in checkpoint else "model"
+        _logger.info("evaluating %s (%s weights of %s) on %d images", args.model, weights, args.checkpoint,
+                     len(dataset))
+        metrics = tu.validate(model, loader, dist_info.device, dist_info, autocast, desc="Eval",
+                              log_interval=args.log_interval)
+    finally:
+        dist_info.close()
+        torch.set_num_threads(threads)
+    metrics = {"model": args.model, "checkpoint": args.checkpoint, "weights": weights, "img_size": args.img_size,
+               **metrics}
+    _logger.info("top-1 %.3f%%  top-5 %.3f%%  loss %.4f  (%d images%s)", metrics["top1"], metrics["top5"],
+                 metrics["loss"], metrics["count"],
+                 f", {metrics['skipped']} unreadable skipped" if metrics["skipped"] else "")
+    if args.results_file and dist_info.primary:
+        with open(args.results_file, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def main(argv=None):
+    """Entry point of ``t2t-fast eval``; returns the process exit code."""
+    from t2t_fast import _train_utils as tu
+    from t2t_fast.train import run_cli
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    tu.setup_logging(int(os.environ.get("RANK", 0)) == 0)
+    return run_cli(evaluate, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Soft split (unfold) fused with the LayerNorm that follows it in every T2T layer.
+
+``soft_split_layernorm`` computes ``F.layer_norm(unfold(x))`` without materialising the unfolded tensor;
+``soft_split_layernorm_ref`` is the plain-torch oracle it must reproduce. The Triton path is the
+``t2t_fast::soft_split_layernorm_fwd`` / ``_bwd`` custom ops (fake and autograd registered), so
+``torch.compile(fullgraph=True)`` sees one opaque node per direction; the ``torch`` path is the reference
+itself (plain torch ops, traceable by ONNX export and ``torch.export``).
+"""
+import contextlib
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from t2t_fast.backend import requested_backend, select_backend
+from t2t_fast.ops._common import check_float_tensor, new_output
+
+_OP = "soft_split_layernorm"
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_LIMIT = 2**31
+
+
+def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None):
+    """Reference: (tokens -> NCHW) -> ``F.unfold`` -> ``transpose(1, 2)`` -> ``F.layer_norm``.
+
+    Args:
+        x: an NCHW image (B, C, H, W), or tokens (B, H*W, C) together with ``grid_size=(H, W)``.
+        kernel_size, stride, padding: of the square unfold window.
+        weight, bias: LayerNorm affine parameters, shape (C*k*k,).
+        eps: LayerNorm epsilon.
+        grid_size: (H, W) of the token grid; only for token input.
+
+    Returns:
+        (B, L, C*k*k) with L the number of windows (row-major over the output grid).
+    """
+    if grid_size is not None:
+        batch, _, channels = x.shape
+        x = x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
+    unfolded = F.unfold(x, kernel_size, padding=padding, stride=stride).transpose(1, 2)
+    return F.layer_norm(unfolded, (unfolded.shape[-1],), weight, bias, eps)
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
+    """Check the arguments of :func:`soft_split_layernorm`; returns (C, H, W, OH, OW)."""
+    check_float_tensor("x", x, _OP)
+    check_float_tensor("weight", weight, _OP)
+    check_float_tensor("bias", bias, _OP)
+    for name, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if not _is_int(value):
+            raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{_OP}: {name} must be >= {least}, got {value}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
+    if x.dim() == 4:
+        if grid_size is not None:
+            raise ValueError(f"{_OP}: grid_size is only for token input (B, H*W, C); x is a 4-D image")
+        _, channels, height, width = x.shape
+    elif x.dim() == 3:
+        if grid_size is None:
+            raise ValueError(f"{_OP}: token input (B, H*W, C) needs grid_size=(H, W)")
+        if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+                or not all(_is_int(g) and g > 0 for g in grid_size)):
+            raise ValueError(f"{_OP}: grid_size must be two positive ints (H, W), got {grid_size!r}")
+        height, width = grid_size
+        if height * width != x.shape[1]:
+            raise ValueError(f"{_OP}: grid_size {tuple(grid_size)} has {height * width} positions but x has "
+                             f"{x.shape[1]} tokens")
+        channels = x.shape[2]
+    else:
+        raise ValueError(f"{_OP}: x must be (B, C, H, W) or (B, H*W, C), got {x.dim()} dims")
+    if channels == 0:
+        raise ValueError(f"{_OP}: x has no channels")
+    out_h = (height + 2 * padding - kernel_size) // stride + 1
+    out_w = (width + 2 * padding - kernel_size) // stride + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"{_OP}: a {kernel_size}x{kernel_size} window with padding {padding} does not fit the "
+                         f"{height}x{width} input")
+    features = channels * kernel_size * kernel_size
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tuple(tensor.shape) != (features,):
+            raise ValueError(f"{_OP}: {name} must have shape ({features},) = C*k*k, got {tuple(tensor.shape)}")
+        if tensor.dtype not in (torch.float32, x.dtype):
+            raise TypeError(f"{_OP}: {name} has dtype {tensor.dtype}; expected float32 or x's dtype {x.dtype}")
+        if tensor.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {tensor.device} but x is on {x.device}")
+    return channels, height, width, out_h, out_w
+
+
+def _triton_unsupported(x, features):
+    """Why the Triton kernels cannot take this input, or None."""
+    from t2t_fast.kernels.soft_split_layernorm import MAX_FEATURES
+
+    if x.dtype not in _TRITON_DTYPES:
+        return f"dtype {x.dtype} (the Triton kernels take float32, float16 and bfloat16)"
+    if features > MAX_FEATURES:
+        return f"C*k*k = {features} features (the Triton kernels hold a row in registers, at most {MAX_FEATURES})"
+    span = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1
+    if x.numel() >= _INT32_LIMIT or span >= _INT32_LIMIT:
+        return "inputs spanning 2**31 or more elements (the Triton kernels index the input with int32)"
+    return None
+
+
+def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None, backend=None):
+    """Soft split followed by LayerNorm: ``F.layer_norm(F.unfold(x).transpose(1, 2))``, fused.
+
+    Args:
+        x: an NCHW image (B, C, H, W) (the first split, e.g. k=7 s=4 p=2 on RGB: 147 features), or tokens
+            (B, H*W, C) with ``grid_size=(H, W)`` (re-structurize + split, e.g. k=3 s=2 p=1, C=64: 576).
+            May be non-contiguous.
+        kernel_size, stride, padding: of the square unfold window (zero padding, which takes part in the
+            LayerNorm statistics exactly as in the reference).
+        weight, bias: LayerNorm affine parameters of shape (C*k*k,), in float32 or x's dtype.
+        eps: LayerNorm epsilon.
+        grid_size: (H, W) of the token grid; only for token input.
+        backend: None/'auto', 'triton' or 'torch' (see :mod:`t2t_fast.backend`).
+
+    Returns:
+        (B, L, C*k*k) in x's dtype, L = OH*OW windows row-major, feature order (c, ki, kj) as ``F.unfold``.
+        Statistics are computed in float32; backward keeps only x and the per-row mean and rstd.
+    """
+    channels, height, width, _, _ = _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
+    chosen = select_backend(_OP, x.device, ("triton", "torch"), backend)
+    if chosen == "triton":
+        reason = _triton_unsupported(x, channels * kernel_size * kernel_size)
+        if reason is not None:
+            if requested_backend(backend) != "auto":
+                raise ValueError(f"{_OP}: backend 'triton' does not support {reason}")
+            chosen = "torch"
+    if chosen == "torch":
+        return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
+    grid_h, grid_w = (height, width) if x.dim() == 3 else (0, 0)
+    return _fwd_op(x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h),
+                   int(grid_w))[0]
+
+
+def _geometry(x, kernel_size, stride, padding, grid_h, grid_w):
+    """Sizes and element strides (b, c, h, w) of the input, for NCHW images and (B, H*W, C) tokens alike."""
+    if x.dim() == 3:
+        batch, _, channels = x.shape
+        height, width = grid_h, grid_w
+        strides = (x.stride(0), x.stride(2), width * x.stride(1), x.stride(1))
+    else:
+        batch, channels, height, width = x.shape
+        strides = x.stride()
+    out_h = (height + 2 * padding - kernel_size) // stride + 1
+    out_w = (width + 2 * padding - kernel_size) // stride + 1
+    return batch, channels, height, width, out_h, out_w, strides
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _device_guard(x):
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _persistent_programs(device):
+    """Program count of the persistent backward row kernel (a few per SM; small under the interpreter)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
+    """Launch the forward kernel: returns y (B, L, F) in x's dtype and the fp32 row mean and rstd (B*L,)."""
+    from t2t_fast.kernels.soft_split_layernorm import _fwd_kernel, row_config
+
+    batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
+                                                                      grid_h, grid_w)
+    features = channels * kernel_size * kernel_size
+    rows = batch * out_h * out_w
+    y = new_output((batch, out_h * out_w, features), x.dtype, x.device)
+    mean = new_output((rows,), torch.float32, x.device)
+    rstd = new_output((rows,), torch.float32, x.device)
+    if rows == 0:
+        return y, mean, rstd
+    block_m, block_f, num_warps = row_config(features)
+    with _device_guard(x):
+        _fwd_kernel[(_cdiv(rows, block_m),)](
+            x, weight.float().contiguous(), bias.float().contiguous(), y, mean, rstd,
+            rows, out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides, eps,
+            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
+    """Launch the backward kernels: returns dx (x's shape, contiguous), dweight and dbias (fp32)."""
+    from t2t_fast.kernels.soft_split_layernorm import (DX_BLOCK, PARTIALS_BLOCK_G, PARTIALS_BLOCK_N,
+                                                       _bwd_dx_kernel, _bwd_rows_kernel, _sum_partials_kernel,
+                                                       row_config)
+
+    batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
+                                                                      grid_h, grid_w)
+    features = channels * kernel_size * kernel_size
+    rows = batch * out_h * out_w
+    dy = dy.contiguous()
+    w = weight.float().contiguous()
+    block_m, block_f, num_warps = row_config(features)
+    programs = min(_cdiv(rows, block_m), _persistent_programs(x.device))
+    c1 = new_output((rows,), torch.float32, x.device)
+    c2 = new_output((rows,), torch.float32, x.device)
+    partials = new_output((programs, 2 * features), torch.float32, x.device)
+    dweight = new_output((features,), torch.float32, x.device)
+    dbias = new_output((features,), torch.float32, x.device)
+    dx = new_output(tuple(x.shape), x.dtype, x.device)
+    geometry = (out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides)
+    with _device_guard(x):
+        if programs > 0:
+            _bwd_rows_kernel[(programs,)](
+                x, w, dy, mean, rstd, c1, c2, partials, rows, *geometry,
+                BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps)
+        _sum_partials_kernel[(_cdiv(2 * features, PARTIALS_BLOCK_N),)](
+            partials, dweight, dbias, programs, features, BLOCK_G=PARTIALS_BLOCK_G, BLOCK_N=PARTIALS_BLOCK_N)
+        if x.numel() > 0:
+            _bwd_dx_kernel[(_cdiv(x.numel(), DX_BLOCK),)](
+                x, w, dy, mean, rstd, c1, c2, dx, x.numel(), channels, height, width, out_h * out_w, out_h, out_w,
+                features, kernel_size, stride, padding, *strides,
+                CHANNELS_LAST=x.dim() == 3, BLOCK=DX_BLOCK, num_warps=4)
+    return dx, dweight, dbias
+
+
+@torch.library.custom_op("t2t_fast::soft_split_layernorm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int, stride: int,
+            padding: int, eps: float, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
+    batch, channels, _, _, out_h, out_w, _ = _geometry(x, kernel_size, stride, padding, grid_h, grid_w)
+    rows = batch * out_h * out_w
+    y = x.new_empty((batch, out_h * out_w, channels * kernel_size * kernel_size))
+    return y, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("t2t_fast::soft_split_layernorm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+            kernel_size: int, stride: int, padding: int, grid_h: int,
+            grid_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w)
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
+    features = weight.shape[0]
+    return (x.new_empty(x.shape), x.new_empty((features,), dtype=torch.float32),
+            x.new_empty((features,), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.geometry = (kernel_size, stride, padding, grid_h, grid_w)
+    ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, *ctx.geometry)
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,79 @@
+"""Smoke tests of ``t2t-fast bench`` (t2t_fast.bench) on a tiny configuration, and of its MAC figures."""
+import json
+
+import pytest
+import torch
+
+import t2t_fast.reference
+from t2t_fast import bench
+from t2t_fast.cli import main as cli_main
+
+
+def run_cli(tmp_path, *extra):
+    return cli_main(["bench", "--device", "cpu", "--model", "t2t_vit_7", "--img-size", "32", "--batch", "1,2",
+                     "--warmup", "1", "--reps", "2", "--no-compile", "--output", str(tmp_path), *extra])
+
+
+def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert run_cli(tmp_path) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "provider" in line and "img/s" in line)
+    assert "vs ref" in header and "% matmul ceil" in header
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["t2t_vit_7"]]
+    assert sorted((r[2], r[3]) for r in rows) == [("1", "fused"), ("1", "reference"), ("2", "fused"),
+                                                  ("2", "reference")]
+    assert not any("FAILED" in line for line in out.splitlines())
+
+    data = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())
+    assert data["environment"]["threads"] == bench.CPU_THREADS
+    assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
+    results = data["results"]
+    assert len(results) == 4
+    for r in results:
+        assert r["mode"] == "infer" and r["dtype"] == "float32" and r["rounds"] == 2
+        assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and 0 < r["pct_of_matmul_ceiling"] < 100
+        assert r["macs_per_image"] == bench.count_macs(t2t_fast.reference.create_model("t2t_vit_7", img_size=32),
+                                                       torch.randn(1, 3, 32, 32))
+        expected = 1.0 if r["provider"] == "reference" else None
+        assert r["speedup_vs_reference"] > 0 and (expected is None or r["speedup_vs_reference"] == expected)
+        assert "speedup_vs_compiled" not in r  # compile was skipped
+
+    png = (tmp_path / "t2t_fast_bench_cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_bench_cli_training_mode(tmp_path, capsys):
+    assert run_cli(tmp_path, "--mode", "train", "--providers", "reference", "--batch", "2", "--no-ceilings") == 0
+    results = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())["results"]
+    assert [(r["mode"], r["batch"], r["provider"]) for r in results] == [("train", 2, "reference")]
+    assert results[0]["img_per_s"] > 0 and "pct_of_matmul_ceiling" not in results[0]
+
+
+def test_bench_cli_reports_a_failing_provider(tmp_path, capsys):
+    # an invalid backend makes the fused model fail to build: the row says why and the exit code is 1
+    assert run_cli(tmp_path, "--backend", "no-such-backend", "--batch", "1", "--no-ceilings") == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "fused" in failed[0] and "no-such-backend" in failed[0]
+    results = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())["results"]
+    assert {r["provider"]: ("error" in r) for r in results} == {"reference": False, "fused": True}
+
+
+@pytest.mark.parametrize("argv", [["--providers", "eager"], ["--batch", "0"], ["--dtype", "int8"]])
+def test_bench_cli_rejects_bad_arguments(tmp_path, argv, capsys):
+    try:
+        code = bench.main(["--device", "cpu", "--output", str(tmp_path), *argv])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    assert code == 2
+    assert not (tmp_path / "t2t_fast_bench_cpu.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(bench.MACS_224))
+def test_recorded_macs_match_the_reference_model(name):
+    """The MAC figures the benchmarks divide by are those of the models benchmarked (224 px, one image)."""
+    model = t2t_fast.reference.create_model(name).eval()
+    image = torch.randn(1, 3, 224, 224)
+    assert bench.count_macs(model, image) == bench.MACS_224[name]
+    assert bench.count_macs(model.tokens_to_token, image) == bench.T2T_MODULE_MACS_224[name]

@@ -1,0 +1,82 @@
+"""Ahead-of-time compilation of every Triton kernel configuration the package can launch.
+
+The interpreter checks numerics but not whether the GPU compiler accepts a kernel; ``triton.compile`` with an
+explicit target does, without a GPU. Every entry of ``t2t_fast.kernels.compile_specs()`` is compiled for sm_80
+and sm_90; each must produce a cubin and fit the 227 KiB of shared memory an H100 block can use.
+
+``@triton.jit`` returns interpreter objects when ``TRITON_INTERPRET=1`` (which conftest sets on CPU-only
+machines), so the compilation runs in one subprocess without it: this file is also that worker script.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SHARED_LIMIT = 232448  # bytes of shared memory per block on sm_90 (227 KiB)
+CAPABILITIES = (80, 90)
+
+
+def _compile_one(job):
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from t2t_fast.kernels import compile_specs
+
+    index, capability = job
+    spec = compile_specs()[index]
+    try:
+        source = triton.compiler.ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        return spec.name, capability, bool(compiled.asm.get("cubin")), compiled.metadata.shared, None
+    except Exception as exc:  # reported per spec by the test below
+        return spec.name, capability, False, None, f"{type(exc).__name__}: {exc}"
+
+
+def _worker():
+    """Compile every spec for every capability on all cores; print one JSON list."""
+    import concurrent.futures
+    import multiprocessing
+
+    from t2t_fast.kernels import compile_specs
+
+    jobs = [(i, cap) for i in range(len(compile_specs())) for cap in CAPABILITIES]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count(),
+                                                mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(_compile_one, jobs, chunksize=4))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _worker()
+    sys.exit(0)
+
+pytest.importorskip("triton")
+from t2t_fast.kernels import compile_specs  # noqa: E402
+
+SPEC_NAMES = [spec.name for spec in compile_specs()]
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{(spec name, capability): (has cubin, shared bytes, error)} for every spec, compiled in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 keeps the default
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"compile worker failed:\n{proc.stderr[-4000:]}"
+    return {(name, cap): (cubin, shared, error) for name, cap, cubin, shared, error in json.loads(proc.stdout)}
+
+
+def test_specs_are_unique():
+    assert len(SPEC_NAMES) == len(set(SPEC_NAMES)), "duplicate CompileSpec names"
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: f"sm_{c}")
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_compiles(compiled, name, capability):
+    cubin, shared, error = compiled[(name, capability)]
+    assert error is None, f"{name} does not compile for sm_{capability}: {error}"
+    assert cubin, f"{name}: no cubin for sm_{capability}"
+    assert shared <= SHARED_LIMIT, f"{name}: {shared} bytes of shared memory > {SHARED_LIMIT} on sm_{capability}"

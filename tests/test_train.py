@@ -1,0 +1,250 @@
+"""t2t-fast train / eval / finetune: exact resume, 2-process DDP, eval reproducing the logged accuracy,
+fine-tuning, and clear errors on bad input. Tiny models and datasets keep the file fast on 2 CPU cores."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from t2t_fast import cli  # noqa: E402
+from t2t_fast.checkpoint import read_checkpoint  # noqa: E402
+
+# a ~20k-parameter T2T-ViT-7 geometry: the full T2T module and backbone code paths, little compute
+TINY = ["--model", "t2t_vit_7", "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
+        "token_dim=8", "--workers", "0", "--log-interval", "2", "--threads", "1"]
+
+
+def _write_image_folder(root, classes, n_train, n_val, seed=0):
+    """Colour-coded random 32x32 PNGs: learnable, tiny."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 96, (32, 32, 3), dtype=np.uint8)
+                pixels[..., c % 3] += 120
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return _write_image_folder(tmp_path_factory.mktemp("tiny"), ["cat", "dog", "emu"], n_train=8, n_val=4)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """One finished 2-epoch run on the tiny ImageFolder (official recipe: RandAugment, mixup, EMA, ...)."""
+    out = tmp_path_factory.mktemp("run")
+    rc = cli.main(["train", "--data", str(tiny_data), "--output", str(out), "--batch-size", "8", "--epochs", "2",
+                   "--warmup-epochs", "1", "--cooldown-epochs", "0", "--model-ema-decay", "0.9", *TINY])
+    assert rc == 0
+    return out
+
+
+def _train(data, out, *extra):
+    return cli.main(["train", "--data", str(data), "--output", str(out), "--batch-size", "8", "--epochs", "3",
+                     "--warmup-epochs", "1", "--cooldown-epochs", "0", "--model-ema-decay", "0.9", *TINY, *extra])
+
+
+def _assert_states_equal(a, b, what):
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
+
+
+def test_kill_and_resume_is_exact(tiny_data, tmp_path):
+    # 3 epochs x 3 steps (24 images, batch 8); the killed run stops at step 5, inside epoch 1
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _train(tiny_data, full) == 0
+    assert _train(tiny_data, killed, "--stop-after-steps", "5") == 3
+    survivor = read_checkpoint(str(killed / "last.pth"))
+    assert survivor["epoch"] == 0 and survivor["step"] == 3  # the interrupted epoch left the checkpoint alone
+    assert not [f for f in os.listdir(killed) if f.endswith(".tmp")]
+    assert _train(tiny_data, killed, "--resume", str(killed / "last.pth")) == 0
+
+    a, b = read_checkpoint(str(full / "last.pth")), read_checkpoint(str(killed / "last.pth"))
+    assert a["step"] == b["step"] == 9 and a["epoch"] == b["epoch"] == 2
+    _assert_states_equal(a["state_dict"], b["state_dict"], "weights")
+    _assert_states_equal(a["state_dict_ema"], b["state_dict_ema"], "EMA weights")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        _assert_states_equal(sa, sb, "optimizer state")
+    # sanity: training moved the weights (so equality above is not trivial)
+    first = read_checkpoint(str(killed / "last.pth"))["state_dict"]
+    assert not torch.equal(first["head.weight"], survivor["state_dict"]["head.weight"])
+    rows, rows_full = json.load(open(killed / "summary.json")), json.load(open(full / "summary.json"))
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for key in ("train_loss", "val_top1", "val_ema_loss", "lr"):
+        assert [r[key] for r in rows] == [r[key] for r in rows_full], key
+
+
+def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "t2t_fast.train", "--data", str(tiny_data), "--output", str(out), "--batch-size", "4",
+           "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--save-rank-weights", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = torch.load(out / "rank0_weights.pt")
+    rank1 = torch.load(out / "rank1_weights.pt")
+    _assert_states_equal(rank0["model"], rank1["model"], "replicas")
+    _assert_states_equal(rank0["ema"], rank1["ema"], "EMA replicas")
+    saved = read_checkpoint(str(out / "last.pth"))
+    _assert_states_equal(rank0["model"], saved["state_dict"], "saved weights")
+    _assert_states_equal(rank0["ema"], saved["state_dict_ema"], "saved EMA weights")
+    assert saved["step"] == 3  # 24 images / (2 processes x 4)
+    assert len(saved["rng"]) == 2
+    row = json.load(open(out / "summary.json"))[-1]
+    assert row["val_count"] == 12  # every validation image exactly once across the two ranks
+    assert "processes x batch" in proc.stdout and proc.stdout.count("t2t_vit_7:") == 1  # rank 0 logs only
+
+
+def test_eval_reproduces_logged_accuracy(trained, tiny_data, tmp_path):
+    logged = json.load(open(trained / "summary.json"))[-1]
+    for extra, key in (([], "val_ema_top1"), (["--no-ema"], "val_top1")):
+        results = tmp_path / "r.json"
+        assert cli.main(["eval", "--checkpoint", str(trained / "last.pth"), "--data", str(tiny_data),
+                         "--workers", "0", "--results-file", str(results), *extra]) == 0
+        got = json.load(open(results))
+        assert got["count"] == 12
+        assert got["top1"] == pytest.approx(logged[key], abs=1e-9)
+        assert got["top5"] == pytest.approx(logged[key.replace("top1", "top5")], abs=1e-9)
+
+
+def test_digits_demo_and_eval_without_data(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert cli.main(["train", "--output", str(out), "--epochs", "1", "--batch-size", "256", "--no-model-ema",
+                     *TINY]) == 0
+    assert "1437 train / 360 val images" in capsys.readouterr().out
+    logged = json.load(open(out / "summary.json"))[-1]
+    results = tmp_path / "r.json"
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pth"), "--workers", "0",
+                     "--results-file", str(results)]) == 0
+    got = json.load(open(results))
+    assert got["count"] == 360 and got["top1"] == pytest.approx(logged["val_top1"], abs=1e-9)
+
+
+def test_finetune_new_head_and_transfer_lr(trained, tmp_path):
+    target = _write_image_folder(tmp_path / "pets", ["a", "b"], n_train=4, n_val=2, seed=1)
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--checkpoint", str(trained / "best.pth"), "--data", str(target), "--output",
+                     str(out), "--epochs", "1", "--batch-size", "4", "--lr", "0.05", *TINY]) == 0
+    ckpt = read_checkpoint(str(out / "last.pth"))
+    assert ckpt["state_dict"]["head.weight"].shape == (2, 32)
+    body, head = ckpt["optimizer"]["param_groups"]
+    assert head["lr"] == pytest.approx(body["lr"] / 0.01) and body["momentum"] == 0.9
+    assert ckpt["args"]["opt"] == "sgd" and ckpt["args"]["weight_decay"] == 5e-4
+    # the backbone started from the checkpoint, not from scratch
+    source = read_checkpoint(str(trained / "best.pth"))["state_dict_ema"]
+    moved = ckpt["state_dict"]["tokens_to_token.project.weight"] - source["tokens_to_token.project.weight"]
+    assert moved.abs().max() < 0.05
+
+
+@pytest.mark.parametrize("case", ["missing", "no_val", "empty", "batch", "model"])
+def test_bad_input_is_a_clear_error(case, tiny_data, tmp_path, capsys):
+    data, extra = tiny_data, []
+    if case == "missing":
+        data = tmp_path / "nope"
+    elif case == "no_val":
+        (tmp_path / "d" / "train" / "x").mkdir(parents=True)
+        data = tmp_path / "d"
+    elif case == "empty":
+        for split in ("train", "val"):
+            (tmp_path / "d" / split / "x").mkdir(parents=True)
+        data = tmp_path / "d"
+    elif case == "batch":
+        extra = ["--batch-size", "64"]
+    elif case == "model":
+        extra = ["--model", "t2t_vit_77"]
+    rc = cli.main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--epochs", "1", *TINY, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    expected = {"missing": "does not exist", "no_val": "missing: val", "empty": "no valid file",
+                "batch": "larger than the 24 training images", "model": "Did you mean t2t_vit_7"}[case]
+    assert expected in err, err
+    assert not (tmp_path / "out" / "last.pth").exists()
+
+
+def test_checkpoint_of_another_variant(trained, tiny_data, tmp_path, capsys):
+    # the tiny run's checkpoint into the real t2t_vit_7 (no --model-kwargs): every mis-shaped key is listed
+    rc = cli.main(["eval", "--checkpoint", str(trained / "last.pth"), "--data", str(tiny_data), "--model",
+                   "t2t_vit_7", "--model-kwargs", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit t2t_vit_7" in err and "blocks.0.attn.qkv.weight" in err, err
+    # resuming with other options is refused before anything is written
+    before = os.path.getmtime(trained / "last.pth")
+    rc = _train(tiny_data, trained, "--resume", str(trained / "last.pth"), "--img-size", "64")
+    assert rc == 2 and "resume with the same options" in capsys.readouterr().err
+    # a weights-only file is not a training checkpoint
+    torch.save(read_checkpoint(str(trained / "last.pth"))["state_dict"], tmp_path / "weights.pth")
+    rc = _train(tiny_data, tmp_path / "o", "--resume", str(tmp_path / "weights.pth"))
+    assert rc == 2 and "not a training checkpoint" in capsys.readouterr().err
+    assert os.path.getmtime(trained / "last.pth") == before
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_data, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(tiny_data, data)
+    (data / "train" / "cat" / "broken.png").write_bytes(b"not a png")
+    (data / "train" / "dog" / "truncated.png").write_bytes((data / "train" / "dog" / "0.png").read_bytes()[:40])
+    rc = cli.main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--epochs", "1",
+                   "--batch-size", "26", "--warmup-epochs", "0", "--cooldown-epochs", "0", *TINY])
+    assert rc == 0
+    assert "skipping unreadable image" in capsys.readouterr().out
+    row = json.load(open(tmp_path / "out" / "summary.json"))[-1]
+    assert row["train_skipped"] == 2
+
+
+def test_official_randaugment_posterize_zero_bits():
+    # rand-m9-mstd0.5-inc1 asks PosterizeIncreasing for 0 bits at magnitude 10; Pillow 13 raises there
+    from PIL import Image
+
+    from t2t_fast import train
+
+    args = train.apply_recipe(train.build_parser().parse_args(["--data", "x", "--img-size", "32"]),
+                              train.OFFICIAL_RECIPE)
+    transform, _ = train.default_transforms(args)
+    ops = {op.name: op for stage in transform.transforms for op in getattr(stage, "ops", ())}
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert ops["PosterizeIncreasing"].aug_fn(image, 0).getextrema() == ((0, 0),) * 3
+    assert ops["PosterizeIncreasing"].aug_fn(image, 2).getextrema() == ((192, 192), (64, 64), (0, 0))
+
+
+def test_finetune_bad_input(trained, tmp_path, capsys):
+    rc = cli.main(["finetune", "--data", str(tmp_path), *TINY])
+    assert rc == 2 and "give --checkpoint FILE" in capsys.readouterr().err
+    rc = cli.main(["finetune", "--checkpoint", str(trained / "best.pth"), "--dataset", "cifar10", "--data",
+                   str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cifar-10-batches-py" in err, err
+
+
+def test_eval_official_checkpoint_layout(trained, tiny_data, tmp_path, capsys):
+    import argparse
+
+    ours = read_checkpoint(str(trained / "last.pth"))
+    official = tmp_path / "71.7_T2T_ViT_7.pth.tar"  # timm CheckpointSaver layout, as released upstream
+    torch.save({"epoch": 309, "arch": "t2t_vit", "state_dict": ours["state_dict"],
+                "state_dict_ema": ours["state_dict_ema"], "optimizer": {}, "args": argparse.Namespace(lr=1e-3)},
+               official)
+    rc = cli.main(["eval", "--checkpoint", str(official), "--data", str(tiny_data), "--workers", "0"])
+    assert rc == 2 and "pass --model NAME" in capsys.readouterr().err
+    results = tmp_path / "r.json"
+    rc = cli.main(["eval", "--checkpoint", str(official), "--data", str(tiny_data), "--model", "t2t_vit_7",
+                   "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2", "token_dim=8",
+                   "--workers", "0", "--results-file", str(results)])
+    assert rc == 0
+    got = json.load(open(results))
+    assert got["count"] == 12 and got["weights"] == "EMA" and 0 <= got["top1"] <= 100
