@@ -207,7 +207,8 @@ def validate(model, loader, device, dist_info, amp_autocast, desc="Eval", log_in
 
 
 class Summary:
-    """summary.csv (timm's ``update_summary`` columns) and summary.json, one row per finished epoch."""
+    """summary.csv and summary.json, one row per finished epoch. Rewritten whole (atomically) each epoch rather
+    than appended as timm's ``update_summary`` does, so a resumed run replaces the rows of epochs it redoes."""
 
     def __init__(self, output_dir):
         self.csv_path = os.path.join(output_dir, "summary.csv")

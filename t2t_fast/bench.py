@@ -386,8 +386,12 @@ def git_commit():
     return out.stdout.strip() or None
 
 
+_START = time.perf_counter()
+
+
 def log(message):
-    print(message, file=sys.stderr, flush=True)
+    """Progress on stderr, stamped with seconds since import (stdout keeps the table)."""
+    print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def run(models, batches, providers, modes, device, dtype, img_size=224, warmup=1, reps=3, backend=None,

@@ -22,12 +22,10 @@ import time
 
 import torch
 
+from t2t_fast import _config
 from t2t_fast import data as data_lib
 
 _logger = logging.getLogger("t2t_fast.train")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The official recipe (../shared/spec/t2t_official.md section 7).
 OFFICIAL_RECIPE = dict(
@@ -38,7 +36,8 @@ OFFICIAL_RECIPE = dict(
     train_interpolation="random", reprob=0.25, remode="pixel", recount=1,
     mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
     drop_path=0.1, drop=0.0, model_ema=True, model_ema_decay=0.99996, model_ema_warmup=False,
-    crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=8, threads=None,
+    crop_pct=0.9, interpolation="bicubic", mean=_config.DEFAULT_CFG["mean"],
+    std=_config.DEFAULT_CFG["std"], workers=8, threads=None,
 )
 
 # The built-in demo: 1,437 training digits, so small images, light augmentation (no flips: a mirrored
@@ -129,7 +128,6 @@ def add_common_arguments(parser):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--log-interval", type=int, default=50)
-    g.add_argument("--no-val", action="store_true", help=argparse.SUPPRESS)
     # testing hooks: stop like a killed process after N optimizer steps; dump every rank's weights
     g.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
     g.add_argument("--save-rank-weights", action="store_true", help=argparse.SUPPRESS)
@@ -309,7 +307,7 @@ def _run(args, dist_info, build_model_fn, build_optimizer_fn, transforms_fn, dat
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, NativeScaler
 
-    from t2t_fast import _config, _train_utils as tu
+    from t2t_fast import _train_utils as tu
     from t2t_fast.checkpoint import load_checkpoint
 
     started = time.perf_counter()
@@ -356,8 +354,8 @@ def _run(args, dist_info, build_model_fn, build_optimizer_fn, transforms_fn, dat
 
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist_info.world_size,
                                                   rank=dist_info.rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader_kwargs = dict(num_workers=args.workers, collate_fn=data_lib.collate_skip_unreadable,
-                         pin_memory=device.type == "cuda", persistent_workers=False)
+    loader_kwargs = dict(num_workers=min(args.workers, os.cpu_count() or 1),
+                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=device.type == "cuda")
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                                drop_last=True, **loader_kwargs)
     val_loader = torch.utils.data.DataLoader(
@@ -428,16 +426,15 @@ def _run(args, dist_info, build_model_fn, build_optimizer_fn, transforms_fn, dat
         row = {"epoch": epoch, "step": num_updates, "lr": optimizer.param_groups[0]["lr"],
                "train_loss": train_metrics["loss"], "train_skipped": train_metrics["skipped"],
                "train_time_s": round(train_time, 2)}
-        if not args.no_val:
-            val = tu.validate(model_raw, val_loader, device, dist_info, amp_autocast, desc=f"Val {epoch}",
-                              log_interval=args.log_interval)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            if ema is not None:
-                val_ema = tu.validate(ema.module, val_loader, device, dist_info, amp_autocast,
-                                      desc=f"Val EMA {epoch}", log_interval=args.log_interval)
-                row.update({f"val_ema_{k}": v for k, v in val_ema.items()})
-        score = row.get("val_ema_top1", row.get("val_top1"))
-        is_best = score is not None and (best is None or score > best)
+        val = tu.validate(model_raw, val_loader, device, dist_info, amp_autocast, desc=f"Val {epoch}",
+                          log_interval=args.log_interval)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        if ema is not None:
+            val_ema = tu.validate(ema.module, val_loader, device, dist_info, amp_autocast,
+                                  desc=f"Val EMA {epoch}", log_interval=args.log_interval)
+            row.update({f"val_ema_{k}": v for k, v in val_ema.items()})
+        score = row.get("val_ema_top1", row["val_top1"])
+        is_best = best is None or score > best
         if is_best:
             best = score
         row["best_top1"] = best
@@ -453,10 +450,10 @@ def _run(args, dist_info, build_model_fn, build_optimizer_fn, transforms_fn, dat
             _log_epoch(row, ema is not None)
         metrics = row
     if dist_info.primary and metrics is not None:
-        final = "" if "val_top1" not in metrics else f"validation top-1 {metrics['val_top1']:.2f}%" + (
-            f" (EMA {metrics['val_ema_top1']:.2f}%)" if "val_ema_top1" in metrics else "") + ", "
-        _logger.info("done in %.0fs: %sbest %.2f%%; checkpoints and summary in %s", time.perf_counter() - started,
-                     final, best or 0.0, output)
+        final = f"validation top-1 {metrics['val_top1']:.2f}%" + (
+            f" (EMA {metrics['val_ema_top1']:.2f}%)" if "val_ema_top1" in metrics else "")
+        _logger.info("done in %.0fs: %s, best %.2f%%; checkpoints and summary in %s", time.perf_counter() - started,
+                     final, best, output)
     return metrics if dist_info.primary else None
 
 
@@ -541,9 +538,8 @@ def _save_epoch(output, args, epoch, num_updates, model, ema, optimizer, schedul
 
 
 def _log_epoch(row, has_ema):
-    text = f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}"
-    if "val_top1" in row:
-        text += f", val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+    text = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
+            f"top-5 {row['val_top5']:.2f}%")
     if has_ema and "val_ema_top1" in row:
         text += f", EMA top-1 {row['val_ema_top1']:.2f}%"
     _logger.info("%s (%.1fs)", text, row["time_s"])
