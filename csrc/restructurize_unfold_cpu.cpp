@@ -23,9 +23,9 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
     std::vector<int64_t> tap(taps);
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < row_groups; ++group) {
-      for (int64_t row = group * g.out_w; row < (group + 1) * g.out_w; ++row) {
-        int64_t b, oh, ow;
-        split_row(g, row, b, oh, ow);
+      int64_t b, oh, ow;
+      split_row(g, group * g.out_w, b, oh, ow);  // ow = 0; one division per window row, not per window
+      for (int64_t row = group * g.out_w; ow < g.out_w; ++row, ++ow) {
         const T* image = x + b * g.stride_b;
         T* out = y + row * row_features;
         if (channels_inner) {
@@ -51,11 +51,11 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
           const int64_t kj_begin = ix0 < 0 ? -ix0 : 0;
           const int64_t kj_end = g.width - ix0 < g.kernel_w ? g.width - ix0 : g.kernel_w;
           const int64_t sx = g.stride_x;
-          for (int64_t c = 0; c < g.channels; ++c) {
-            for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+          for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+            // -1 when this window row lies in the padding
+            const int64_t offset = kj_begin < kj_end ? tap_offset(g, oh, ow, ki, kj_begin) : -1;
+            for (int64_t c = 0; c < g.channels; ++c) {
               T* dst = out + (c * g.kernel_h + ki) * g.kernel_w;
-              // -1 when this window row lies in the padding
-              const int64_t offset = kj_begin < kj_end ? tap_offset(g, oh, ow, ki, kj_begin) : -1;
               if (offset < 0) {
                 for (int64_t kj = 0; kj < g.kernel_w; ++kj) dst[kj] = 0;
                 continue;
@@ -64,13 +64,8 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
               T* run = dst + kj_begin;
               const int64_t length = kj_end - kj_begin;
               for (int64_t kj = 0; kj < kj_begin; ++kj) dst[kj] = 0;
-              if (sx == 1 && length == g.kernel_w && (length == 7 || length == 3)) {
-                // whole window rows of T2T's k7 / k3 splits: fixed-size copies the compiler inlines
-                if (length == 7) {
-                  std::memcpy(run, src, 7 * sizeof(T));
-                } else {
-                  std::memcpy(run, src, 3 * sizeof(T));
-                }
+              if (sx == 1 && length == 7) {  // whole window rows of the k7 image split: an inlined copy
+                std::memcpy(run, src, 7 * sizeof(T));
               } else if (sx == 1) {
                 for (int64_t j = 0; j < length; ++j) run[j] = src[j];
               } else {

@@ -44,8 +44,7 @@ class SqueezeExcite(nn.Module):
                                 nn.Linear(dim // reduction, dim, bias=False), nn.Sigmoid())
 
     def forward(self, x):
-        squeezed = F.relu(F.linear(x.mean(dim=1), self.fc[0].weight))
-        return x * torch.sigmoid(F.linear(squeezed, self.fc[2].weight)).unsqueeze(1)
+        return x * self.fc(x.mean(dim=1)).unsqueeze(1)
 
 
 class SEAttention(Attention):
@@ -99,7 +98,7 @@ class Transition(nn.Module):
         self.linear = nn.Linear(in_features, out_features)
 
     def forward(self, x):
-        return F.gelu(self.linear(x))
+        return self.act(self.linear(x))
 
 
 class T2TViTDense(T2TViT):
@@ -181,9 +180,9 @@ class GhostMlp(nn.Module):
         self.cheap_operation3 = _depthwise_1x1(dim)
 
     def forward(self, x):
-        h = F.gelu(self.fc1(x))                                                          # (B, T, D)
+        h = self.act(self.fc1(x))                                                        # (B, T, D)
         scales = torch.stack([self.cheap_operation2.weight.view(-1), self.cheap_operation3.weight.view(-1)])
-        ghosts = F.gelu(h.unsqueeze(-2) * scales.to(h.dtype))                            # (B, T, 2, D)
+        ghosts = self.act(h.unsqueeze(-2) * scales.to(h.dtype))                          # (B, T, 2, D)
         hidden = self.drop(torch.cat([h, ghosts.flatten(-2)], dim=-1))                  # (B, T, 3D)
         return self.drop(self.fc2(hidden))
 

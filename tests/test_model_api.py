@@ -101,7 +101,7 @@ def test_bad_input(factory):
     with pytest.raises(TypeError, match="image tensor"):
         model([1, 2, 3])
     with pytest.raises(ValueError, match="too small"):
-        factory("t2t_vit_7", img_size=4)
+        factory("t2t_vit_7", img_size=2)
 
 
 def test_bad_construction_arguments(factory):
