@@ -1,5 +1,6 @@
 """Loads the compiled extension ``t2t_fast._C`` and says why when it cannot."""
 import importlib
+import os
 
 _module = None
 _error = None
@@ -9,10 +10,18 @@ def native_module():
     """The compiled extension, or None when it could not be imported (see :func:`native_error`)."""
     global _module, _error
     if _module is None and _error is None:
+        # _C carries its own OpenMP runtime beside torch's; a passive wait policy (read once, when that
+        # runtime loads) stops its idle threads from spinning on the cores torch's threads need.
+        added = "OMP_WAIT_POLICY" not in os.environ
+        if added:
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
             _module = importlib.import_module("t2t_fast._C")
         except ImportError as exc:  # a source checkout without a build, or a broken build
             _error = f"the native extension t2t_fast._C could not be imported ({exc}); reinstall with `pip install .`"
+        finally:
+            if added:
+                del os.environ["OMP_WAIT_POLICY"]
     return _module
 
 

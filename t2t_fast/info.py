@@ -33,6 +33,7 @@ def collect():
     module = native_module()
     info["native extension (t2t_fast._C)"] = "not loaded: " + native_error() if module is None else "loaded"
     info["native CPU kernels"] = "compiled" if module is not None else "missing"
+    info["native kernels"] = ", ".join(module.compiled_kernels()) if module is not None else "none"
     info["native CUDA kernels"] = "compiled" if native_cuda_compiled() else "not compiled"
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
     info[backend.ENV_VAR] = os.environ.get(backend.ENV_VAR, "") or "(unset: auto)"

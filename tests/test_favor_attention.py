@@ -8,7 +8,7 @@ import torch
 
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import favor_attention, favor_attention_ref
-from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error, poison_outputs
 
 BACKENDS = ("triton", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -42,8 +42,6 @@ def _exact(k, q, v, w, grad):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("batch,tokens", ((2, 1), (2, 17), (2, 196), (1, 784)))
 def test_matches_float64_reference(backend, dtype, batch, tokens):
-    if backend == "triton" and tokens == 784 and dtype != torch.bfloat16:
-        pytest.skip("one long-sequence dtype is enough for the (slow) interpreter")
     e, m = 64, 32
     w = _projection(m, e)
     k, q, v = _kqv(batch, tokens, e, dtype)
@@ -52,11 +50,22 @@ def test_matches_float64_reference(backend, dtype, batch, tokens):
     y64, grads64 = _exact(k, q, v, w, grad)
     assert y.dtype == dtype and all(g.dtype == dtype for g in grads)
     names = ("y", "dk", "dq", "dv")
+    if tokens == 1:
+        # One token: y = v D/(D + eps), so dk and dq are the O(eps) gradient of the eps term alone, a pure
+        # cancellation (4e-3 relative error even for the fp32 reference). Check them absolutely, at the
+        # scale of dv (the well-conditioned gradient), and y, dv as usual below.
+        scale = grads64[2].abs().max().item()
+        for name, ours, exact in zip(names[1:3], grads[:2], grads64[:2]):
+            err = (ours.double() - exact).abs().max().item() / scale
+            assert err <= RELATIVE_TOLERANCE[dtype], f"{name}: error {err:.2e} (scale of dv)"
+        names, (y, *grads), (y64, *grads64) = ("y", "dv"), (y, grads[2]), (y64, grads64[2])
     if dtype == torch.float32:
         for name, ours, exact in zip(names, (y, *grads), (y64, *grads64)):
             assert_relative_close(ours, exact, 1e-5, what=name)
     else:
         y_lp, grads_lp = _run(favor_attention_ref, k, q, v, w, grad)
+        if tokens == 1:
+            y_lp, grads_lp = y_lp, [grads_lp[2]]
         for name, ours, ref, exact in zip(names, (y, *grads), (y_lp, *grads_lp), (y64, *grads64)):
             assert_within_reference_error(ours, ref, exact, what=name)
 

@@ -6,9 +6,11 @@ Per image (T tokens of width e, frozen random matrix w of shape (m, e)):
     S = kp^T v (m, e),  z = sum_t kp_t (m),  D_t = qp_t . z,  y_t = qp_t S / (D_t + eps)
 
 ``favor_attention_ref`` is this computation exactly as the official code does it (u cast to fp32 before
-the product with w, |u|^2/2 in the input dtype, everything after in fp32, y cast back). It under- and
-overflows: exp() of large logits is inf in fp32 (then inf/inf = NaN), and |u|^2 of fp16 inputs overflows
-above |u| = 256.
+the product with w, |u|^2/2 in the input dtype, everything after in fp32, y cast back). It is not
+range-safe: under fp16 autocast (the official AMP training) its einsums run in fp16 and the sums of
+features (up to e^{m/2}/sqrt(m) each with the official w) overflow to inf, then inf/inf = NaN; with a w of
+larger rows exp() itself overflows fp32; |u|^2 of fp16 inputs overflows above |u| = 256; and large |u|
+underflow every feature to 0.
 
 Stabilisation (the ``triton`` and ``torch`` backends; all feature maths in fp32, float64 stays float64).
 With a_t = k_t w^T - |k_t|^2/2 and b_t = q_t w^T - |q_t|^2/2 (norms taken in fp32), per image:
@@ -51,8 +53,8 @@ and since dP_tj/dq_t = P_tj (w_j - q_t) (likewise for K and k):
 The Triton backward runs this in three kernels: (1) per token chunk, recompute P, N, D', write dq and
 the chunk's partial dS', dz'; (2) per image, sum the partials in chunk order; (3) per token chunk,
 recompute K with the saved c_k, write dk and dv. The forward saves only S', z' and c_k (per image,
-float32) besides its inputs; kp and qp are never written to memory. No float atomics anywhere: the results are
-deterministic, run to run.
+float32) besides its inputs; kp and qp are never written to memory. No float atomics anywhere: the
+results are deterministic, run to run.
 
 Backends: ``triton`` (the fused kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
 float32/float16/bfloat16) and ``torch`` (the same stabilised maths in plain torch ops, so ONNX export and
@@ -107,6 +109,8 @@ def favor_attention_ref(k, q, v, w, eps=1e-8):
 
 def _favor_attention_torch(k, q, v, w, eps):
     """The stabilised computation of the module docstring in plain torch ops (traceable, differentiable)."""
+    if k.shape[1] == 0:
+        return v.clone()  # no tokens: nothing to attend over (and amax needs a non-empty dim)
     m = w.shape[0]
     compute = _compute_dtype(k.dtype)
     kf, qf, vf, wf = k.to(compute), q.to(compute), v.to(compute), w.to(compute)
@@ -199,6 +203,13 @@ def _device_guard(x):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def _kernel_out_dtype(dtype, device):
+    """Dtype of the buffers the kernels write. The Triton interpreter (CPU tensors) truncates fp32 -> bf16
+    instead of rounding to nearest as the GPU does, so there bf16 results are written in fp32 and rounded
+    by torch."""
+    return torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
+
+
 def favor_attention_fwd(k, q, v, w, eps):
     """Launch the forward kernels: y (B, T, e) in v's dtype, and per image S' (B, m, e), z' (B, m) and the
     per-feature shift c_k (B, m), float32, saved for the backward."""
@@ -207,12 +218,12 @@ def favor_attention_fwd(k, q, v, w, eps):
     batch, tokens, width = k.shape
     m = w.shape[0]
     dev = k.device
-    y = new_output((batch, tokens, width), v.dtype, dev)
+    y = new_output((batch, tokens, width), _kernel_out_dtype(v.dtype, dev), dev)
     s = new_output((batch, m, width), torch.float32, dev)
     z = new_output((batch, m), torch.float32, dev)
     c_k = new_output((batch, m), torch.float32, dev)
     if batch * tokens == 0:
-        return y, s.zero_(), z.zero_(), c_k.zero_()
+        return y.to(v.dtype), s.zero_(), z.zero_(), c_k.zero_()
     wf = w.detach().to(torch.float32).contiguous()
     n_chunks = _cdiv(tokens, _CHUNK)
     s_part = new_output((batch, n_chunks, m, width), torch.float32, dev)
@@ -227,7 +238,7 @@ def favor_attention_fwd(k, q, v, w, eps):
         _fwd_kv_reduce[(batch,)](s_part, z_part, c_part, s, z, c_k, m, width, n_chunks, **tiles)
         _fwd_out[grid](q, wf, s, z, c_k, y, tokens, m, width, _CHUNK, n_chunks, _log_eps_m(eps, m),
                        *q.stride(), BLOCK_T=BLOCK_T, **tiles)
-    return y, s, z, c_k
+    return y.to(v.dtype), s, z, c_k
 
 
 def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
@@ -237,11 +248,10 @@ def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
     batch, tokens, width = k.shape
     m = w.shape[0]
     dev = k.device
-    dk = new_output((batch, tokens, width), k.dtype, dev)
-    dq = new_output((batch, tokens, width), q.dtype, dev)
-    dv = new_output((batch, tokens, width), v.dtype, dev)
+    out_dtype = _kernel_out_dtype(k.dtype, dev)
+    dk, dq, dv = (new_output((batch, tokens, width), out_dtype, dev) for _ in range(3))
     if batch * tokens == 0:
-        return dk, dq, dv
+        return dk.to(k.dtype), dq.to(k.dtype), dv.to(k.dtype)
     wf = w.detach().to(torch.float32).contiguous()
     n_chunks = _cdiv(tokens, _CHUNK)
     ds_part = new_output((batch, n_chunks, m, width), torch.float32, dev)
@@ -257,7 +267,7 @@ def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
         _bwd_reduce[(batch,)](ds_part, dz_part, ds, dz, m, width, n_chunks, **tiles)
         _bwd_kv_chunk[grid](k, v, wf, c_k, ds, dz, dk, dv, tokens, m, width, _CHUNK, n_chunks,
                             *k.stride(), *v.stride(), BLOCK_T=BLOCK_T, **tiles)
-    return dk, dq, dv
+    return dk.to(k.dtype), dq.to(k.dtype), dv.to(k.dtype)
 
 
 @torch.library.custom_op("t2t_fast::favor_attention_fwd", mutates_args=())
