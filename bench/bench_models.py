@@ -36,9 +36,9 @@ except Exception as exc:  # a broken install (torch/torchvision mismatch) counts
 
 @pytest.fixture(scope="module")
 def zoo():
-    """``get(name, provider, device, part='model'|'t2t')``: models built once and shared by the tests of one
-    model name (switching to another name frees the previous ones). ``part='t2t'`` is the model's
-    ``tokens_to_token`` module (compiled on its own for the ``compiled`` provider)."""
+    """``get(name, provider, device, part='model'|'tokens_to_token')``: models built once and shared by the
+    tests of one model name (switching to another name frees the previous ones). ``part='tokens_to_token'``
+    is the model's T2T module (compiled on its own for the ``compiled`` provider)."""
     cache = {}
 
     def get(name, provider, device, part="model"):
@@ -54,10 +54,8 @@ def zoo():
         if reference_key not in cache:
             cache[reference_key] = bench.build_reference(name, IMG, device)
         reference = cache[reference_key]
-        if part == "model":
-            cache[key] = bench.build_provider(provider, name, reference, IMG, device)
-        elif provider == "compiled":
-            cache[key] = torch.compile(reference.tokens_to_token)
+        if part == "model" or provider == "compiled":
+            cache[key] = bench.build_provider(provider, name, reference, IMG, device, part=part)
         else:
             cache[key] = get(name, provider, device).tokens_to_token
         return cache[key]
@@ -80,7 +78,7 @@ def record_throughput(benchmark, seconds, batch, macs_per_image, mode, ceilings,
 CPU_CASES = {
     # id: (model, part, mode)
     "t2t_vit_14": ("t2t_vit_14", "model", "infer"),
-    "t2t_vit_14.tokens_to_token": ("t2t_vit_14", "t2t", "infer"),
+    "t2t_vit_14.tokens_to_token": ("t2t_vit_14", "tokens_to_token", "infer"),
     "t2t_vit_14.train_fwd_bwd": ("t2t_vit_14", "model", "train"),
     "t2t_vit_t_14": ("t2t_vit_t_14", "model", "infer"),
 }
@@ -99,7 +97,7 @@ def test_cpu(benchmark, zoo, cpu_threads, cpu_ceilings, timed, roofline, compare
     else:
         step = bench.inference_step(model, "cpu", torch.float32)
     seconds = timed(step, inputs, rounds=CPU_ROUNDS, warmup_rounds=1)
-    macs = (bench.T2T_MODULE_MACS_224 if part == "t2t" else bench.MACS_224)[name]
+    macs = (bench.T2T_MODULE_MACS_224 if part == "tokens_to_token" else bench.MACS_224)[name]
     record_throughput(benchmark, seconds, CPU_BATCH, macs, mode, cpu_ceilings, roofline)
     benchmark.extra_info["threads"] = torch.get_num_threads()
     compare(seconds, provider)

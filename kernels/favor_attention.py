@@ -176,7 +176,7 @@ def _fwd_out(q_ptr, w_ptr, s_ptr, z_ptr, c_ptr, y_ptr,
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         qb = _load_rows(q_ptr, offs_t, end, E, sq_t, sq_e, BLOCK_E)
-        p, num, den = _q_side(qb, w_t, s_tile, z_vec, c_k, log_eps_m, M, BLOCK_M)
+        _, num, den = _q_side(qb, w_t, s_tile, z_vec, c_k, log_eps_m, M, BLOCK_M)
         _store_rows(y_ptr, num / den[:, None], offs_t, end, E, BLOCK_E)
 
 

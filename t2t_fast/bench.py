@@ -2,6 +2,7 @@
 
     t2t-fast bench --device cpu                        # t2t_vit_14, fp32, batches 1/4/8, 2 threads
     t2t-fast bench --device cuda --model t2t_vit_14,t2t_vit_24 --batch 64,256 --mode both
+    t2t-fast bench --device cpu --model t2t_vit_14 --batch 8 --part tokens_to_token --mode both
     t2t-fast bench --device cpu --no-compile --output /tmp/bench
 
 Providers: ``reference`` (``t2t_fast.reference``, eager), ``compiled`` (``torch.compile`` of that same
@@ -21,7 +22,9 @@ How it measures (the same helpers back the pytest-benchmark suite in ``bench/``)
   memory: peak allocated during one step minus what was allocated before it (activations, gradients,
   temporaries; not the weights or optimizer state).
 
-Writes a table to stdout, ``<output>/t2t_fast_bench_<device>.json`` and a PNG of throughput vs batch.
+Writes a table to stdout and ``<output>/t2t_fast_bench_<cpu|cuda>.{json,png}`` (default ``bench/out``): the
+results with the environment (device, versions, commit, load average, command), and images/s vs batch size
+per provider. Exit code 0, or 1 when a provider failed (its row says why).
 """
 import argparse
 import contextlib
@@ -224,11 +227,14 @@ def count_macs(model, example):
     return counter.get_total_flops() // 2 // example.shape[0]
 
 
-def model_macs(name, model, img_size, device):
-    """MACs per image: the recorded figure for a 224 px T2T-ViT, else counted on one image now."""
-    if img_size == 224 and name in MACS_224:
-        return MACS_224[name]
-    return count_macs(model, torch.randn(1, 3, img_size, img_size, device=device))
+def model_macs(name, model, img_size, device, part="model"):
+    """MACs per image of the model (or of its ``tokens_to_token`` module): the recorded figure for a 224 px
+    T2T-ViT, else counted on one image now."""
+    recorded = MACS_224 if part == "model" else T2T_MODULE_MACS_224
+    if img_size == 224 and name in recorded:
+        return recorded[name]
+    module = model if part == "model" else model.tokens_to_token
+    return count_macs(module, torch.randn(1, 3, img_size, img_size, device=device))
 
 
 def build_reference(name, img_size, device):
@@ -259,7 +265,15 @@ def build_fused(name, reference, img_size, device, backend=None):
     return model.to(device).eval()
 
 
-def build_provider(provider, name, reference, img_size, device, backend=None):
+def build_provider(provider, name, reference, img_size, device, backend=None, part="model"):
+    """The module ``provider`` times: the whole model, or with ``part='tokens_to_token'`` its T2T module
+    (for ``compiled``, the reference's T2T module compiled on its own)."""
+    if part == "tokens_to_token":
+        if provider == "compiled":
+            return torch.compile(reference.tokens_to_token)
+        return build_provider(provider, name, reference, img_size, device, backend).tokens_to_token
+    if part != "model":
+        raise ValueError(f"part must be 'model' or 'tokens_to_token', got {part!r}")
     if provider == "reference":
         return reference
     if provider == "compiled":
@@ -286,12 +300,14 @@ def inference_step(model, device, dtype):
 
 
 def training_step(model, device, dtype, optimizer=None):
-    """A callable ``step(images, labels)``: train-mode forward, cross-entropy, backward, and an optimizer step
-    when ``optimizer`` is given (gradients are dropped, not zeroed, so every step allocates them afresh)."""
+    """A callable ``step(images, labels)``: train-mode forward, loss (cross-entropy on logits; the mean square
+    of any other output, e.g. the T2T module's tokens), backward, and an optimizer step when ``optimizer`` is
+    given (gradients are dropped, not zeroed, so every step allocates them afresh)."""
     def step(images, labels):
         model.train()
         with autocast(device, dtype):
-            loss = F.cross_entropy(model(images).float(), labels)
+            out = model(images).float()
+            loss = F.cross_entropy(out, labels) if out.ndim == 2 else out.square().mean()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -395,28 +411,30 @@ def log(message):
 
 
 def run(models, batches, providers, modes, device, dtype, img_size=224, warmup=1, reps=3, backend=None,
-        ceilings=None):
+        ceilings=None, part="model"):
     """Benchmark every (model, mode, batch, provider); returns a list of result dicts.
 
+    ``part='tokens_to_token'`` times the models' T2T modules instead (rows named ``<model>.tokens_to_token``).
     A provider that fails to build or run gets an ``error`` entry instead of numbers."""
     device = torch.device(device)
     results = []
     for name in models:
-        log(f"[{name}] building {', '.join(providers)}")
+        label = name if part == "model" else f"{name}.{part}"
+        log(f"[{label}] building {', '.join(providers)}")
         reference = build_reference(name, img_size, device)
-        macs = model_macs(name, reference, img_size, device)
+        macs = model_macs(name, reference, img_size, device, part)
         built, errors = {}, {}
         for provider in providers:
             if provider == "fused" and not is_t2t(name):
                 continue
             try:
-                built[provider] = build_provider(provider, name, reference, img_size, device, backend)
+                built[provider] = build_provider(provider, name, reference, img_size, device, backend, part)
             except Exception as exc:
                 errors[provider] = f"{type(exc).__name__}: {exc}"
-                log(f"[{name}] {provider}: cannot build: {errors[provider]}")
+                log(f"[{label}] {provider}: cannot build: {errors[provider]}")
         for mode in modes:
             for batch in batches:
-                results += run_case(name, mode, batch, built, errors, macs, device, dtype, img_size, warmup,
+                results += run_case(label, mode, batch, built, errors, macs, device, dtype, img_size, warmup,
                                     reps, ceilings)
         del built, reference
         gc.collect()
@@ -517,8 +535,12 @@ def plot(results, path, title):
         ax.set_xlabel("batch size")
         ax.set_ylabel("images / s")
         ax.set_xscale("log", base=2)
+        batches = sorted({r["batch"] for r in results if (r["model"], r["mode"]) == (model, mode)})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -543,8 +565,9 @@ def _batches(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="t2t-fast bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, examples = __doc__.split("\n\n")[:2]
+    p = argparse.ArgumentParser(prog="t2t-fast bench", description=summary.replace("``", ""),
+                                epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model name(s), comma-separated or repeated "
                    "(default: t2t_vit_14 on CPU; t2t_vit_14,t2t_vit_t_14,t2t_vit_24 on CUDA); timm names too")
     p.add_argument("--batch", type=_batches, help="batch sizes, comma-separated (default: 1,4,8 on CPU; "
@@ -558,6 +581,8 @@ def parser():
                    "compile time)")
     p.add_argument("--mode", choices=("infer", "train", "both"), help="inference, training step, or both "
                    "(default: infer on CPU, both on CUDA)")
+    p.add_argument("--part", choices=("model", "tokens_to_token"), default="model",
+                   help="time the whole model (default) or only its T2T module (T2T-ViT models only)")
     p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
     p.add_argument("--threads", type=int, default=CPU_THREADS, help=f"CPU threads (default {CPU_THREADS})")
     p.add_argument("--warmup", type=int, help="untimed steps per provider and case (default: 1 CPU, 5 CUDA)")
@@ -580,6 +605,9 @@ def main(argv=None):
         return 2
     models = [m for group in (args.model or []) for m in _csv(group)] or (
         ["t2t_vit_14", "t2t_vit_t_14", "t2t_vit_24"] if cuda else ["t2t_vit_14"])
+    if args.part != "model" and not all(is_t2t(m) for m in models):
+        print(f"t2t-fast bench: --part {args.part} needs T2T-ViT models, got {models}", file=sys.stderr)
+        return 2
     providers = _csv(args.providers)
     unknown = [p for p in providers if p not in PROVIDERS]
     if unknown or not providers:
@@ -606,7 +634,7 @@ def main(argv=None):
                 f"{ceilings['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s")
         begin = time.perf_counter()
         results = run(models, batches, providers, modes, device, dtype, img_size=args.img_size, warmup=warmup,
-                      reps=reps, backend=args.backend, ceilings=ceilings)
+                      reps=reps, backend=args.backend, ceilings=ceilings, part=args.part)
         env["wall_seconds"] = round(time.perf_counter() - begin, 1)
         if hasattr(os, "getloadavg"):
             env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -243,8 +243,9 @@ class T2TViT(T2TViTAPI, nn.Module):
         """All tokens (B, 1 + N, num_features) after the final norm."""
         _config.check_image(x, self.in_chans, self.img_size, self.dynamic_img_size)
         x = self.tokens_to_token(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.pos_drop(x + self.position_table(x.shape[1]).to(x.dtype))
+        # cat/add promote: under autocast the residual stream stays in the parameters' fp32, as upstream
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.position_table(x.shape[1]))
         checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)

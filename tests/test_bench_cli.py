@@ -50,6 +50,17 @@ def test_bench_cli_training_mode(tmp_path, capsys):
     assert results[0]["img_per_s"] > 0 and "pct_of_matmul_ceiling" not in results[0]
 
 
+def test_bench_cli_times_the_t2t_module(tmp_path):
+    assert run_cli(tmp_path, "--part", "tokens_to_token", "--mode", "both", "--batch", "2", "--no-ceilings") == 0
+    results = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())["results"]
+    assert sorted((r["mode"], r["provider"]) for r in results) == [("infer", "fused"), ("infer", "reference"),
+                                                                  ("train", "fused"), ("train", "reference")]
+    module = t2t_fast.reference.create_model("t2t_vit_7", img_size=32).tokens_to_token
+    macs = bench.count_macs(module, torch.randn(1, 3, 32, 32))
+    assert all(r["model"] == "t2t_vit_7.tokens_to_token" and r["macs_per_image"] == macs and r["img_per_s"] > 0
+               for r in results)
+
+
 def test_bench_cli_reports_a_failing_provider(tmp_path, capsys):
     # an invalid backend makes the fused model fail to build: the row says why and the exit code is 1
     assert run_cli(tmp_path, "--backend", "no-such-backend", "--batch", "1", "--no-ceilings") == 1
@@ -60,7 +71,8 @@ def test_bench_cli_reports_a_failing_provider(tmp_path, capsys):
     assert {r["provider"]: ("error" in r) for r in results} == {"reference": False, "fused": True}
 
 
-@pytest.mark.parametrize("argv", [["--providers", "eager"], ["--batch", "0"], ["--dtype", "int8"]])
+@pytest.mark.parametrize("argv", [["--providers", "eager"], ["--batch", "0"], ["--dtype", "int8"],
+                                  ["--model", "resnet50", "--part", "tokens_to_token"]])
 def test_bench_cli_rejects_bad_arguments(tmp_path, argv, capsys):
     try:
         code = bench.main(["--device", "cpu", "--output", str(tmp_path), *argv])

@@ -120,6 +120,16 @@ def test_fp16_overflow_of_the_official_amp_path(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_keeps_fp32_maths(backend):
+    """Under bf16 autocast (AMP) the op still computes its features in fp32."""
+    w = _projection(32, 64)
+    k, q, v = _kqv(2, 40, 64, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = favor_attention(k, q, v, w, backend=backend)
+    assert torch.equal(y, favor_attention(k, q, v, w, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp16_inputs_whose_features_overflow_fp32(backend):
     """Large |q|, |k| (a w with rows 3x the official norm, inputs along them): the logits reach ~144, exp()
     overflows fp32, and the reference gives NaN at fp16; this op is finite, matches float64, and so are

@@ -191,6 +191,10 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
                 raise ValueError(f"{_OP}: backend 'triton' does not support {reason}")
             chosen = "torch"
     if chosen == "torch":
+        if torch.is_autocast_enabled(k.device.type):
+            # Autocast would run the feature matmuls in fp16/bf16: the maths must stay in fp32.
+            with torch.autocast(k.device.type, enabled=False):
+                return _favor_attention_torch(k, q, v, w, float(eps))
         return _favor_attention_torch(k, q, v, w, float(eps))
     return _fwd_op(k, q, v, w, float(eps))[0]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from t2t_fast.backend import requested_backend, select_backend
 from t2t_fast.ops._common import check_float_tensor, new_output
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold
 
 _OP = "soft_split_layernorm"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -117,14 +118,15 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
         weight, bias: LayerNorm affine parameters of shape (C*k*k,), in float32 or x's dtype.
         eps: LayerNorm epsilon.
         grid_size: (H, W) of the token grid; only for token input.
-        backend: None/'auto', 'triton' or 'torch' (see :mod:`t2t_fast.backend`).
+        backend: None/'auto', 'triton', 'cuda'/'cpp' (native unfold + torch LayerNorm) or 'torch'
+            (see :mod:`t2t_fast.backend`).
 
     Returns:
         (B, L, C*k*k) in x's dtype, L = OH*OW windows row-major, feature order (c, ki, kj) as ``F.unfold``.
         Statistics are computed in float32; backward keeps only x and the per-row mean and rstd.
     """
     channels, height, width, _, _ = _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
-    chosen = select_backend(_OP, x.device, ("triton", "torch"), backend)
+    chosen = select_backend(_OP, x.device, ("triton", "cuda", "cpp", "torch"), backend)
     if chosen == "triton":
         reason = _triton_unsupported(x, channels * kernel_size * kernel_size)
         if reason is not None:
@@ -133,6 +135,10 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
             chosen = "torch"
     if chosen == "torch":
         return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
+    if chosen in ("cpp", "cuda"):
+        # the native gather replaces the transpose + unfold + transpose copies; LayerNorm stays torch's
+        unfolded = restructurize_unfold(x, grid_size, kernel_size, stride, padding, backend=chosen)
+        return F.layer_norm(unfolded, (unfolded.shape[-1],), weight, bias, eps)
     grid_h, grid_w = (height, width) if x.dim() == 3 else (0, 0)
     return _fwd_op(x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h),
                    int(grid_w))[0]
