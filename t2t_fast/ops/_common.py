@@ -1,5 +1,6 @@
 """Helpers shared by the op wrappers: output allocation (NaN-poisonable for tests) and input checks."""
 import contextlib
+import numbers
 
 import torch
 
@@ -35,3 +36,42 @@ def check_float_tensor(name, tensor, op, dtypes=FLOAT_DTYPES):
     if tensor.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} has dtype {str(tensor.dtype).replace('torch.', '')}; expected one of {names}")
+
+
+def is_int(value):
+    """True for Python/NumPy integers, False for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def image_sizes(op, name, x, grid_size):
+    """(B, C, H, W) of the input of a soft split: an NCHW image (``grid_size`` None) or tokens
+    (B, H*W, C) with ``grid_size=(H, W)``. Raises ValueError naming the problem."""
+    if x.dim() == 4:
+        if grid_size is not None:
+            raise ValueError(f"{op}: grid_size is only for token input (B, H*W, C); {name} is a 4-D image")
+        sizes = tuple(x.shape)
+    elif x.dim() == 3:
+        if grid_size is None:
+            raise ValueError(f"{op}: token input (B, H*W, C) needs grid_size=(H, W)")
+        if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
+                or not all(is_int(g) and g > 0 for g in grid_size)):
+            raise ValueError(f"{op}: grid_size must be two positive ints (H, W), got {grid_size!r}")
+        height, width = grid_size
+        if height * width != x.shape[1]:
+            raise ValueError(f"{op}: grid_size {tuple(grid_size)} has {height * width} positions but {name} has "
+                             f"{x.shape[1]} tokens (N must equal H*W)")
+        sizes = (x.shape[0], x.shape[2], height, width)
+    else:
+        raise ValueError(f"{op}: {name} must be tokens (B, H*W, C) with grid_size, or an image (B, C, H, W); "
+                         f"got {x.dim()} dims")
+    if sizes[1] == 0:
+        raise ValueError(f"{op}: {name} has no channels")
+    return sizes
+
+
+def as_image(x, grid_size):
+    """The NCHW view of a soft-split input: tokens (B, H*W, C) are transposed and reshaped, images returned as-is."""
+    if grid_size is None:
+        return x
+    batch, _, channels = x.shape
+    return x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])

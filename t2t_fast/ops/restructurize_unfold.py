@@ -17,33 +17,21 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend
-from t2t_fast.ops._common import check_float_tensor, new_output
+from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
 
 _OP = "restructurize_unfold"
 # dtype codes of csrc/restructurize_unfold.h (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _pair(name, value, least):
     """An int or an (h, w) pair of ints, each >= ``least`` -> (h, w)."""
-    pair = (value, value) if _is_int(value) else value
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_int(v) for v in pair):
+    pair = (value, value) if is_int(value) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(is_int(v) for v in pair):
         raise TypeError(f"{_OP}: {name} must be an int or a pair of ints, got {value!r}")
     if min(pair) < least:
         raise ValueError(f"{_OP}: {name} must be >= {least}, got {value!r}")
     return tuple(pair)
-
-
-def _as_image(tokens, grid_size):
-    """The NCHW view of the input: tokens (B, H*W, C) are transposed and reshaped, images returned as-is."""
-    if grid_size is None:
-        return tokens
-    batch, _, channels = tokens.shape
-    return tokens.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
 
 
 def restructurize_unfold_ref(tokens, grid_size, kernel_size, stride, padding):
@@ -51,7 +39,7 @@ def restructurize_unfold_ref(tokens, grid_size, kernel_size, stride, padding):
 
     Args and return value as :func:`restructurize_unfold`.
     """
-    unfolded = F.unfold(_as_image(tokens, grid_size), kernel_size, padding=padding, stride=stride)
+    unfolded = F.unfold(as_image(tokens, grid_size), kernel_size, padding=padding, stride=stride)
     return unfolded.transpose(1, 2).contiguous()
 
 
@@ -61,26 +49,7 @@ def _validate(tokens, grid_size, kernel_size, stride, padding):
     kernel = _pair("kernel_size", kernel_size, 1)
     step = _pair("stride", stride, 1)
     pad = _pair("padding", padding, 0)
-    if tokens.dim() == 4:
-        if grid_size is not None:
-            raise ValueError(f"{_OP}: grid_size is only for token input (B, H*W, C); got a 4-D image (B, C, H, W)")
-        sizes = tuple(tokens.shape)
-    elif tokens.dim() == 3:
-        if grid_size is None:
-            raise ValueError(f"{_OP}: token input (B, H*W, C) needs grid_size=(H, W)")
-        if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
-                or not all(_is_int(g) and g > 0 for g in grid_size)):
-            raise ValueError(f"{_OP}: grid_size must be two positive ints (H, W), got {grid_size!r}")
-        height, width = grid_size
-        if height * width != tokens.shape[1]:
-            raise ValueError(f"{_OP}: grid_size {tuple(grid_size)} has {height * width} positions but tokens has "
-                             f"{tokens.shape[1]} (N must equal H*W)")
-        sizes = (tokens.shape[0], tokens.shape[2], height, width)
-    else:
-        raise ValueError(f"{_OP}: expected tokens (B, H*W, C) with grid_size, or an image (B, C, H, W); got "
-                         f"{tokens.dim()} dims")
-    if sizes[1] == 0:
-        raise ValueError(f"{_OP}: the input has no channels")
+    sizes = image_sizes(_OP, "tokens", tokens, grid_size)
     for axis, size in (("height", sizes[2]), ("width", sizes[3])):
         index = 0 if axis == "height" else 1
         if size + 2 * pad[index] < kernel[index]:

@@ -7,13 +7,12 @@
 itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
 import contextlib
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import check_float_tensor, new_output
+from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold
 
 _OP = "soft_split_layernorm"
@@ -34,15 +33,8 @@ def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=
     Returns:
         (B, L, C*k*k) with L the number of windows (row-major over the output grid).
     """
-    if grid_size is not None:
-        batch, _, channels = x.shape
-        x = x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
-    unfolded = F.unfold(x, kernel_size, padding=padding, stride=stride).transpose(1, 2)
+    unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
     return F.layer_norm(unfolded, (unfolded.shape[-1],), weight, bias, eps)
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
@@ -51,31 +43,13 @@ def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
     check_float_tensor("weight", weight, _OP)
     check_float_tensor("bias", bias, _OP)
     for name, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
-        if not _is_int(value):
+        if not is_int(value):
             raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
         if value < least:
             raise ValueError(f"{_OP}: {name} must be >= {least}, got {value}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
         raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
-    if x.dim() == 4:
-        if grid_size is not None:
-            raise ValueError(f"{_OP}: grid_size is only for token input (B, H*W, C); x is a 4-D image")
-        _, channels, height, width = x.shape
-    elif x.dim() == 3:
-        if grid_size is None:
-            raise ValueError(f"{_OP}: token input (B, H*W, C) needs grid_size=(H, W)")
-        if (not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2
-                or not all(_is_int(g) and g > 0 for g in grid_size)):
-            raise ValueError(f"{_OP}: grid_size must be two positive ints (H, W), got {grid_size!r}")
-        height, width = grid_size
-        if height * width != x.shape[1]:
-            raise ValueError(f"{_OP}: grid_size {tuple(grid_size)} has {height * width} positions but x has "
-                             f"{x.shape[1]} tokens")
-        channels = x.shape[2]
-    else:
-        raise ValueError(f"{_OP}: x must be (B, C, H, W) or (B, H*W, C), got {x.dim()} dims")
-    if channels == 0:
-        raise ValueError(f"{_OP}: x has no channels")
+    _, channels, height, width = image_sizes(_OP, "x", x, grid_size)
     out_h = (height + 2 * padding - kernel_size) // stride + 1
     out_w = (width + 2 * padding - kernel_size) // stride + 1
     if out_h <= 0 or out_w <= 0:
