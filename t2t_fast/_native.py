@@ -19,6 +19,10 @@ def native_module():
             _module = importlib.import_module("t2t_fast._C")
         except ImportError as exc:  # a source checkout without a build, or a broken build
             _error = f"the native extension t2t_fast._C could not be imported ({exc}); reinstall with `pip install .`"
+            package_dir = os.path.dirname(os.path.abspath(__file__))
+            if os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
+                _error += (f" (t2t_fast was imported from the source folder {package_dir}, which shadows the "
+                           f"installed package: run from another directory, or use `pip install -e .`)")
         finally:
             if added:
                 del os.environ["OMP_WAIT_POLICY"]
