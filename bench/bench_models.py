@@ -23,7 +23,7 @@ from t2t_fast import bench
 
 IMG = 224
 CUDA = "cuda"
-CPU_BATCH, CPU_ROUNDS = 8, 5
+CPU_BATCH, CPU_ROUNDS = 8, 7
 GPU_BATCHES, GPU_ROUNDS, GPU_WARMUP = (64, 256), 20, 3
 
 try:

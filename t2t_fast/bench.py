@@ -106,8 +106,8 @@ def pedantic_timed(benchmark, fn, input_sets, rounds, warmup_rounds=1):
     """pytest-benchmark in pedantic mode over ``fn(*input_sets[i % n])``, one call per round.
 
     On CUDA every round is also timed with CUDA events (the round ends with the event synchronized, so
-    pytest-benchmark's wall clock covers the GPU work too). Puts ``median_ms``, ``timer``, ``rounds`` into
-    ``benchmark.extra_info`` and returns the median seconds per call (CUDA events on CUDA, else
+    pytest-benchmark's wall clock covers the GPU work too). Puts ``median_ms``, ``min_ms``, ``timer``, ``rounds``
+    into ``benchmark.extra_info`` and returns the median seconds per call (CUDA events on CUDA, else
     pytest-benchmark's own statistics), or None when benchmarking is disabled."""
     sets = list(input_sets)
     cuda = is_cuda(next(t for t in sets[0] if isinstance(t, torch.Tensor)))
@@ -131,12 +131,12 @@ def pedantic_timed(benchmark, fn, input_sets, rounds, warmup_rounds=1):
     if getattr(benchmark, "disabled", False) or benchmark.stats is None:
         return None
     if cuda:
-        median = statistics.median(event_seconds[warmup_rounds:])
-        timer = "cuda events"
+        timed_seconds = event_seconds[warmup_rounds:]
+        median, best, timer = statistics.median(timed_seconds), min(timed_seconds), "cuda events"
     else:
-        median = benchmark.stats.stats.median
-        timer = "perf_counter"
-    benchmark.extra_info.update(median_ms=round(median * 1e3, 4), timer=timer, rounds=rounds)
+        median, best, timer = benchmark.stats.stats.median, benchmark.stats.stats.min, "perf_counter"
+    benchmark.extra_info.update(median_ms=round(median * 1e3, 4), min_ms=round(best * 1e3, 4), timer=timer,
+                                rounds=rounds)
     return median
 
 
