@@ -19,6 +19,10 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend
 from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
 
+# One thread: torch's OpenMP workers keep spinning on the cores for a while after each torch op, and a
+# second OpenMP team of ours competing with them was measured 5-10x slower at 2 threads (B=8, T2T module);
+# single-threaded, this memory-bound gather overlaps nothing and still beats the eager copies.
+_CPU_THREADS = 1
 _OP = "restructurize_unfold"
 # dtype codes of csrc/restructurize_unfold.h (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -125,7 +129,7 @@ def restructurize_unfold_fwd(x, grid_h, grid_w, window):
                                                      torch.cuda.current_stream(x.device).cuda_stream)
     else:
         module.restructurize_unfold_forward_cpu(x.data_ptr(), y.data_ptr(), sizes, *pairs, strides,
-                                                _DTYPE_CODES[x.dtype], torch.get_num_threads())
+                                                _DTYPE_CODES[x.dtype], _CPU_THREADS)
     return y
 
 
@@ -146,7 +150,7 @@ def restructurize_unfold_bwd(dy, input_shape, grid_h, grid_w, window):
                                                       torch.cuda.current_stream(dy.device).cuda_stream)
     else:
         module.restructurize_unfold_backward_cpu(dy.data_ptr(), dx.data_ptr(), sizes, *pairs, strides,
-                                                 _DTYPE_CODES[dy.dtype], torch.get_num_threads())
+                                                 _DTYPE_CODES[dy.dtype], _CPU_THREADS)
     return dx
 
 
