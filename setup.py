@@ -110,6 +110,7 @@ native = Pybind11Extension(
     "t2t_fast._C",
     sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
     include_dirs=["csrc"],
+    depends=sorted(glob.glob("csrc/*.h")),  # a header edit rebuilds the extension
     cxx_std=17,
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],

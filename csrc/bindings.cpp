@@ -7,6 +7,10 @@
 #include <string>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "restructurize_unfold.h"
 
 namespace py = pybind11;
@@ -26,6 +30,24 @@ std::vector<std::string> compiled_kernels() {
   names.push_back("restructurize_unfold_cuda");
 #endif
   return names;
+}
+
+// Asks the kernel to back the 2 MiB-aligned interior of [address, address + bytes) with transparent huge
+// pages (Linux, THP mode "madvise" or "always"). Called on fresh CPU output buffers before their first
+// write: first-touch then faults once per 2 MiB instead of once per 4 KiB page. Returns whether advice was
+// given; advice is never an error (other systems, THP off, a range too small all return false).
+bool advise_huge_pages(std::uintptr_t address, std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
+  const std::uintptr_t begin = (address + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t end = (address + bytes) & ~(kHuge - 1);
+  if (end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)address;
+  (void)bytes;
+  return false;
+#endif
 }
 
 using Quad = std::array<int64_t, 4>;
@@ -62,6 +84,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
 
+  m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("bytes"),
+        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh buffer; True when advice was given");
+
   m.def(
       "restructurize_unfold_forward_cpu",
       [](std::uintptr_t x, std::uintptr_t y, const Quad& sizes, const Pair& kernel, const Pair& stride,
@@ -84,6 +109,28 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
       py::arg("strides"), py::arg("dtype"), py::arg("threads"),
       "dx (written through `strides`) <- dy (B, L, C*kh*kw) contiguous, by gathering (no atomics)");
+  m.def(
+      "restructurize_unfold_forward_emulated",
+      [](std::uintptr_t x, std::uintptr_t y, const Quad& sizes, const Pair& kernel, const Pair& stride,
+         const Pair& padding, const Quad& strides, int dtype, int index_bits) {
+        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+        py::gil_scoped_release release;
+        t2t::restructurize_unfold_forward_emulated(x, y, g, dtype, index_bits);
+      },
+      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      py::arg("strides"), py::arg("dtype"), py::arg("index_bits") = 0,
+      "The CUDA forward kernel's threads run serially on CPU memory (tests of the CUDA indexing)");
+  m.def(
+      "restructurize_unfold_backward_emulated",
+      [](std::uintptr_t dy, std::uintptr_t dx, const Quad& sizes, const Pair& kernel, const Pair& stride,
+         const Pair& padding, const Quad& strides, bool channels_last, int dtype, int index_bits) {
+        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+        py::gil_scoped_release release;
+        t2t::restructurize_unfold_backward_emulated(dy, dx, g, channels_last, dtype, index_bits);
+      },
+      py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      py::arg("strides"), py::arg("channels_last"), py::arg("dtype"), py::arg("index_bits") = 0,
+      "The CUDA backward kernels' threads run serially on CPU memory (tests of the CUDA indexing)");
 #ifdef T2T_WITH_CUDA
   m.def(
       "restructurize_unfold_forward_cuda",

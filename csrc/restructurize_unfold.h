@@ -8,6 +8,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define T2T_HD __host__ __device__ __forceinline__
@@ -253,6 +257,83 @@ T2T_HD void gather_pixel_grad(const Geometry<I>& g, const typename Scalar<D>::st
   }
 }
 
+// ------------------------------------------------------------------- one thread of the CUDA kernels
+// The CUDA kernels are thin loops over these; restructurize_unfold_*_emulated run them serially on the CPU
+// over every thread of the same launch shape, so the CPU tests check the CUDA indexing without a GPU.
+
+constexpr int64_t kThreadsPerBlock = 256;
+
+// Threads along a row of `row_elems` elements: a multiple of 32 that covers the row in equal passes of at
+// most kThreadsPerBlock threads.
+inline int64_t row_threads(int64_t row_elems) {
+  const int64_t passes = (row_elems + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  const int64_t threads = 32 * ((row_elems + 32 * passes - 1) / (32 * passes));
+  return threads < 32 ? 32 : threads;
+}
+
+// True when every index the kernels form stays below 2^31, grid-stride increments included.
+inline bool fits_int32(const UnfoldGeometry& g) {
+  const int64_t input_extent = (g.batch - 1) * g.stride_b + (g.channels - 1) * g.stride_c +
+                               (g.height - 1) * g.stride_y + (g.width - 1) * g.stride_x + 1;
+  const int64_t output_elems = output_rows(g) * features(g);
+  const int64_t input_elems = g.batch * g.channels * g.height * g.width;
+  int64_t largest = input_extent > output_elems ? input_extent : output_elems;
+  if (input_elems > largest) largest = input_elems;
+  return largest < std::numeric_limits<int32_t>::max() / 2 - kThreadsPerBlock;
+}
+
+// Forward: thread `thread` of the `threads` along output row `row` writes its features thread,
+// thread + threads, ... (consecutive threads, consecutive features: coalesced stores). `start` is
+// FeatureCursor(g, thread, threads), built once per thread instead of once per row.
+template <typename T, typename I>
+T2T_HD void forward_row(const T* x, T* y, const Geometry<I>& g, I row, const FeatureCursor<I>& start, I thread,
+                        I threads) {
+  I b, oh, ow;
+  split_row(g, row, b, oh, ow);
+  const T* image = x + b * g.stride_b;
+  T* out = y + row * features(g);
+  FeatureCursor<I> cursor = start;
+  for (I f = thread; f < features(g); f += threads) {
+    const I tap = tap_offset(g, oh, ow, cursor.ki, cursor.kj);
+    out[f] = tap < 0 ? T(0) : image[cursor.c * g.stride_c + tap];
+    cursor.advance(g);
+  }
+}
+
+// Backward: thread `thread` of the `threads` at input pixel b*H*W + y*W + x gathers dx for its channels.
+template <int D, typename I>
+T2T_HD void backward_pixel(const typename Scalar<D>::storage* dy, typename Scalar<D>::storage* dx,
+                           const Geometry<I>& g, I pixel, I thread, I threads) {
+  I b, y, x;
+  split_pixel(g, pixel, b, y, x);
+  gather_pixel_grad<D>(g, dy, dx, PixelWindows<I>(g, b, y, x), b, y, x, thread, threads);
+}
+
+// ------------------------------------------------------------------------------------- dtype dispatch
+
+// The forward moves elements as unsigned words of the dtype's size (bit for bit, NaN payloads included).
+template <int D>
+using StorageBits = std::conditional_t<sizeof(typename Scalar<D>::storage) == 2, uint16_t,
+                                       std::conditional_t<sizeof(typename Scalar<D>::storage) == 4, uint32_t,
+                                                          uint64_t>>;
+
+// f(std::integral_constant<int, D>{}) for the dtype code; an unknown code is an std::invalid_argument.
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32:
+      return f(std::integral_constant<int, kFloat32>{});
+    case kFloat16:
+      return f(std::integral_constant<int, kFloat16>{});
+    case kBFloat16:
+      return f(std::integral_constant<int, kBFloat16>{});
+    case kFloat64:
+      return f(std::integral_constant<int, kFloat64>{});
+    default:
+      throw std::invalid_argument("restructurize_unfold: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
 // ------------------------------------------------------------------------------------------ entry points
 
 // Forward: y (B, L, F) contiguous from x (strides in g). Copies elements bit for bit (padding = +0).
@@ -260,6 +341,12 @@ void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeom
 // Backward: dx (strides in g, contiguous in its layout) from dy (B, L, F) contiguous.
 void restructurize_unfold_backward_cpu(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int dtype,
                                        int threads);
+// The CUDA kernels' thread work (forward_row, backward_pixel) run serially on the CPU, with the CUDA
+// launch's threads per row and index type (index_bits 32 or 64; 0 picks as the CUDA path does).
+void restructurize_unfold_forward_emulated(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype,
+                                           int index_bits);
+void restructurize_unfold_backward_emulated(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g,
+                                            bool channels_last, int dtype, int index_bits);
 #ifdef T2T_WITH_CUDA
 // Same on the GPU: one launch over the whole batch on `stream` (a cudaStream_t as an integer) of `device`.
 // Throws std::runtime_error on a CUDA error.

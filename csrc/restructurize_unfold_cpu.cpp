@@ -1,4 +1,5 @@
 // CPU kernels of the fused re-structurize + unfold (OpenMP over output / input rows).
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -9,6 +10,14 @@
 namespace t2t {
 namespace {
 
+// y[c*TAPS + t] = tap[t][c]: the window row of a channels-last input, written front to back.
+template <int TAPS, typename T>
+inline void interleave_taps(const T* const* tap, T* out, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c, out += TAPS) {
+    for (int t = 0; t < TAPS; ++t) out[t] = tap[t][c];
+  }
+}
+
 // The forward only moves elements, so it works on their bits: 2-, 4- and 8-byte words.
 template <typename T>
 void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
@@ -17,10 +26,13 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
   // Token input has unit channel stride: loop over taps, channels innermost (contiguous reads).
   // Images have unit x stride: loop over channels, taps innermost (contiguous writes, runs of KW reads).
   const bool channels_inner = g.stride_c < g.stride_x;
+  const int64_t sc = g.stride_c;
   const int64_t row_groups = g.batch * g.out_h;
+  // What padding taps read in the channels-inner loop: channel c at zeros[c * sc].
+  const std::vector<T> zeros(channels_inner ? (g.channels - 1) * sc + 1 : 0, T(0));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<int64_t> tap(taps);
+    std::vector<const T*> tap(taps);
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < row_groups; ++group) {
       int64_t b, oh, ow;
@@ -29,20 +41,19 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
         const T* image = x + b * g.stride_b;
         T* out = y + row * row_features;
         if (channels_inner) {
+          // One source pointer per tap (padding taps read a zero row), then the row is written in order:
+          // y[c*taps + t] = tap t's channel c.
           for (int64_t ki = 0, t = 0; ki < g.kernel_h; ++ki) {
-            for (int64_t kj = 0; kj < g.kernel_w; ++kj, ++t) tap[t] = tap_offset(g, oh, ow, ki, kj);
+            for (int64_t kj = 0; kj < g.kernel_w; ++kj, ++t) {
+              const int64_t offset = tap_offset(g, oh, ow, ki, kj);
+              tap[t] = offset < 0 ? zeros.data() : image + offset;
+            }
           }
-          const int64_t sc = g.stride_c;
-          for (int64_t t = 0; t < taps; ++t) {
-            T* dst = out + t;
-            if (tap[t] < 0) {
-              for (int64_t c = 0; c < g.channels; ++c) dst[c * taps] = 0;
-            } else if (sc == 1) {
-              const T* src = image + tap[t];
-              for (int64_t c = 0; c < g.channels; ++c) dst[c * taps] = src[c];
-            } else {
-              const T* src = image + tap[t];
-              for (int64_t c = 0; c < g.channels; ++c) dst[c * taps] = src[c * sc];
+          if (taps == 9 && sc == 1) {  // T2T's k3 soft splits: a fixed-length inner loop the compiler unrolls
+            interleave_taps<9>(tap.data(), out, g.channels);
+          } else {
+            for (int64_t c = 0, f = 0; c < g.channels; ++c) {
+              for (int64_t t = 0; t < taps; ++t, ++f) out[f] = tap[t][c * sc];
             }
           }
         } else {
@@ -161,20 +172,52 @@ void backward_channels_last(const typename Scalar<D>::storage* dy, typename Scal
   }
 }
 
-// Other layouts (NCHW images, few channels): gather_pixel_grad per pixel, as the CUDA pixel kernel.
+// Other layouts (NCHW images, one channel): one (b, c) plane of dx per task. Its windows are added into a
+// plane accumulator in (oh, ow) order, reading dy front to back; every element thus sums its taps in the
+// order of gather_pixel_grad (the CUDA kernel): the same deterministic gather, without atomics, since no
+// two threads share a plane.
 template <int D>
-void backward_pixels(const typename Scalar<D>::storage* dy, typename Scalar<D>::storage* dx,
+void backward_planes(const typename Scalar<D>::storage* dy, typename Scalar<D>::storage* dx,
                      const UnfoldGeometry& g, int threads) {
-  const int64_t pixel_rows = g.batch * g.height;
-  const std::vector<int64_t> columns = column_windows(g);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t pixel_row = 0; pixel_row < pixel_rows; ++pixel_row) {
-    int64_t b, y, x, oh0, oh1;
-    split_pixel(g, pixel_row * g.width, b, y, x);
-    covering_windows(y, g.kernel_h, g.stride_h, g.pad_h, g.out_h, oh0, oh1);
-    for (; x < g.width; ++x) {
-      const PixelWindows<int64_t> w(g, b, y, x, oh0, oh1, columns[2 * x], columns[2 * x + 1]);
-      gather_pixel_grad<D>(g, dy, dx, w, b, y, x, int64_t(0), int64_t(1));
+  using S = Scalar<D>;
+  using A = typename S::acc;
+  const int64_t planes = g.batch * g.channels;
+  const int64_t row_features = features(g);
+  const int64_t taps = window_elems(g);
+  // Per window column ow: the taps kj that fall inside the image, [kj_begin, kj_end).
+  std::vector<int64_t> columns(2 * g.out_w);
+  for (int64_t ow = 0; ow < g.out_w; ++ow) {
+    const int64_t x0 = ow * g.stride_w - g.pad_w;  // input column of tap kj = 0
+    columns[2 * ow] = x0 < 0 ? -x0 : 0;
+    columns[2 * ow + 1] = g.width - x0 < g.kernel_w ? g.width - x0 : g.kernel_w;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<A> acc(g.height * g.width);
+#pragma omp for schedule(static)
+    for (int64_t plane = 0; plane < planes; ++plane) {
+      const int64_t b = plane / g.channels;
+      const int64_t c = plane % g.channels;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        const int64_t y0 = oh * g.stride_h - g.pad_h;  // input row of tap ki = 0
+        const int64_t ki_begin = y0 < 0 ? -y0 : 0;
+        const int64_t ki_end = g.height - y0 < g.kernel_h ? g.height - y0 : g.kernel_h;
+        const auto* window = dy + (b * g.out_h + oh) * g.out_w * row_features + c * taps;
+        for (int64_t ow = 0; ow < g.out_w; ++ow, window += row_features) {
+          const int64_t x0 = ow * g.stride_w - g.pad_w;
+          const int64_t kj_begin = columns[2 * ow], kj_end = columns[2 * ow + 1];
+          for (int64_t ki = ki_begin; ki < ki_end; ++ki) {
+            A* dst = acc.data() + (y0 + ki) * g.width + x0;
+            const auto* src = window + ki * g.kernel_w;
+            for (int64_t kj = kj_begin; kj < kj_end; ++kj) dst[kj] += S::load(src[kj]);
+          }
+        }
+      }
+      auto* out = dx + b * g.stride_b + c * g.stride_c;
+      for (int64_t y = 0; y < g.height; ++y) {
+        for (int64_t x = 0; x < g.width; ++x) out[y * g.stride_y + x * g.stride_x] = S::store(acc[y * g.width + x]);
+      }
     }
   }
 }
@@ -187,40 +230,22 @@ void backward_typed(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int thr
   if (g.stride_c == 1 && g.channels > 1) {
     backward_channels_last<D>(grad_out, grad_in, g, threads);
   } else {
-    backward_pixels<D>(grad_out, grad_in, g, threads);
+    backward_planes<D>(grad_out, grad_in, g, threads);
   }
 }
 
 }  // namespace
 
 void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads) {
-  switch (dtype) {
-    case kFloat32:
-      return forward_rows(reinterpret_cast<const uint32_t*>(x), reinterpret_cast<uint32_t*>(y), g, threads);
-    case kFloat16:
-    case kBFloat16:
-      return forward_rows(reinterpret_cast<const uint16_t*>(x), reinterpret_cast<uint16_t*>(y), g, threads);
-    case kFloat64:
-      return forward_rows(reinterpret_cast<const uint64_t*>(x), reinterpret_cast<uint64_t*>(y), g, threads);
-    default:
-      throw std::invalid_argument("restructurize_unfold: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_dtype(dtype, [&](auto d) {
+    using T = StorageBits<decltype(d)::value>;
+    forward_rows(reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), g, threads);
+  });
 }
 
 void restructurize_unfold_backward_cpu(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int dtype,
                                        int threads) {
-  switch (dtype) {
-    case kFloat32:
-      return backward_typed<kFloat32>(dy, dx, g, threads);
-    case kFloat16:
-      return backward_typed<kFloat16>(dy, dx, g, threads);
-    case kBFloat16:
-      return backward_typed<kBFloat16>(dy, dx, g, threads);
-    case kFloat64:
-      return backward_typed<kFloat64>(dy, dx, g, threads);
-    default:
-      throw std::invalid_argument("restructurize_unfold: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_dtype(dtype, [&](auto d) { backward_typed<decltype(d)::value>(dy, dx, g, threads); });
 }
 
 }  // namespace t2t

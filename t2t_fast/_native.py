@@ -10,11 +10,6 @@ def native_module():
     """The compiled extension, or None when it could not be imported (see :func:`native_error`)."""
     global _module, _error
     if _module is None and _error is None:
-        # _C carries its own OpenMP runtime beside torch's; a passive wait policy (read once, when that
-        # runtime loads) stops its idle threads from spinning on the cores torch's threads need.
-        added = "OMP_WAIT_POLICY" not in os.environ
-        if added:
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         try:
             _module = importlib.import_module("t2t_fast._C")
         except ImportError as exc:  # a source checkout without a build, or a broken build
@@ -23,9 +18,6 @@ def native_module():
             if os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py")):
                 _error += (f" (t2t_fast was imported from the source folder {package_dir}, which shadows the "
                            f"installed package: run from another directory, or use `pip install -e .`)")
-        finally:
-            if added:
-                del os.environ["OMP_WAIT_POLICY"]
     return _module
 
 

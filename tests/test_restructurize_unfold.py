@@ -1,5 +1,10 @@
 """restructurize_unfold (native cpp / cuda kernels) against restructurize_unfold_ref (transpose + reshape +
 F.unfold + transpose): forward bit for bit, backward against autograd through the reference."""
+import ast
+import importlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,6 +15,8 @@ from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import restructurize_unfold, restructurize_unfold_ref
 from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
 
+# The op's module (t2t_fast.ops.restructurize_unfold is the function of that name).
+ru_module = importlib.import_module("t2t_fast.ops.restructurize_unfold")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and native_cuda_compiled()),
                                    reason="needs a CUDA device and the CUDA kernels of t2t_fast._C")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -74,6 +81,66 @@ def test_matches_reference_property(geometry, tokens, strided, dtype):
     check_op(x, grid, g["kernel"], g["stride"], g["padding"], "cpp")
 
 
+def run_emulated_cuda(x, grid, kernel, stride, padding, dy, index_bits):
+    """The CUDA kernels' threads, run serially on CPU tensors: (y, dx) with NaN-filled outputs."""
+    _, kernel, stride, padding = ru_module._validate(x, grid, kernel, stride, padding)
+    grid_h, grid_w = grid if grid is not None else (0, 0)
+    window = [*kernel, *stride, *padding]
+    sizes, pairs, (out_h, out_w), strides = ru_module._geometry(x, grid_h, grid_w, window)
+    code = ru_module._DTYPE_CODES[x.dtype]
+    y = torch.full((sizes[0], out_h * out_w, sizes[1] * kernel[0] * kernel[1]), float("nan"), dtype=x.dtype)
+    native_module().restructurize_unfold_forward_emulated(x.data_ptr(), y.data_ptr(), sizes, *pairs, strides, code,
+                                                          index_bits)
+    dx = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    native_module().restructurize_unfold_backward_emulated(
+        dy.data_ptr(), dx.data_ptr(), sizes, *pairs, ru_module._contiguous_strides(tuple(x.shape), grid_h, grid_w),
+        x.dim() == 3, code, index_bits)
+    return y, dx
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(geometry=geometries(), tokens=st.booleans(), strided=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+       index_bits=st.sampled_from([32, 64]))
+def test_cuda_kernels_emulated_on_cpu(geometry, tokens, strided, dtype, index_bits):
+    """The CUDA kernels' per-thread indexing (restructurize_unfold.h: forward_row, backward_pixel) with the
+    launch's threads per row, in 32- and 64-bit indices: forward equal to the reference, dx equal bit for bit
+    to the CPU kernels (both sum each element's taps in (oh, ow) order)."""
+    g = geometry
+    x = make_input(g["batch"], g["channels"], g["height"], g["width"], tokens, dtype, strided=strided)
+    grid = (g["height"], g["width"]) if tokens else None
+    expected = restructurize_unfold_ref(x, grid, g["kernel"], g["stride"], g["padding"])
+    dy = torch.randn(expected.shape, dtype=torch.float64).to(dtype)
+    y, dx = run_emulated_cuda(x, grid, g["kernel"], g["stride"], g["padding"], dy, index_bits)
+    assert torch.equal(y, expected)
+    xg = x.detach().requires_grad_()
+    (dx_cpu,) = torch.autograd.grad(restructurize_unfold(xg, grid, g["kernel"], g["stride"], g["padding"],
+                                                         backend="cpp"), xg, dy)
+    assert torch.equal(dx, dx_cpu)
+
+
+@pytest.mark.parametrize("case", ["tokens28_k3s2p1", "image224_k7s4p2", "tokens_c300"])
+def test_cuda_kernels_emulated_on_cpu_at_t2t_shapes(case):
+    """Rows wider than one pass of threads: 576 features, and 300 channels per pixel in the backward."""
+    shape, kernel, stride, padding = T2T_CASES.get(case, (dict(channels=300, height=5, width=3, tokens=True), 3, 2, 1))
+    x = make_input(2, shape["channels"], shape["height"], shape["width"], shape["tokens"], torch.float32)
+    grid = (shape["height"], shape["width"]) if shape["tokens"] else None
+    expected = restructurize_unfold_ref(x, grid, kernel, stride, padding)
+    dy = torch.randn(expected.shape)
+    y, dx = run_emulated_cuda(x, grid, kernel, stride, padding, dy, 0)
+    assert torch.equal(y, expected)
+    xg = x.detach().requires_grad_()
+    (dx_cpu,) = torch.autograd.grad(restructurize_unfold(xg, grid, kernel, stride, padding, backend="cpp"), xg, dy)
+    assert torch.equal(dx, dx_cpu)
+
+
+def test_emulated_cuda_rejects_bad_index_bits():
+    x = make_input(1, 2, 4, 4, True, torch.float32)
+    dy = torch.randn(1, 4, 18)
+    with pytest.raises(ValueError, match="index_bits"):
+        run_emulated_cuda(x, (4, 4), 3, 2, 1, dy, 16)
+
+
 # The T2T shapes: the re-structurize + split of both token stages and the first split of the image.
 T2T_CASES = {
     "tokens56_k3s2p1": (dict(channels=64, height=56, width=56, tokens=True), 3, 2, 1),
@@ -90,6 +157,15 @@ def test_t2t_shapes(case, dtype):
     grid = (shape["height"], shape["width"]) if shape["tokens"] else None
     y, _ = check_op(x, grid, kernel, stride, padding, "cpp")
     assert y.shape[-1] == shape["channels"] * kernel * kernel  # 576 / 147 features
+
+
+def test_outputs_past_the_huge_page_size():
+    """Buffers of 8 MiB and more are advised onto huge pages before the kernels write them (B=8 image:
+    a 14.7 MB forward output)."""
+    shape, kernel, stride, padding = T2T_CASES["image224_k7s4p2"]
+    x = make_input(8, shape["channels"], shape["height"], shape["width"], False, torch.float32)
+    y, _ = check_op(x, None, kernel, stride, padding, "cpp")
+    assert y.numel() * y.element_size() >= 8 << 20
 
 
 def test_gradcheck_float64():
@@ -126,9 +202,12 @@ def test_low_precision_sums_round_to_nearest_even(dtype):
     assert torch.equal(dx, exact.to(dtype))
 
 
-def test_backward_is_deterministic_and_thread_independent():
-    x = make_input(3, 16, 13, 11, True, torch.float32).requires_grad_()
-    y = restructurize_unfold(x, (13, 11), 3, 2, 1, backend="cpp")
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "image"])
+def test_backward_is_deterministic_and_thread_independent(tokens):
+    """Both CPU backward paths (channels-last pixels, image planes) at 1-3 OpenMP threads: identical dx."""
+    x = make_input(3, 16, 13, 11, tokens, torch.float32).requires_grad_()
+    grid = (13, 11) if tokens else None
+    y = restructurize_unfold(x, grid, 3, 2, 1, backend="cpp")
     dy = torch.randn_like(y)
     threads = torch.get_num_threads()
     grads = []
@@ -139,6 +218,21 @@ def test_backward_is_deterministic_and_thread_independent():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_native_module_shares_torch_openmp_runtime(tmp_path):
+    """The CPU kernels' OpenMP threads must be torch's: in a process with torch and t2t_fast._C (and nothing
+    else that vendors an OpenMP, as scikit-learn does) exactly one runtime is loaded. A second one's workers
+    would spin against torch's on the same cores."""
+    script = ("import torch, t2t_fast._C\n"
+              "names = ('libgomp', 'libiomp', 'libomp')\n"
+              "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if any(n in l for n in names)}))")
+    # Run outside the checkout, where the installed package (not the source folder) is imported.
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
+    runtimes = ast.literal_eval(out.strip().splitlines()[-1])
+    assert len(runtimes) == 1, f"OpenMP runtimes loaded: {runtimes}"
 
 
 def test_backends_and_dispatch():

@@ -6,9 +6,13 @@ transposed copy; ``restructurize_unfold`` reads the tokens in place and writes t
 
 ``restructurize_unfold_ref`` is the plain-torch oracle. The ``cpp`` / ``cuda`` paths are the
 ``t2t_fast::restructurize_unfold_fwd`` / ``_bwd`` custom ops (fake and autograd registered) over the native
-extension ``t2t_fast._C``; the backward is a gather (each input element sums the window taps that read it: no
-atomics, deterministic). The ``torch`` path is the reference itself (plain torch ops, traceable by ONNX export
-and ``torch.export``).
+extension ``t2t_fast._C``. The backward has no atomics and is deterministic: each dx element sums the window
+taps that read it, in (oh, ow) order (CUDA: a thread per pixel; CPU: a thread per pixel row of token input,
+or per (b, c) plane of an image, adding its windows in that order). The CPU kernels run on
+``torch.get_num_threads()`` threads of torch's own OpenMP runtime (the extension links the same
+``libgomp.so.1``, so no second thread team competes with torch's), and large outputs are put on transparent
+huge pages (``_common.new_output``). The ``torch`` path is the reference itself (plain torch ops, traceable
+by ONNX export and ``torch.export``).
 """
 import contextlib
 
@@ -19,10 +23,6 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend
 from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
 
-# One thread: torch's OpenMP workers keep spinning on the cores for a while after each torch op, and a
-# second OpenMP team of ours competing with them was measured 5-10x slower at 2 threads (B=8, T2T module);
-# single-threaded, this memory-bound gather overlaps nothing and still beats the eager copies.
-_CPU_THREADS = 1
 _OP = "restructurize_unfold"
 # dtype codes of csrc/restructurize_unfold.h (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -129,7 +129,7 @@ def restructurize_unfold_fwd(x, grid_h, grid_w, window):
                                                      torch.cuda.current_stream(x.device).cuda_stream)
     else:
         module.restructurize_unfold_forward_cpu(x.data_ptr(), y.data_ptr(), sizes, *pairs, strides,
-                                                _DTYPE_CODES[x.dtype], _CPU_THREADS)
+                                                _DTYPE_CODES[x.dtype], torch.get_num_threads())
     return y
 
 
@@ -150,7 +150,7 @@ def restructurize_unfold_bwd(dy, input_shape, grid_h, grid_w, window):
                                                       torch.cuda.current_stream(dy.device).cuda_stream)
     else:
         module.restructurize_unfold_backward_cpu(dy.data_ptr(), dx.data_ptr(), sizes, *pairs, strides,
-                                                 _DTYPE_CODES[dy.dtype], _CPU_THREADS)
+                                                 _DTYPE_CODES[dy.dtype], torch.get_num_threads())
     return dx
 
 
