@@ -7,10 +7,6 @@
 #include <string>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include "restructurize_unfold.h"
 
 namespace py = pybind11;
@@ -30,24 +26,6 @@ std::vector<std::string> compiled_kernels() {
   names.push_back("restructurize_unfold_cuda");
 #endif
   return names;
-}
-
-// Asks the kernel to back the 2 MiB-aligned interior of [address, address + bytes) with transparent huge
-// pages (Linux, THP mode "madvise" or "always"). Called on fresh CPU output buffers before their first
-// write: first-touch then faults once per 2 MiB instead of once per 4 KiB page. Returns whether advice was
-// given; advice is never an error (other systems, THP off, a range too small all return false).
-bool advise_huge_pages(std::uintptr_t address, std::size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
-  const std::uintptr_t begin = (address + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t end = (address + bytes) & ~(kHuge - 1);
-  if (end <= begin) return false;
-  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
-#else
-  (void)address;
-  (void)bytes;
-  return false;
-#endif
 }
 
 using Quad = std::array<int64_t, 4>;
@@ -83,9 +61,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "t2t_fast native kernels (CPU always; CUDA when built with nvcc)";
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
-
-  m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("bytes"),
-        "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior of a fresh buffer; True when advice was given");
 
   m.def(
       "restructurize_unfold_forward_cpu",

@@ -159,15 +159,6 @@ def test_t2t_shapes(case, dtype):
     assert y.shape[-1] == shape["channels"] * kernel * kernel  # 576 / 147 features
 
 
-def test_outputs_past_the_huge_page_size():
-    """Buffers of 8 MiB and more are advised onto huge pages before the kernels write them (B=8 image:
-    a 14.7 MB forward output)."""
-    shape, kernel, stride, padding = T2T_CASES["image224_k7s4p2"]
-    x = make_input(8, shape["channels"], shape["height"], shape["width"], False, torch.float32)
-    y, _ = check_op(x, None, kernel, stride, padding, "cpp")
-    assert y.numel() * y.element_size() >= 8 << 20
-
-
 def test_gradcheck_float64():
     x = make_input(2, 3, 5, 4, True, torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: restructurize_unfold(t, (5, 4), 3, 2, 1, backend="cpp"), (x,))

@@ -4,26 +4,15 @@ import numbers
 
 import torch
 
-from t2t_fast._native import native_module
-
 _poison_outputs = False
-# CPU outputs from this size up get transparent huge pages (see new_output).
-_HUGE_PAGE_BYTES = 8 << 20
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def new_output(shape, dtype, device):
     """``torch.empty`` for kernel outputs; filled with NaN inside :func:`poison_outputs` so a kernel that
-    skips an element is caught by the tests.
-
-    A large CPU buffer is fresh memory from the OS, which costs a page fault per 4 KiB on its first write
-    (about as long as writing it, measured at B=64); it is advised onto 2 MiB transparent huge pages first.
-    """
+    skips an element is caught by the tests."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type == "cpu" and nbytes >= _HUGE_PAGE_BYTES and native_module() is not None:
-        native_module().advise_huge_pages(out.data_ptr(), nbytes)
     if _poison_outputs and out.is_floating_point():
         out.fill_(float("nan"))
     return out

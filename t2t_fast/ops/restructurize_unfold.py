@@ -10,9 +10,8 @@ extension ``t2t_fast._C``. The backward has no atomics and is deterministic: eac
 taps that read it, in (oh, ow) order (CUDA: a thread per pixel; CPU: a thread per pixel row of token input,
 or per (b, c) plane of an image, adding its windows in that order). The CPU kernels run on
 ``torch.get_num_threads()`` threads of torch's own OpenMP runtime (the extension links the same
-``libgomp.so.1``, so no second thread team competes with torch's), and large outputs are put on transparent
-huge pages (``_common.new_output``). The ``torch`` path is the reference itself (plain torch ops, traceable
-by ONNX export and ``torch.export``).
+``libgomp.so.1``, so no second thread team competes with torch's). The ``torch`` path is the reference
+itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
 import contextlib
 
