@@ -1,4 +1,5 @@
 """The timm-style model API shared by the reference and the fast T2T-ViT (no forward math here)."""
+import torch
 import torch.nn as nn
 
 from t2t_fast import _config
@@ -76,8 +77,16 @@ class T2TViTAPI:
         """``pos_embed``, or for another token count (``dynamic_img_size``) the sinusoid table of that length."""
         if num_tokens == self.pos_embed.shape[1]:
             return self.pos_embed
+        key = (num_tokens, self.pos_embed.device, self.pos_embed.dtype)
+        # One table per token count, device and dtype, built once (eager; compiled graphs build it inline).
+        cache = None if torch.compiler.is_compiling() else self.__dict__.setdefault("_position_tables", {})
+        if cache is not None and key in cache:
+            return cache[key]
         table = _config.sinusoid_table(num_tokens, self.pos_embed.shape[-1])
-        return table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        table = table.to(device=self.pos_embed.device, dtype=self.pos_embed.dtype)
+        if cache is not None:
+            cache[key] = table
+        return table
 
     def forward_head(self, x, pre_logits=False):
         """Classifier on the cls token of ``forward_features``' output; ``pre_logits`` returns it unclassified."""

@@ -4,6 +4,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference as ref
+from t2t_fast import _config
 
 FACTORIES = {"reference": ref.create_model, "fast": t2t_fast.create_model}
 
@@ -86,6 +87,17 @@ def test_mismatched_size_error_and_dynamic_size(factory):
         torch.testing.assert_close(out, at_size(x), rtol=1e-5, atol=1e-5)
         same_size = torch.randn(1, 3, 224, 224)
         torch.testing.assert_close(dynamic(same_size), model(same_size), rtol=0, atol=0)
+
+
+def test_position_tables_of_other_sizes_are_built_once(factory):
+    model = factory("t2t_vit_7", dynamic_img_size=True).eval()
+    assert model.position_table(model.pos_embed.shape[1]) is model.pos_embed
+    table = model.position_table(151)  # 150 tokens (15x10 grid) + cls
+    assert table.shape == (1, 151, model.embed_dim)
+    torch.testing.assert_close(table, _config.sinusoid_table(151, model.embed_dim), rtol=0, atol=0)
+    assert model.position_table(151) is table
+    model.double()
+    assert model.position_table(151).dtype == torch.float64
 
 
 def test_bad_input(factory):
