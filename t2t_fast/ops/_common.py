@@ -69,6 +69,15 @@ def image_sizes(op, name, x, grid_size):
     return sizes
 
 
+def split_geometry(x, grid_h, grid_w):
+    """((B, C, H, W), element strides as (B, C, H, W)) of a soft-split input: tokens (B, H*W, C) on a
+    ``grid_h`` x ``grid_w`` grid (row-major), or an NCHW image (the grid arguments are then ignored)."""
+    if x.dim() == 3:
+        batch, _, channels = x.shape
+        return (batch, channels, grid_h, grid_w), (x.stride(0), x.stride(2), grid_w * x.stride(1), x.stride(1))
+    return tuple(x.shape), tuple(x.stride())
+
+
 def as_image(x, grid_size):
     """The NCHW view of a soft-split input: tokens (B, H*W, C) are transposed and reshaped, images returned as-is."""
     if grid_size is None:

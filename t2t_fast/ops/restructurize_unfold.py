@@ -18,9 +18,11 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from t2t_fast._config import split_output_size
 from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend
-from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
+from t2t_fast.ops._common import (as_image, check_float_tensor, image_sizes, is_int, new_output,
+                                   split_geometry)
 
 _OP = "restructurize_unfold"
 # dtype codes of csrc/restructurize_unfold.h (enum DType).
@@ -88,16 +90,9 @@ def restructurize_unfold(tokens, grid_size, kernel_size, stride, padding, backen
 def _geometry(x, grid_h, grid_w, window):
     """Sizes (B, C, H, W), (kernel, stride, padding) pairs, output grid, and x's element strides as (B, C, H, W)."""
     kh, kw, sh, sw, ph, pw = window
-    if x.dim() == 3:
-        batch, _, channels = x.shape
-        height, width = grid_h, grid_w
-        strides = (x.stride(0), x.stride(2), width * x.stride(1), x.stride(1))
-    else:
-        batch, channels, height, width = x.shape
-        strides = tuple(x.stride())
-    out_h = (height + 2 * ph - kh) // sh + 1
-    out_w = (width + 2 * pw - kw) // sw + 1
-    return (batch, channels, height, width), ((kh, kw), (sh, sw), (ph, pw)), (out_h, out_w), strides
+    sizes, strides = split_geometry(x, grid_h, grid_w)
+    out_grid = (split_output_size(sizes[2], kh, sh, ph), split_output_size(sizes[3], kw, sw, pw))
+    return sizes, ((kh, kw), (sh, sw), (ph, pw)), out_grid, strides
 
 
 def _contiguous_strides(shape, grid_h, grid_w):

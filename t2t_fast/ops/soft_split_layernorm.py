@@ -11,8 +11,10 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from t2t_fast._config import split_output_size
 from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import as_image, check_float_tensor, image_sizes, is_int, new_output
+from t2t_fast.ops._common import (as_image, check_float_tensor, image_sizes, is_int, new_output,
+                                   split_geometry)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold
 
 _OP = "soft_split_layernorm"
@@ -50,8 +52,8 @@ def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
         raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
     _, channels, height, width = image_sizes(_OP, "x", x, grid_size)
-    out_h = (height + 2 * padding - kernel_size) // stride + 1
-    out_w = (width + 2 * padding - kernel_size) // stride + 1
+    out_h = split_output_size(height, kernel_size, stride, padding)
+    out_w = split_output_size(width, kernel_size, stride, padding)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"{_OP}: a {kernel_size}x{kernel_size} window with padding {padding} does not fit the "
                          f"{height}x{width} input")
@@ -120,15 +122,9 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
 
 def _geometry(x, kernel_size, stride, padding, grid_h, grid_w):
     """Sizes and element strides (b, c, h, w) of the input, for NCHW images and (B, H*W, C) tokens alike."""
-    if x.dim() == 3:
-        batch, _, channels = x.shape
-        height, width = grid_h, grid_w
-        strides = (x.stride(0), x.stride(2), width * x.stride(1), x.stride(1))
-    else:
-        batch, channels, height, width = x.shape
-        strides = x.stride()
-    out_h = (height + 2 * padding - kernel_size) // stride + 1
-    out_w = (width + 2 * padding - kernel_size) // stride + 1
+    (batch, channels, height, width), strides = split_geometry(x, grid_h, grid_w)
+    out_h = split_output_size(height, kernel_size, stride, padding)
+    out_w = split_output_size(width, kernel_size, stride, padding)
     return batch, channels, height, width, out_h, out_w, strides
 
 
