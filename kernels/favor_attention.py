@@ -68,6 +68,15 @@ def _logits(x, w_t):
 
 
 @triton.jit
+def _program_chunk(T, chunk, n_chunks):
+    # Grid (B * n_chunks,): this program's image b (int64), chunk index and token range [start, end).
+    pid = tl.program_id(0)
+    c_idx = pid % n_chunks
+    start = c_idx * chunk
+    return (pid // n_chunks).to(tl.int64), c_idx, start, tl.minimum(start + chunk, T)
+
+
+@triton.jit
 def _fwd_kv_chunk(k_ptr, v_ptr, w_ptr, s_part_ptr, z_part_ptr, c_part_ptr,
                   T, M, E, chunk, n_chunks,
                   sk_b, sk_t, sk_e, sv_b, sv_t, sv_e,
@@ -75,11 +84,7 @@ def _fwd_kv_chunk(k_ptr, v_ptr, w_ptr, s_part_ptr, z_part_ptr, c_part_ptr,
     # grid (B * n_chunks,). Writes s_part (B, n_chunks, m, e), z_part (B, n_chunks, m), c_part (B, n_chunks, m):
     # S and z of the chunk with feature j scaled by exp(-c_j), c_j the chunk's max logit of feature j
     # (online rescaling as in flash attention, per feature).
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    c_idx = pid % n_chunks
-    start = c_idx * chunk
-    end = tl.minimum(start + chunk, T)
+    b, c_idx, start, end = _program_chunk(T, chunk, n_chunks)
     k_ptr += b * sk_b
     v_ptr += b * sv_b
     offs_m = tl.arange(0, BLOCK_M)
@@ -165,10 +170,7 @@ def _fwd_out(q_ptr, w_ptr, s_ptr, z_ptr, c_ptr, y_ptr,
              sq_b, sq_t, sq_e,
              BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     # grid (B * n_chunks,). y (B, T, e) contiguous, in y's dtype.
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    start = (pid % n_chunks) * chunk
-    end = tl.minimum(start + chunk, T)
+    b, c_idx, start, end = _program_chunk(T, chunk, n_chunks)
     q_ptr += b * sq_b
     y_ptr += b * T * E
     w_t = _load_w_t(w_ptr, M, E, BLOCK_M, BLOCK_E)                          # (E, M)
@@ -186,11 +188,7 @@ def _bwd_q_chunk(gy_ptr, q_ptr, w_ptr, s_ptr, z_ptr, c_ptr, dq_ptr, ds_part_ptr,
                  sg_b, sg_t, sg_e, sq_b, sq_t, sq_e,
                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     # grid (B * n_chunks,). dq (B, T, e); chunk partials ds_part (B, n_chunks, m, e), dz_part (B, n_chunks, m).
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    c_idx = pid % n_chunks
-    start = c_idx * chunk
-    end = tl.minimum(start + chunk, T)
+    b, c_idx, start, end = _program_chunk(T, chunk, n_chunks)
     gy_ptr += b * sg_b
     q_ptr += b * sq_b
     dq_ptr += b * T * E
@@ -247,10 +245,7 @@ def _bwd_kv_chunk(k_ptr, v_ptr, w_ptr, c_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr,
                   sk_b, sk_t, sk_e, sv_b, sv_t, sv_e,
                   BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
     # grid (B * n_chunks,). dk, dv (B, T, e) from K recomputed with the saved per-image shifts.
-    pid = tl.program_id(0)
-    b = (pid // n_chunks).to(tl.int64)
-    start = (pid % n_chunks) * chunk
-    end = tl.minimum(start + chunk, T)
+    b, c_idx, start, end = _program_chunk(T, chunk, n_chunks)
     k_ptr += b * sk_b
     v_ptr += b * sv_b
     dk_ptr += b * T * E
