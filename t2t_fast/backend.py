@@ -47,11 +47,30 @@ def _triton_reason(device_type):
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available"
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing "
-                "t2t_fast (slow; meant for tests)")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("Triton runs CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing "
+                    "t2t_fast (slow; meant for tests)")
+        return _interpreter_reason()
     return f"Triton does not support device type {device_type!r}"
+
+
+def _interpreter_reason():
+    """Why Triton's interpreter cannot run the kernels here, or None when it can."""
+    import numpy
+    import triton
+
+    # Triton 3.6's interpreter turns every runtime loop bound into a Python int with int(array of shape
+    # (1,)), which NumPy 2.4 made an error (triton-lang/triton#9171, fixed in Triton 3.7).
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter cannot run kernels with loops under NumPy "
+                f"{numpy.__version__} (triton-lang/triton#9171): use Triton >= 3.7, or NumPy < 2.4")
+    return None
+
+
+def _version(text):
+    """(major, minor) of a version string such as '3.6.0' or '2.4.0rc1'."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def _cuda_reason(device_type):

@@ -10,12 +10,21 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import t2t_fast  # noqa: E402
+from t2t_fast.backend import unavailable_reason  # noqa: E402
 
 
 def pytest_report_header(config):
     return [f"t2t_fast from {os.path.dirname(t2t_fast.__file__)}",
             f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, "
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')}"]
+
+
+def pytest_configure(config):
+    # Without CUDA the Triton tests run in the interpreter: stop at once, saying why, where it cannot work.
+    if not torch.cuda.is_available():
+        reason = unavailable_reason("triton", "cpu")
+        if reason is not None:
+            raise pytest.UsageError(f"the Triton kernel tests cannot run on this machine: {reason}")
 
 
 @pytest.fixture(autouse=True)

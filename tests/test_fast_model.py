@@ -71,6 +71,24 @@ def test_forced_backend_that_cannot_run_raises():
         t2t_fast.create_model("t2t_vit_7", backend="fastest")
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,usable", [
+    ("3.6.0", "2.4.1", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.1", True), ("3.10.0", "2.5.0rc1", True)])
+def test_triton_interpreter_known_incompatibility(monkeypatch, triton_version, numpy_version, usable):
+    """Triton 3.6's interpreter fails every runtime-bound loop under NumPy >= 2.4 (triton-lang/triton#9171):
+    a forced 'triton' backend on CPU tensors says so instead of failing inside a kernel."""
+    import numpy
+    import triton
+
+    from t2t_fast.backend import unavailable_reason
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    reason = unavailable_reason("triton", "cpu")
+    assert (reason is None) == usable
+    if not usable:
+        assert "9171" in reason and triton_version in reason and numpy_version in reason
+
+
 def test_env_var_selects_backend(monkeypatch):
     fast = t2t_fast.create_model("t2t_vit_7").eval()
     monkeypatch.setenv("T2T_FAST_BACKEND", "cuda")
