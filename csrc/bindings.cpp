@@ -55,6 +55,30 @@ t2t::UnfoldGeometry make_geometry(const Quad& sizes, const Pair& kernel, const P
   g.out_w = t2t::unfold_out_size(g.width, g.kernel_w, g.stride_w, g.pad_w);
   return g;
 }
+
+// The Python entry point of fn(a, b, geometry, extra...): (a, b, sizes, kernel, stride, padding, strides,
+// extra...), with the geometry checked before any memory is touched. CPU work runs without the GIL.
+template <bool ReleaseGil, typename... Extra>
+auto with_geometry(void (*fn)(std::uintptr_t, std::uintptr_t, const t2t::UnfoldGeometry&, Extra...)) {
+  return [fn](std::uintptr_t a, std::uintptr_t b, const Quad& sizes, const Pair& kernel, const Pair& stride,
+              const Pair& padding, const Quad& strides, Extra... extra) {
+    const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+    if constexpr (ReleaseGil) {
+      py::gil_scoped_release release;
+      fn(a, b, g, extra...);
+    } else {
+      fn(a, b, g, extra...);
+    }
+  };
+}
+
+// m.def of such an entry point: buffer names `a` and `b`, the geometry's arguments, then `extra` py::args.
+template <bool ReleaseGil, typename Fn, typename... ExtraArgs>
+void def_with_geometry(py::module_& m, const char* name, Fn* fn, const char* a, const char* b, const char* doc,
+                       ExtraArgs... extra) {
+  m.def(name, with_geometry<ReleaseGil>(fn), py::arg(a), py::arg(b), py::arg("sizes"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("strides"), extra..., doc);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -62,70 +86,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
 
-  m.def(
-      "restructurize_unfold_forward_cpu",
-      [](std::uintptr_t x, std::uintptr_t y, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, int dtype, int threads) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        py::gil_scoped_release release;
-        t2t::restructurize_unfold_forward_cpu(x, y, g, dtype, threads < 1 ? 1 : threads);
-      },
-      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("dtype"), py::arg("threads"),
-      "y (B, L, C*kh*kw) contiguous <- x viewed as (B, C, H, W) through `strides`; pointers as integers");
-  m.def(
-      "restructurize_unfold_backward_cpu",
-      [](std::uintptr_t dy, std::uintptr_t dx, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, int dtype, int threads) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        py::gil_scoped_release release;
-        t2t::restructurize_unfold_backward_cpu(dy, dx, g, dtype, threads < 1 ? 1 : threads);
-      },
-      py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("dtype"), py::arg("threads"),
-      "dx (written through `strides`) <- dy (B, L, C*kh*kw) contiguous, by gathering (no atomics)");
-  m.def(
-      "restructurize_unfold_forward_emulated",
-      [](std::uintptr_t x, std::uintptr_t y, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, int dtype, int index_bits) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        py::gil_scoped_release release;
-        t2t::restructurize_unfold_forward_emulated(x, y, g, dtype, index_bits);
-      },
-      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("dtype"), py::arg("index_bits") = 0,
-      "The CUDA forward kernel's threads run serially on CPU memory (tests of the CUDA indexing)");
-  m.def(
-      "restructurize_unfold_backward_emulated",
-      [](std::uintptr_t dy, std::uintptr_t dx, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, bool channels_last, int dtype, int index_bits) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        py::gil_scoped_release release;
-        t2t::restructurize_unfold_backward_emulated(dy, dx, g, channels_last, dtype, index_bits);
-      },
-      py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("channels_last"), py::arg("dtype"), py::arg("index_bits") = 0,
-      "The CUDA backward kernels' threads run serially on CPU memory (tests of the CUDA indexing)");
+  def_with_geometry<true>(
+      m, "restructurize_unfold_forward_cpu", &t2t::restructurize_unfold_forward_cpu, "x", "y",
+      "y (B, L, C*kh*kw) contiguous <- x viewed as (B, C, H, W) through `strides`; pointers as integers",
+      py::arg("dtype"), py::arg("threads"));
+  def_with_geometry<true>(
+      m, "restructurize_unfold_backward_cpu", &t2t::restructurize_unfold_backward_cpu, "dy", "dx",
+      "dx (written through `strides`) <- dy (B, L, C*kh*kw) contiguous, by gathering (no atomics)",
+      py::arg("dtype"), py::arg("threads"));
+  def_with_geometry<true>(
+      m, "restructurize_unfold_forward_emulated", &t2t::restructurize_unfold_forward_emulated, "x", "y",
+      "The CUDA forward kernel's threads run serially on CPU memory (tests of the CUDA indexing)",
+      py::arg("dtype"), py::arg("index_bits") = 0);
+  def_with_geometry<true>(
+      m, "restructurize_unfold_backward_emulated", &t2t::restructurize_unfold_backward_emulated, "dy", "dx",
+      "The CUDA backward kernels' threads run serially on CPU memory (tests of the CUDA indexing)",
+      py::arg("channels_last"), py::arg("dtype"), py::arg("index_bits") = 0);
 #ifdef T2T_WITH_CUDA
-  m.def(
-      "restructurize_unfold_forward_cuda",
-      [](std::uintptr_t x, std::uintptr_t y, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, int dtype, int device, std::uintptr_t stream) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        t2t::restructurize_unfold_forward_cuda(x, y, g, dtype, device, stream);
-      },
-      py::arg("x"), py::arg("y"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "CUDA forward on `stream` (a cudaStream_t as an integer); raises RuntimeError on a CUDA error");
-  m.def(
-      "restructurize_unfold_backward_cuda",
-      [](std::uintptr_t dy, std::uintptr_t dx, const Quad& sizes, const Pair& kernel, const Pair& stride,
-         const Pair& padding, const Quad& strides, bool channels_last, int dtype, int device, std::uintptr_t stream) {
-        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
-        t2t::restructurize_unfold_backward_cuda(dy, dx, g, channels_last, dtype, device, stream);
-      },
-      py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
-      py::arg("strides"), py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-      "CUDA backward on `stream`; raises RuntimeError on a CUDA error");
+  def_with_geometry<false>(
+      m, "restructurize_unfold_forward_cuda", &t2t::restructurize_unfold_forward_cuda, "x", "y",
+      "CUDA forward on `stream` (a cudaStream_t as an integer); raises RuntimeError on a CUDA error",
+      py::arg("dtype"), py::arg("device"), py::arg("stream"));
+  def_with_geometry<false>(
+      m, "restructurize_unfold_backward_cuda", &t2t::restructurize_unfold_backward_cuda, "dy", "dx",
+      "CUDA backward on `stream`; raises RuntimeError on a CUDA error",
+      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
 #endif
 }

@@ -337,6 +337,7 @@ void dispatch_dtype(int dtype, F&& f) {
 // ------------------------------------------------------------------------------------------ entry points
 
 // Forward: y (B, L, F) contiguous from x (strides in g). Copies elements bit for bit (padding = +0).
+// The CPU kernels run on `threads` OpenMP threads (fewer than 1 means 1).
 void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads);
 // Backward: dx (strides in g, contiguous in its layout) from dy (B, L, F) contiguous.
 void restructurize_unfold_backward_cpu(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int dtype,

@@ -237,6 +237,7 @@ void backward_typed(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int thr
 }  // namespace
 
 void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads) {
+  threads = threads < 1 ? 1 : threads;
   dispatch_dtype(dtype, [&](auto d) {
     using T = StorageBits<decltype(d)::value>;
     forward_rows(reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), g, threads);
@@ -245,6 +246,7 @@ void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeom
 
 void restructurize_unfold_backward_cpu(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int dtype,
                                        int threads) {
+  threads = threads < 1 ? 1 : threads;
   dispatch_dtype(dtype, [&](auto d) { backward_typed<decltype(d)::value>(dy, dx, g, threads); });
 }
 
