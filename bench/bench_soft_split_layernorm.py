@@ -15,7 +15,7 @@ import triton
 
 from t2t_fast.ops import soft_split_layernorm, soft_split_layernorm_ref
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu  # skipped without CUDA by bench/conftest.py
 
 BATCH = 256
 DTYPE = torch.bfloat16
