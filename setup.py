@@ -86,7 +86,20 @@ class BuildExt(build_ext):
             ext.include_dirs.append(os.path.join(root, "include"))
             ext.library_dirs.append(libdir)
             ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+        # setuptools reuses objects in build/ by timestamp alone: after a build with another CUDA setting
+        # (T2T_FAST_CUDA=0 after a CUDA build, other archs) it would link the old ones. Rebuild then.
+        configuration = f"cuda={nvcc is not None} archs={os.environ.get('T2T_FAST_CUDA_ARCHS', '80;90a')}"
+        marker = os.path.join(self.build_temp, "t2t_fast_build_configuration")
+        previous = None
+        if os.path.exists(marker):
+            with open(marker) as f:
+                previous = f.read()
+        if previous != configuration:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(configuration)
 
     def _compile_cuda(self, nvcc, sources):
         archs = os.environ.get("T2T_FAST_CUDA_ARCHS", "80;90a").split(";")
