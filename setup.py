@@ -15,7 +15,6 @@ import glob
 import os
 import shutil
 import subprocess
-import sys
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import find_packages, setup
