@@ -1,4 +1,4 @@
-// CPU kernels of the fused re-structurize + unfold (OpenMP over output / input rows).
+// CPU kernels of the fused re-structurize + unfold (OpenMP over output rows, pixel rows or dx planes).
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
