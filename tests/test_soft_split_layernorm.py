@@ -1,6 +1,7 @@
-"""soft_split_layernorm: the fused Triton kernels against F.unfold -> F.layer_norm.
+"""soft_split_layernorm: the fused Triton kernels and the native path (extension gather + torch LayerNorm,
+recomputed in backward) against F.unfold -> F.layer_norm.
 
-On CPU-only machines the kernels run on CPU tensors in the Triton interpreter (conftest sets
+On CPU-only machines the Triton kernels run on CPU tensors in the Triton interpreter (conftest sets
 TRITON_INTERPRET=1), so shapes stay small: both T2T configurations (k7 s4 p2 on RGB: 147 features;
 k3 s2 p1 on 64-channel tokens: 576 features) on small grids, plus odd geometries.
 """
@@ -16,6 +17,8 @@ from t2t_fast.testing import assert_relative_close, assert_within_reference_erro
 # CUDA tensors where there is a GPU, else CPU tensors in the Triton interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 randn = functools.partial(torch.randn, device=DEVICE)
+# The two paths behind the custom ops: the Triton kernels, and the native extension's gather.
+FUSED_BACKENDS = ("triton", "cuda" if DEVICE == "cuda" else "cpp")
 
 # (id, input maker, kernel, stride, padding, grid_size): inputs are fresh randn, float64 masters.
 CASES = [
@@ -68,7 +71,8 @@ def _make(case, dtype, param_dtype):
 
 
 @pytest.mark.parametrize("case", CASES + T2T_CASES[2:], ids=CASE_IDS + T2T_IDS[2:])
-def test_soft_split_layernorm_fwd_bwd_fp32(case):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_fwd_bwd_fp32(case, backend):
     _, _, kernel, stride, padding, grid = case
     x64, w64, b64, x, w, b = _make(case, torch.float32, torch.float32)
     assert x.stride() == x64.stride()
@@ -76,20 +80,21 @@ def test_soft_split_layernorm_fwd_bwd_fp32(case):
     dy = torch.randn_like(exact_y)
     exact = _run(soft_split_layernorm_ref, x64, w64, b64, dy, kernel, stride, padding, grid_size=grid)
     ours = _run(soft_split_layernorm, x, w, b, dy.float(), kernel, stride, padding, grid_size=grid,
-                backend="triton")
+                backend=backend)
     assert ours[0].dtype == torch.float32
     for what, actual, expected in zip(("y", "dx", "dweight", "dbias"), ours, exact):
         assert_relative_close(actual, expected, 1e-5, what=what)
 
 
 @pytest.mark.parametrize("case", T2T_CASES[:2], ids=T2T_IDS[:2])
-def test_soft_split_layernorm_fwd_t2t_shapes(case):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_fwd_t2t_shapes(case, backend):
     """Forward at the full token counts of the first two splits (their backward is covered on smaller grids:
     the interpreter needs seconds per thousand rows)."""
     _, _, kernel, stride, padding, grid = case
     x64, w64, b64, x, w, b = _make(case, torch.float32, torch.float32)
     with poison_outputs():
-        y = soft_split_layernorm(x, kernel, stride, padding, w, b, grid_size=grid, backend="triton")
+        y = soft_split_layernorm(x, kernel, stride, padding, w, b, grid_size=grid, backend=backend)
     exact = soft_split_layernorm_ref(x64, kernel, stride, padding, w64, b64, grid_size=grid)
     assert_relative_close(y, exact, 1e-5)
 
@@ -97,7 +102,8 @@ def test_soft_split_layernorm_fwd_t2t_shapes(case):
 @pytest.mark.parametrize("param_dtype", ["fp32", "same"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=[CASES[0][0], CASES[3][0], CASES[5][0]])
-def test_soft_split_layernorm_fwd_bwd_low_precision(case, dtype, param_dtype):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_fwd_bwd_low_precision(case, dtype, param_dtype, backend):
     _, _, kernel, stride, padding, grid = case
     param_dtype = torch.float32 if param_dtype == "fp32" else dtype
     x64, w64, b64, x, w, b = _make(case, dtype, param_dtype)
@@ -107,18 +113,19 @@ def test_soft_split_layernorm_fwd_bwd_low_precision(case, dtype, param_dtype):
     dy = torch.randn_like(exact_y).to(dtype)
     exact = _run(soft_split_layernorm_ref, x64, w64, b64, dy.double(), kernel, stride, padding, grid_size=grid)
     reference = _run(soft_split_layernorm_ref, x, w, b, dy, kernel, stride, padding, grid_size=grid)
-    ours = _run(soft_split_layernorm, x, w, b, dy, kernel, stride, padding, grid_size=grid, backend="triton")
+    ours = _run(soft_split_layernorm, x, w, b, dy, kernel, stride, padding, grid_size=grid, backend=backend)
     assert ours[0].dtype == dtype and ours[2].dtype == param_dtype and ours[3].dtype == param_dtype
     for what, actual, ref, ex in zip(("y", "dx", "dweight", "dbias"), ours, reference, exact):
         assert_within_reference_error(actual, ref, ex, what=what)
 
 
-def test_soft_split_layernorm_backward_is_deterministic():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_backward_is_deterministic(backend):
     x = randn(2, 64, 64)
     w, b = randn(576), randn(576)
     dy = randn(2, 16, 576)
-    first = _run(soft_split_layernorm, x, w, b, dy, 3, 2, 1, grid_size=(8, 8), backend="triton")
-    second = _run(soft_split_layernorm, x, w, b, dy, 3, 2, 1, grid_size=(8, 8), backend="triton")
+    first = _run(soft_split_layernorm, x, w, b, dy, 3, 2, 1, grid_size=(8, 8), backend=backend)
+    second = _run(soft_split_layernorm, x, w, b, dy, 3, 2, 1, grid_size=(8, 8), backend=backend)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
 
@@ -144,11 +151,12 @@ def test_soft_split_layernorm_auto_backend():
         soft_split_layernorm(x64, 7, 4, 2, w64, b64, backend="triton")
 
 
-def test_soft_split_layernorm_empty_batch():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_empty_batch(backend):
     x = randn(0, 20, 6, requires_grad=True)
     w = randn(54, requires_grad=True)
     b = randn(54, requires_grad=True)
-    y = soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=(5, 4), backend="triton")
+    y = soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=(5, 4), backend=backend)
     assert y.shape == (0, 6, 54)
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -156,23 +164,44 @@ def test_soft_split_layernorm_empty_batch():
     assert torch.equal(w.grad, zeros) and torch.equal(b.grad, zeros)
 
 
-def test_soft_split_layernorm_opcheck():
+@pytest.mark.parametrize("native", [False, True], ids=["triton", "native"])
+def test_soft_split_layernorm_opcheck(native):
     x = randn(2, 12, 5)
     w, b = randn(45), randn(45)
-    torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default, (x, w, b, 3, 2, 1, 1e-5, 4, 3))
-    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 3, 2, 1, 1e-5, 4, 3)
+    torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
+                          (x, w, b, 3, 2, 1, 1e-5, 4, 3, native))
+    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 3, 2, 1, 1e-5, 4, 3, native)
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_bwd.default,
-                          (torch.randn_like(y), x, w, mean, rstd, 3, 2, 1, 4, 3))
+                          (torch.randn_like(y), x, w, mean, rstd, 3, 2, 1, 4, 3, native))
     image = randn(1, 3, 9, 10, requires_grad=True)
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
-                          (image, randn(147, requires_grad=True), randn(147), 7, 4, 2, 1e-5, 0, 0))
+                          (image, randn(147, requires_grad=True), randn(147), 7, 4, 2, 1e-5, 0, 0, native))
 
 
-def test_soft_split_layernorm_torch_compile_fullgraph():
-    """The Triton path compiles as one graph, forward and backward (Inductor calls the custom ops, which run
-    in the interpreter on CPU)."""
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_keeps_no_unfolded_tensor_for_backward(backend):
+    """Autograd holds x, the weight and the per-row statistics only: nothing of the unfolded (B, L, C*k*k)
+    size, on either fused path (the torch reference path, for contrast, keeps it)."""
+    x = randn(2, 64, 64, requires_grad=True)
+    w, b = randn(576, requires_grad=True), randn(576, requires_grad=True)
+    unfolded_numel = 2 * 16 * 576
+
+    def saved_sizes(backend_name):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=(8, 8), backend=backend_name).sum().backward()
+        return sizes
+
+    assert max(saved_sizes(backend)) < unfolded_numel
+    assert max(saved_sizes("torch")) >= unfolded_numel
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_soft_split_layernorm_torch_compile_fullgraph(backend):
+    """Both fused paths compile as one graph, forward and backward (Inductor calls the custom ops; the Triton
+    kernels run in the interpreter on CPU)."""
     def fn(x, w, b):
-        return soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=(4, 6), backend="triton").square().sum()
+        return soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=(4, 6), backend=backend).square().sum()
 
     x, w, b = randn(2, 24, 5), randn(45), randn(45)
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]

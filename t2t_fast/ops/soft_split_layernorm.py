@@ -1,10 +1,17 @@
 """Soft split (unfold) fused with the LayerNorm that follows it in every T2T layer.
 
-``soft_split_layernorm`` computes ``F.layer_norm(unfold(x))`` without materialising the unfolded tensor;
-``soft_split_layernorm_ref`` is the plain-torch oracle it must reproduce. The Triton path is the
-``t2t_fast::soft_split_layernorm_fwd`` / ``_bwd`` custom ops (fake and autograd registered), so
-``torch.compile(fullgraph=True)`` sees one opaque node per direction; the ``torch`` path is the reference
-itself (plain torch ops, traceable by ONNX export and ``torch.export``).
+``soft_split_layernorm`` computes ``F.layer_norm(unfold(x))`` without keeping the unfolded tensor;
+``soft_split_layernorm_ref`` is the plain-torch oracle it must reproduce. The ``triton``, ``cpp`` and
+``cuda`` paths are the ``t2t_fast::soft_split_layernorm_fwd`` / ``_bwd`` custom ops (fake and autograd
+registered), so ``torch.compile(fullgraph=True)`` sees one opaque node per direction, and backward keeps only
+x and the per-row mean and rstd whichever implementation runs:
+
+* ``triton``: the fused kernels (the unfolded rows live in registers only);
+* ``cpp`` / ``cuda`` (``native``): the native re-structurize + unfold gather, then torch's LayerNorm in
+  float32 (float64 for float64 input); backward gathers the rows again, runs torch's LayerNorm backward and
+  the native gather backward.
+
+The ``torch`` path is the reference itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
 import contextlib
 
@@ -15,7 +22,7 @@ from t2t_fast._config import split_output_size
 from t2t_fast.backend import requested_backend, select_backend
 from t2t_fast.ops._common import (as_image, check_float_tensor, image_sizes, is_int, new_output,
                                    split_geometry)
-from t2t_fast.ops.restructurize_unfold import restructurize_unfold
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
 
 _OP = "soft_split_layernorm"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,12 +101,13 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
         weight, bias: LayerNorm affine parameters of shape (C*k*k,), in float32 or x's dtype.
         eps: LayerNorm epsilon.
         grid_size: (H, W) of the token grid; only for token input.
-        backend: None/'auto', 'triton', 'cuda'/'cpp' (native unfold + torch LayerNorm) or 'torch'
+        backend: None/'auto', 'triton', 'cuda'/'cpp' (native gather + torch LayerNorm) or 'torch'
             (see :mod:`t2t_fast.backend`).
 
     Returns:
         (B, L, C*k*k) in x's dtype, L = OH*OW windows row-major, feature order (c, ki, kj) as ``F.unfold``.
-        Statistics are computed in float32; backward keeps only x and the per-row mean and rstd.
+        Statistics are computed in float32 (float64 for float64 x); backward keeps only x and the per-row
+        mean and rstd, and recomputes the unfolded rows.
     """
     channels, height, width, _, _ = _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
     chosen = select_backend(_OP, x.device, ("triton", "cuda", "cpp", "torch"), backend)
@@ -111,13 +119,9 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
             chosen = "torch"
     if chosen == "torch":
         return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
-    if chosen in ("cpp", "cuda"):
-        # the native gather replaces the transpose + unfold + transpose copies; LayerNorm stays torch's
-        unfolded = restructurize_unfold(x, grid_size, kernel_size, stride, padding, backend=chosen)
-        return F.layer_norm(unfolded, (unfolded.shape[-1],), weight, bias, eps)
     grid_h, grid_w = (height, width) if x.dim() == 3 else (0, 0)
     return _fwd_op(x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h),
-                   int(grid_w))[0]
+                   int(grid_w), chosen != "triton")[0]
 
 
 def _geometry(x, kernel_size, stride, padding, grid_h, grid_w):
@@ -201,39 +205,78 @@ def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, pad
     return dx, dweight, dbias
 
 
+def _stats_dtype(dtype):
+    """float64 stays float64; every other dtype normalises in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _native_window(kernel_size, stride, padding):
+    return [kernel_size, kernel_size, stride, stride, padding, padding]
+
+
+def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
+    """The native gather (CPU / CUDA extension) then torch's LayerNorm in the statistics dtype: returns y
+    (B, L, F) in x's dtype and the row mean and rstd (B*L,)."""
+    stats = _stats_dtype(x.dtype)
+    unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, _native_window(kernel_size, stride, padding))
+    y, mean, rstd = torch.native_layer_norm(unfolded.to(stats), (unfolded.shape[-1],), weight.to(stats),
+                                            bias.to(stats), eps)
+    return y.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
+
+
+def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
+    """Backward of :func:`soft_split_layernorm_native_fwd`: the rows are gathered again, torch's LayerNorm
+    backward gives their gradient, and the native gather backward sums it into dx (x's shape, contiguous)."""
+    stats = _stats_dtype(x.dtype)
+    window = _native_window(kernel_size, stride, padding)
+    unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, window).to(stats)
+    row_shape = (*unfolded.shape[:-1], 1)
+    weight = weight.to(stats)
+    # the bias only tells the kernel dbias's shape and dtype: its values do not enter the backward
+    drows, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
+        dy.to(stats), unfolded, (unfolded.shape[-1],), mean.reshape(row_shape), rstd.reshape(row_shape),
+        weight, torch.zeros_like(weight), [True, True, True])
+    dx = restructurize_unfold_bwd(drows, tuple(x.shape), grid_h, grid_w, window)
+    return dx.to(x.dtype), dweight, dbias
+
+
 @torch.library.custom_op("t2t_fast::soft_split_layernorm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int, stride: int,
-            padding: int, eps: float, grid_h: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w)
+            padding: int, eps: float, grid_h: int, grid_w: int,
+            native: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    forward = soft_split_layernorm_native_fwd if native else soft_split_layernorm_fwd
+    return forward(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
+def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, native):
     batch, channels, _, _, out_h, out_w, _ = _geometry(x, kernel_size, stride, padding, grid_h, grid_w)
     rows = batch * out_h * out_w
     y = x.new_empty((batch, out_h * out_w, channels * kernel_size * kernel_size))
-    return y, x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32)
+    stats = _stats_dtype(x.dtype)
+    return y, x.new_empty((rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
 
 
 @torch.library.custom_op("t2t_fast::soft_split_layernorm_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-            kernel_size: int, stride: int, padding: int, grid_h: int,
-            grid_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w)
+            kernel_size: int, stride: int, padding: int, grid_h: int, grid_w: int,
+            native: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backward = soft_split_layernorm_native_bwd if native else soft_split_layernorm_bwd
+    return backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w)
 
 
 @_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
+def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, native):
     features = weight.shape[0]
-    return (x.new_empty(x.shape), x.new_empty((features,), dtype=torch.float32),
-            x.new_empty((features,), dtype=torch.float32))
+    stats = _stats_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((features,), dtype=stats), x.new_empty((features,), dtype=stats))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w = inputs
+    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w, native = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.geometry = (kernel_size, stride, padding, grid_h, grid_w)
+    ctx.geometry = (kernel_size, stride, padding, grid_h, grid_w, native)
     ctx.param_dtypes = (weight.dtype, bias.dtype)
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -242,7 +285,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, *ctx.geometry)
     weight_dtype, bias_dtype = ctx.param_dtypes
-    return dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None
+    return dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
