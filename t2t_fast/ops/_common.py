@@ -29,6 +29,12 @@ def poison_outputs(enabled=True):
         _poison_outputs = previous
 
 
+def compute_dtype(dtype):
+    """The dtype the ops do their statistics and feature maths in: float64 stays float64, every other float
+    dtype computes in float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def check_float_tensor(name, tensor, op, dtypes=FLOAT_DTYPES):
     """Raise TypeError unless ``tensor`` is a tensor of one of ``dtypes``."""
     if not isinstance(tensor, torch.Tensor):

@@ -66,17 +66,12 @@ import math
 import torch
 
 from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import check_float_tensor, new_output
+from t2t_fast.ops._common import check_float_tensor, compute_dtype, new_output
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _EPS_LOG_CLAMP = 80.0
 _CHUNK = 256  # tokens per program of every token kernel; partial sums are per chunk (a multiple of BLOCK_T)
-
-
-def _compute_dtype(dtype):
-    """float64 stays float64; every other float dtype computes in float32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def favor_attention_ref(k, q, v, w, eps=1e-8):
@@ -93,7 +88,7 @@ def favor_attention_ref(k, q, v, w, eps=1e-8):
         rest runs in float32. Overflows/underflows like the original (see the module docstring).
     """
     m, e = w.shape
-    compute = _compute_dtype(k.dtype)
+    compute = compute_dtype(k.dtype)
 
     def features(u):
         half_sq_norm = (u * u).sum(dim=-1, keepdim=True).repeat(1, 1, m) / 2
@@ -112,7 +107,7 @@ def _favor_attention_torch(k, q, v, w, eps):
     if k.shape[1] == 0:
         return v.clone()  # no tokens: nothing to attend over (and amax needs a non-empty dim)
     m = w.shape[0]
-    compute = _compute_dtype(k.dtype)
+    compute = compute_dtype(k.dtype)
     kf, qf, vf, wf = k.to(compute), q.to(compute), v.to(compute), w.to(compute)
     a = kf @ wf.t() - 0.5 * (kf * kf).sum(dim=-1, keepdim=True)                 # (B, T, m)
     c_k = a.detach().amax(dim=1, keepdim=True)                                   # (B, 1, m)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from t2t_fast._config import split_output_size
 from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import (as_image, check_float_tensor, image_sizes, is_int, new_output,
-                                   split_geometry)
+from t2t_fast.ops._common import (as_image, check_float_tensor, compute_dtype, image_sizes, is_int,
+                                   new_output, split_geometry)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
 
 _OP = "soft_split_layernorm"
@@ -205,11 +205,6 @@ def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, pad
     return dx, dweight, dbias
 
 
-def _stats_dtype(dtype):
-    """float64 stays float64; every other dtype normalises in float32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _native_window(kernel_size, stride, padding):
     return [kernel_size, kernel_size, stride, stride, padding, padding]
 
@@ -217,7 +212,7 @@ def _native_window(kernel_size, stride, padding):
 def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
     """The native gather (CPU / CUDA extension) then torch's LayerNorm in the statistics dtype: returns y
     (B, L, F) in x's dtype and the row mean and rstd (B*L,)."""
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, _native_window(kernel_size, stride, padding))
     y, mean, rstd = torch.native_layer_norm(unfolded.to(stats), (unfolded.shape[-1],), weight.to(stats),
                                             bias.to(stats), eps)
@@ -227,7 +222,7 @@ def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, paddin
 def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
     """Backward of :func:`soft_split_layernorm_native_fwd`: the rows are gathered again, torch's LayerNorm
     backward gives their gradient, and the native gather backward sums it into dx (x's shape, contiguous)."""
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     window = _native_window(kernel_size, stride, padding)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, window).to(stats)
     row_shape = (*unfolded.shape[:-1], 1)
@@ -253,7 +248,7 @@ def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, native
     batch, channels, _, _, out_h, out_w, _ = _geometry(x, kernel_size, stride, padding, grid_h, grid_w)
     rows = batch * out_h * out_w
     y = x.new_empty((batch, out_h * out_w, channels * kernel_size * kernel_size))
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return y, x.new_empty((rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
 
 
@@ -268,7 +263,7 @@ def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch
 @_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, native):
     features = weight.shape[0]
-    stats = _stats_dtype(x.dtype)
+    stats = compute_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty((features,), dtype=stats), x.new_empty((features,), dtype=stats))
 
 
