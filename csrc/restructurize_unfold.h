@@ -103,6 +103,15 @@ struct FeatureCursor {
   }
 };
 
+// Taps k of window o along one axis that read inside the input [0, size), as [begin, end): tap k reads input
+// position o*stride - pad + k. Empty (begin >= end) when the whole window lies in the padding.
+template <typename I>
+T2T_HD void taps_inside(I o, I kernel, I stride, I pad, I size, I& begin, I& end) {
+  const I first = o * stride - pad;
+  begin = first < 0 ? -first : 0;
+  end = size - first < kernel ? size - first : kernel;
+}
+
 // Windows o (0 <= o < out) whose taps o*stride - pad + k', 0 <= k' < kernel, cover input position i:
 // first..last inclusive (empty when first > last).
 template <typename I>

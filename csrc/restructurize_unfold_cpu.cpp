@@ -1,8 +1,6 @@
 // CPU kernels of the fused re-structurize + unfold (OpenMP over output rows, pixel rows or dx planes).
 #include <algorithm>
 #include <cstring>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "restructurize_unfold.h"
@@ -58,9 +56,8 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
           }
         } else {
           // Along a window row the taps are consecutive input columns: zeros, a run of copies, zeros.
-          const int64_t ix0 = ow * g.stride_w - g.pad_w;
-          const int64_t kj_begin = ix0 < 0 ? -ix0 : 0;
-          const int64_t kj_end = g.width - ix0 < g.kernel_w ? g.width - ix0 : g.kernel_w;
+          int64_t kj_begin, kj_end;
+          taps_inside(ow, g.kernel_w, g.stride_w, g.pad_w, g.width, kj_begin, kj_end);
           const int64_t sx = g.stride_x;
           for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
             // -1 when this window row lies in the padding
@@ -71,7 +68,7 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
                 for (int64_t kj = 0; kj < g.kernel_w; ++kj) dst[kj] = 0;
                 continue;
               }
-              const T* src = image + c * g.stride_c + offset;  // input column ix0 + kj_begin
+              const T* src = image + c * g.stride_c + offset;  // the input column of tap kj_begin
               T* run = dst + kj_begin;
               const int64_t length = kj_end - kj_begin;
               for (int64_t kj = 0; kj < kj_begin; ++kj) dst[kj] = 0;
@@ -187,9 +184,7 @@ void backward_planes(const typename Scalar<D>::storage* dy, typename Scalar<D>::
   // Per window column ow: the taps kj that fall inside the image, [kj_begin, kj_end).
   std::vector<int64_t> columns(2 * g.out_w);
   for (int64_t ow = 0; ow < g.out_w; ++ow) {
-    const int64_t x0 = ow * g.stride_w - g.pad_w;  // input column of tap kj = 0
-    columns[2 * ow] = x0 < 0 ? -x0 : 0;
-    columns[2 * ow + 1] = g.width - x0 < g.kernel_w ? g.width - x0 : g.kernel_w;
+    taps_inside(ow, g.kernel_w, g.stride_w, g.pad_w, g.width, columns[2 * ow], columns[2 * ow + 1]);
   }
 #pragma omp parallel num_threads(threads)
   {
@@ -201,11 +196,11 @@ void backward_planes(const typename Scalar<D>::storage* dy, typename Scalar<D>::
       std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t oh = 0; oh < g.out_h; ++oh) {
         const int64_t y0 = oh * g.stride_h - g.pad_h;  // input row of tap ki = 0
-        const int64_t ki_begin = y0 < 0 ? -y0 : 0;
-        const int64_t ki_end = g.height - y0 < g.kernel_h ? g.height - y0 : g.kernel_h;
+        int64_t ki_begin, ki_end;
+        taps_inside(oh, g.kernel_h, g.stride_h, g.pad_h, g.height, ki_begin, ki_end);
         const auto* window = dy + (b * g.out_h + oh) * g.out_w * row_features + c * taps;
         for (int64_t ow = 0; ow < g.out_w; ++ow, window += row_features) {
-          const int64_t x0 = ow * g.stride_w - g.pad_w;
+          const int64_t x0 = ow * g.stride_w - g.pad_w;  // input column of tap kj = 0
           const int64_t kj_begin = columns[2 * ow], kj_end = columns[2 * ow + 1];
           for (int64_t ki = ki_begin; ki < ki_end; ++ki) {
             A* dst = acc.data() + (y0 + ki) * g.width + x0;

@@ -4,8 +4,6 @@
 // offset fits.
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <limits>
 #include <stdexcept>
 #include <string>
 
