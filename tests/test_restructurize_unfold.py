@@ -159,6 +159,20 @@ def test_t2t_shapes(case, dtype):
     assert y.shape[-1] == shape["channels"] * kernel * kernel  # 576 / 147 features
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [
+    (7, 4, 2), (7, 1, 0), (7, 3, 3), ((5, 7), (2, 3), (1, 2)), ((7, 5), 2, (3, 1)), ((7, 7), (1, 2), (0, 1)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_image_windows_seven_wide(kernel, stride, padding, dtype):
+    """The image forward's fixed-size path for windows 7 taps wide that lie wholly inside the image (the first
+    soft split), next to padded windows: 2-, 4- and 8-byte elements, and an image whose rows are longer than
+    its width (a column slice: x stride 1, y stride W + 5)."""
+    channels, height, width = 5, 19, 17
+    wide = make_input(2, channels, height, width + 5, False, dtype)
+    for image in (wide[..., :width].contiguous(), wide[..., :width]):
+        check_op(image, None, kernel, stride, padding, "cpp")
+
+
 def test_gradcheck_float64():
     x = make_input(2, 3, 5, 4, True, torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: restructurize_unfold(t, (5, 4), 3, 2, 1, backend="cpp"), (x,))
