@@ -171,11 +171,35 @@ def test_soft_split_layernorm_opcheck(native):
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
                           (x, w, b, 3, 2, 1, 1e-5, 4, 3, native))
     y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 3, 2, 1, 1e-5, 4, 3, native)
-    torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_bwd.default,
-                          (torch.randn_like(y), x, w, mean, rstd, 3, 2, 1, 4, 3, native))
+    for input_grad in (True, False):
+        torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_bwd.default,
+                              (torch.randn_like(y), x, w, mean, rstd, 3, 2, 1, 4, 3, native, input_grad))
     image = randn(1, 3, 9, 10, requires_grad=True)
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
                           (image, randn(147, requires_grad=True), randn(147), 7, 4, 2, 1e-5, 0, 0, native))
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["triton", "native"])
+def test_soft_split_layernorm_backward_without_input_grad(native):
+    """An input that needs no gradient (the image of the first split): the backward op skips dx and gives the
+    same dweight, dbias; through autograd, x gets no gradient and the parameters the reference's."""
+    x, w, b = randn(2, 3, 13, 11), randn(147), randn(147)
+    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 7, 4, 2, 1e-5, 0, 0, native)
+    dy = torch.randn_like(y)
+    dx, dw, db = torch.ops.t2t_fast.soft_split_layernorm_bwd(dy, x, w, mean, rstd, 7, 4, 2, 0, 0, native, True)
+    no_dx, dw_only, db_only = torch.ops.t2t_fast.soft_split_layernorm_bwd(dy, x, w, mean, rstd, 7, 4, 2, 0, 0,
+                                                                          native, False)
+    assert dx.shape == x.shape and no_dx.numel() == 0
+    assert torch.equal(dw, dw_only) and torch.equal(db, db_only)
+
+    backend = "triton" if not native else FUSED_BACKENDS[1]
+    expected = _run(soft_split_layernorm_ref, x, w, b, dy, 7, 4, 2)
+    params = [t.detach().requires_grad_() for t in (w, b)]
+    with poison_outputs():
+        soft_split_layernorm(x, 7, 4, 2, *params, backend=backend).backward(dy)
+    assert not x.requires_grad and x.grad is None
+    for what, param, exact in zip(("dweight", "dbias"), params, expected[2:]):
+        assert_relative_close(param.grad, exact, 1e-5, what=what)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

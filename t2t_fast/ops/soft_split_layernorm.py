@@ -169,8 +169,9 @@ def soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps,
     return y, mean, rstd
 
 
-def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
-    """Launch the backward kernels: returns dx (x's shape, contiguous), dweight and dbias (fp32)."""
+def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, input_grad):
+    """Launch the backward kernels: returns dx (x's shape, contiguous; empty without ``input_grad``), dweight
+    and dbias (fp32)."""
     from t2t_fast.kernels.soft_split_layernorm import (DX_BLOCK, PARTIALS_BLOCK_G, PARTIALS_BLOCK_N,
                                                        _bwd_dx_kernel, _bwd_rows_kernel, _sum_partials_kernel,
                                                        row_config)
@@ -188,7 +189,7 @@ def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, pad
     partials = new_output((programs, 2 * features), torch.float32, x.device)
     dweight = new_output((features,), torch.float32, x.device)
     dbias = new_output((features,), torch.float32, x.device)
-    dx = new_output(tuple(x.shape), x.dtype, x.device)
+    dx = new_output(tuple(x.shape) if input_grad else (0,), x.dtype, x.device)
     geometry = (out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides)
     with _device_guard(x):
         if programs > 0:
@@ -197,7 +198,7 @@ def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, pad
                 BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps)
         _sum_partials_kernel[(_cdiv(2 * features, PARTIALS_BLOCK_N),)](
             partials, dweight, dbias, programs, features, BLOCK_G=PARTIALS_BLOCK_G, BLOCK_N=PARTIALS_BLOCK_N)
-        if x.numel() > 0:
+        if input_grad and x.numel() > 0:
             _bwd_dx_kernel[(_cdiv(x.numel(), DX_BLOCK),)](
                 x, w, dy, mean, rstd, c1, c2, dx, x.numel(), channels, height, width, out_h * out_w, out_h, out_w,
                 features, kernel_size, stride, padding, *strides,
@@ -219,9 +220,11 @@ def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, paddin
     return y.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
 
 
-def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w):
+def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w,
+                                   input_grad):
     """Backward of :func:`soft_split_layernorm_native_fwd`: the rows are gathered again, torch's LayerNorm
-    backward gives their gradient, and the native gather backward sums it into dx (x's shape, contiguous)."""
+    backward gives their gradient, and the native gather backward sums it into dx (x's shape, contiguous).
+    Without ``input_grad`` only dweight and dbias are computed (dx is empty)."""
     stats = compute_dtype(x.dtype)
     window = _native_window(kernel_size, stride, padding)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, window).to(stats)
@@ -230,7 +233,9 @@ def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stri
     # the bias only tells the kernel dbias's shape and dtype: its values do not enter the backward
     drows, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
         dy.to(stats), unfolded, (unfolded.shape[-1],), mean.reshape(row_shape), rstd.reshape(row_shape),
-        weight, torch.zeros_like(weight), [True, True, True])
+        weight, torch.zeros_like(weight), [input_grad, True, True])
+    if not input_grad:
+        return x.new_empty((0,)), dweight, dbias
     dx = restructurize_unfold_bwd(drows, tuple(x.shape), grid_h, grid_w, window)
     return dx.to(x.dtype), dweight, dbias
 
@@ -254,17 +259,18 @@ def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, native
 
 @torch.library.custom_op("t2t_fast::soft_split_layernorm_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-            kernel_size: int, stride: int, padding: int, grid_h: int, grid_w: int,
-            native: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kernel_size: int, stride: int, padding: int, grid_h: int, grid_w: int, native: bool,
+            input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backward = soft_split_layernorm_native_bwd if native else soft_split_layernorm_bwd
-    return backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w)
+    return backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, input_grad)
 
 
 @_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, native):
+def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, native, input_grad):
     features = weight.shape[0]
     stats = compute_dtype(x.dtype)
-    return (x.new_empty(x.shape), x.new_empty((features,), dtype=stats), x.new_empty((features,), dtype=stats))
+    dx = x.new_empty(x.shape if input_grad else (0,))
+    return dx, x.new_empty((features,), dtype=stats), x.new_empty((features,), dtype=stats)
 
 
 def _setup_context(ctx, inputs, output):
@@ -278,9 +284,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, *ctx.geometry)
+    # The first split reads the image, which needs no gradient: then dx is skipped (the rows' LayerNorm
+    # gradient and its scatter back into the image).
+    input_grad = ctx.needs_input_grad[0]
+    dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, *ctx.geometry, input_grad)
     weight_dtype, bias_dtype = ctx.param_dtypes
-    return dx, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None, None
+    return dx if input_grad else None, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
