@@ -164,7 +164,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind along the (B, N, 3, H, Dh) view: in backward the stack of dq, dk, dv is then already the qkv
+        # layout (permuting first would cost one more copy of the qkv gradient per block)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(batch, tokens, 3, self.num_heads, -1).unbind(2))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                            scale=self.scale)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(batch, tokens, dim)))
