@@ -1,6 +1,8 @@
 """The fast model against the reference: parity on every variant, backends, mixed precision,
 torch.compile, ONNX export and training memory."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,6 +116,45 @@ def test_bf16_autocast_error_within_twice_the_reference(name):
     assert_within_reference_error(fast_bf16.float(), ref_bf16.float(), expected, factor=2.0)
 
 
+@pytest.mark.parametrize("mode", ["autocast-bf16", "autocast-fp16", "bf16-weights"])
+def test_backbone_attention_in_low_precision_on_cpu(mode, monkeypatch):
+    """fp16/bf16 on CPU runs the backbone attention as matmul + softmax (torch's flash kernel is slower there):
+    output and input gradient within twice the reference attention's error against float64."""
+    torch.manual_seed(0)
+    reference, fast = _pair("t2t_vit_7", img_size=112)
+    ref_attn, fast_attn = reference.blocks[0].attn, fast.blocks[0].attn
+    exact_attn = ref.create_model("t2t_vit_7", img_size=112).blocks[0].attn.double()
+    exact_attn.load_state_dict(ref_attn.state_dict())
+    x = torch.randn(2, 50, 256, dtype=torch.float64)
+    dy = torch.randn(2, 50, 256, dtype=torch.float64)
+    dtype = torch.float16 if mode == "autocast-fp16" else torch.bfloat16
+    if mode == "bf16-weights":
+        ref_attn, fast_attn = ref_attn.to(dtype), fast_attn.to(dtype)
+        inputs, context = x.to(dtype), torch.autocast("cpu", enabled=False)
+    else:
+        inputs, context = x.float(), torch.autocast("cpu", dtype=dtype)
+
+    def output_and_dx(module, inp, context):
+        inp = inp.detach().requires_grad_()
+        with context:
+            out = module(inp)
+        (dx,) = torch.autograd.grad(out, inp, dy.to(out.dtype))
+        return out.double(), dx.double()
+
+    with context:
+        assert t2t_fast.model.low_precision_on_cpu(inputs)
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("the flash kernel ran in fp16/bf16 on CPU")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    exact = output_and_dx(exact_attn, x, torch.autocast("cpu", enabled=False))
+    theirs = output_and_dx(ref_attn, inputs, context)
+    ours = output_and_dx(fast_attn, inputs, context)
+    for what, actual, lowp, expected in zip(("output", "dx"), ours, theirs, exact):
+        assert_within_reference_error(actual, lowp, expected, what=what)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_weights(dtype):
     reference, fast = _pair("t2t_vit_7", img_size=112)
@@ -175,6 +216,29 @@ def test_torch_compile_fullgraph_forward_and_backward(tokens_type):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
+
+
+COMPILE_FIRST = """
+import torch, t2t_fast
+model = t2t_fast.T2TViT(img_size=64, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10).eval()
+x = torch.randn(2, 3, 64, 64)
+compiled = torch.compile(model, fullgraph=True)
+with torch.no_grad():
+    for dtype in (None, torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            out, expected = compiled(x), model(x)
+        assert out.dtype == expected.dtype and (out.float() - expected.float()).abs().max() < 1e-2, dtype
+print("ok")
+"""
+
+
+def test_torch_compile_as_the_first_call(tmp_path):
+    """A fresh process whose first call goes through torch.compile(fullgraph=True), fp32 and bf16 autocast:
+    nothing the backend selector needs may be imported lazily inside the traced code. (Run outside the
+    checkout, so that it imports the installed package.)"""
+    result = subprocess.run([sys.executable, "-c", COMPILE_FIRST], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def test_onnx_round_trip(tmp_path):
