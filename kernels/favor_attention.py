@@ -21,7 +21,12 @@ import triton.language as tl
 from t2t_fast.kernels import CompileSpec
 
 BLOCK_T = 32  # tokens per tile (tl.dot M dimension)
+# Launch options, passed explicitly by the wrapper (t2t_fast/ops/favor_attention.py) and used by
+# compile_specs(), so the configurations compiled ahead of time are the ones that run.
 NUM_WARPS = 4
+# The backward token kernels hold the most state: at 4 warps ptxas (sm_90) spills 28-260 bytes per thread at
+# 255 registers; at 8 warps the fp32 T2T tile (m32 e64) spills nothing, with the same 8 warps per SM.
+BWD_NUM_WARPS = 8
 NUM_STAGES = 1
 DOT_PRECISION = tl.constexpr("tf32x3")  # ~fp32 accuracy on tensor cores (3 tf32 MMAs per product)
 
@@ -300,6 +305,7 @@ def _signature(kernel, io_type):
 
 _IO_POINTERS = ("k_ptr", "q_ptr", "v_ptr", "gy_ptr", "y_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
 _TOKEN_KERNELS = (_fwd_kv_chunk, _fwd_out, _bwd_q_chunk, _bwd_kv_chunk)
+_BWD_TOKEN_KERNELS = (_bwd_q_chunk, _bwd_kv_chunk)
 _REDUCE_KERNELS = (_fwd_kv_reduce, _bwd_reduce)
 
 
@@ -313,7 +319,8 @@ def compile_specs():
                     name=f"favor{kernel.__name__}_{dtype}_m{bm}_e{be}", kernel=kernel,
                     signature=_signature(kernel, ptr),
                     constexprs={"BLOCK_T": BLOCK_T, "BLOCK_M": bm, "BLOCK_E": be},
-                    num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                    num_warps=BWD_NUM_WARPS if kernel in _BWD_TOKEN_KERNELS else NUM_WARPS,
+                    num_stages=NUM_STAGES))
         for kernel in _REDUCE_KERNELS:
             specs.append(CompileSpec(
                 name=f"favor{kernel.__name__}_m{bm}_e{be}", kernel=kernel,

@@ -32,6 +32,10 @@ MAX_ROWS = 64
 DX_BLOCK = 1024
 PARTIALS_BLOCK_G = 32
 PARTIALS_BLOCK_N = 128
+# Launch options the wrapper (t2t_fast/ops/soft_split_layernorm.py) passes explicitly and compile_specs()
+# compiles: what runs is what the tests compiled. The row kernels take their warps from row_config.
+NUM_WARPS = 4
+NUM_STAGES = 2
 DTYPES = ("fp32", "fp16", "bf16")
 # The interpreter converts fp32 -> bf16 by truncation; GPUs round to nearest even. Round by hand there.
 _ROUND_BF16_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -41,7 +45,9 @@ def row_config(num_features):
     """(BLOCK_M, BLOCK_F, num_warps) of the row kernels for ``num_features`` <= MAX_FEATURES."""
     block_f = max(64, triton.next_power_of_2(num_features))  # fewer configs; tiny rows are not T2T rows
     block_m = max(1, min(MAX_ROWS, ROW_TILE // block_f))
-    return block_m, block_f, 4 if block_f <= 1024 else 8
+    # 8 warps for the widest rows, and for the 64/32-row tiles of F <= 128: at 4 warps the backward row kernel
+    # spills there (ptxas sm_90: 368-516 bytes per thread at 255 registers; 8 warps: ~190 registers, none).
+    return block_m, block_f, 4 if 256 <= block_f <= 1024 else 8
 
 
 @triton.jit
@@ -247,12 +253,12 @@ def compile_specs():
                                          "rstd_ptr": "*fp32"})
             fwd.update({"eps": "fp32", "BLOCK_M": "constexpr", "BLOCK_F": "constexpr"})
             specs.append(CompileSpec(f"soft_split_layernorm_fwd[{dtype},F{block_f}]", _fwd_kernel, fwd,
-                                     constexprs, num_warps))
+                                     constexprs, num_warps, NUM_STAGES))
             rows = _row_signature(dtype, {"dy_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                                           "c1_ptr": "*fp32", "c2_ptr": "*fp32", "part_ptr": "*fp32"})
             rows.update({"BLOCK_M": "constexpr", "BLOCK_F": "constexpr"})
             specs.append(CompileSpec(f"soft_split_layernorm_bwd_rows[{dtype},F{block_f}]", _bwd_rows_kernel,
-                                     rows, constexprs, num_warps))
+                                     rows, constexprs, num_warps, NUM_STAGES))
         for channels_last in (False, True):
             sig = {"x_ptr": f"*{dtype}", "w_ptr": "*fp32", "dy_ptr": f"*{dtype}", "mean_ptr": "*fp32",
                    "rstd_ptr": "*fp32", "c1_ptr": "*fp32", "c2_ptr": "*fp32", "dx_ptr": f"*{dtype}"}
@@ -261,10 +267,10 @@ def compile_specs():
             sig.update({"CHANNELS_LAST": "constexpr", "BLOCK": "constexpr"})
             layout = "tokens" if channels_last else "nchw"
             specs.append(CompileSpec(f"soft_split_layernorm_bwd_dx[{dtype},{layout}]", _bwd_dx_kernel, sig,
-                                     {"CHANNELS_LAST": channels_last, "BLOCK": DX_BLOCK}, 4))
+                                     {"CHANNELS_LAST": channels_last, "BLOCK": DX_BLOCK}, NUM_WARPS, NUM_STAGES))
     specs.append(CompileSpec(
         "soft_split_layernorm_sum_partials", _sum_partials_kernel,
         {"part_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "G": "i32", "F": "i32", "BLOCK_G": "constexpr",
          "BLOCK_N": "constexpr"},
-        {"BLOCK_G": PARTIALS_BLOCK_G, "BLOCK_N": PARTIALS_BLOCK_N}, 4))
+        {"BLOCK_G": PARTIALS_BLOCK_G, "BLOCK_N": PARTIALS_BLOCK_N}, NUM_WARPS, NUM_STAGES))
     return specs

@@ -80,3 +80,62 @@ def test_compiles(compiled, name, capability):
     assert error is None, f"{name} does not compile for sm_{capability}: {error}"
     assert cubin, f"{name}: no cubin for sm_{capability}"
     assert shared <= SHARED_LIMIT, f"{name}: {shared} bytes of shared memory > {SHARED_LIMIT} on sm_{capability}"
+
+
+class _RecordedKernel:
+    """Stands in for a @triton.jit kernel: records each launch's keyword arguments, then runs the kernel."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches.append((self.kernel, kwargs))
+            return launch(*args, **kwargs)
+        return run
+
+
+def _launches_of_the_wrappers(monkeypatch):
+    """(kernel, keyword arguments) of every launch the op wrappers make, forward and backward, at the T2T
+    widths (147 and 576 features; m = 32, e = 64) and beside them (45 features; m = e = 64)."""
+    import torch
+
+    from t2t_fast.kernels import kernel_modules
+    from t2t_fast.ops import favor_attention, soft_split_layernorm
+
+    launches = []
+    for module in kernel_modules():
+        kernels = [spec.kernel for spec in module.compile_specs()]
+        for name in dir(module):
+            attribute = getattr(module, name)
+            if any(attribute is kernel for kernel in kernels):
+                monkeypatch.setattr(module, name, _RecordedKernel(attribute, launches))
+    for x, kernel, stride, padding, grid in ((torch.randn(1, 3, 12, 12), 7, 4, 2, None),
+                                             (torch.randn(1, 16, 64), 3, 2, 1, (4, 4)),
+                                             (torch.randn(1, 16, 5), 3, 2, 1, (4, 4))):
+        features = (x.shape[1] if grid is None else x.shape[2]) * kernel * kernel
+        x.requires_grad_()
+        weight, bias = torch.randn(features, requires_grad=True), torch.randn(features, requires_grad=True)
+        soft_split_layernorm(x, kernel, stride, padding, weight, bias, grid_size=grid,
+                             backend="triton").sum().backward()
+    for m, e in ((32, 64), (64, 64)):
+        k, q, v = (torch.randn(1, 40, e, requires_grad=True) for _ in range(3))
+        favor_attention(k, q, v, torch.randn(m, e), backend="triton").sum().backward()
+    return launches
+
+
+def test_every_launch_is_a_compiled_spec(monkeypatch):
+    """The wrappers pass num_warps and num_stages to every launch, and each launch (kernel, constexprs,
+    options) is one of compile_specs(): the configurations compiled above are the ones that run on a GPU."""
+    specs = compile_specs()  # before the kernels are wrapped: compile_specs reads the module globals
+    launches = _launches_of_the_wrappers(monkeypatch)
+    never_launched = [spec.name for spec in specs if not any(kernel is spec.kernel for kernel, _ in launches)]
+    assert not never_launched, f"kernels the wrappers never launched here: {never_launched}"
+    for kernel, kwargs in launches:
+        assert "num_warps" in kwargs and "num_stages" in kwargs, f"{kernel}: launched with default options"
+        constexprs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+        assert any(spec.kernel is kernel and spec.constexprs == constexprs and spec.num_warps == kwargs["num_warps"]
+                   and spec.num_stages == kwargs["num_stages"] for spec in specs), (
+            f"launch of {kernel} with {kwargs} matches no CompileSpec")

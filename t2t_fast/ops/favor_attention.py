@@ -212,7 +212,8 @@ def _kernel_out_dtype(dtype, device):
 def favor_attention_fwd(k, q, v, w, eps):
     """Launch the forward kernels: y (B, T, e) in v's dtype, and per image S' (B, m, e), z' (B, m) and the
     per-feature shift c_k (B, m), float32, saved for the backward."""
-    from t2t_fast.kernels.favor_attention import BLOCK_T, _fwd_kv_chunk, _fwd_kv_reduce, _fwd_out, tile_sizes
+    from t2t_fast.kernels.favor_attention import (BLOCK_T, NUM_STAGES, NUM_WARPS, _fwd_kv_chunk, _fwd_kv_reduce,
+                                                  _fwd_out, tile_sizes)
 
     batch, tokens, width = k.shape
     m = w.shape[0]
@@ -229,7 +230,7 @@ def favor_attention_fwd(k, q, v, w, eps):
     z_part = new_output((batch, n_chunks, m), torch.float32, dev)
     c_part = new_output((batch, n_chunks, m), torch.float32, dev)
     block_m, block_e = tile_sizes(m, width)
-    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e)
+    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     grid = (batch * n_chunks,)
     with _device_guard(k):
         _fwd_kv_chunk[grid](k, v, wf, s_part, z_part, c_part, tokens, m, width, _CHUNK, n_chunks,
@@ -242,7 +243,8 @@ def favor_attention_fwd(k, q, v, w, eps):
 
 def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
     """Launch the backward kernels: dk, dq, dv (B, T, e) contiguous, in the input dtype."""
-    from t2t_fast.kernels.favor_attention import BLOCK_T, _bwd_kv_chunk, _bwd_q_chunk, _bwd_reduce, tile_sizes
+    from t2t_fast.kernels.favor_attention import (BLOCK_T, BWD_NUM_WARPS, NUM_STAGES, NUM_WARPS, _bwd_kv_chunk,
+                                                  _bwd_q_chunk, _bwd_reduce, tile_sizes)
 
     batch, tokens, width = k.shape
     m = w.shape[0]
@@ -258,14 +260,15 @@ def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
     ds = new_output((batch, m, width), torch.float32, dev)
     dz = new_output((batch, m), torch.float32, dev)
     block_m, block_e = tile_sizes(m, width)
-    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e)
+    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e, num_stages=NUM_STAGES)
     grid = (batch * n_chunks,)
     with _device_guard(k):
         _bwd_q_chunk[grid](grad_y, q, wf, s, z, c_k, dq, ds_part, dz_part, tokens, m, width, _CHUNK, n_chunks,
-                           _log_eps_m(eps, m), *grad_y.stride(), *q.stride(), BLOCK_T=BLOCK_T, **tiles)
-        _bwd_reduce[(batch,)](ds_part, dz_part, ds, dz, m, width, n_chunks, **tiles)
+                           _log_eps_m(eps, m), *grad_y.stride(), *q.stride(), BLOCK_T=BLOCK_T,
+                           num_warps=BWD_NUM_WARPS, **tiles)
+        _bwd_reduce[(batch,)](ds_part, dz_part, ds, dz, m, width, n_chunks, num_warps=NUM_WARPS, **tiles)
         _bwd_kv_chunk[grid](k, v, wf, c_k, ds, dz, dk, dv, tokens, m, width, _CHUNK, n_chunks,
-                            *k.stride(), *v.stride(), BLOCK_T=BLOCK_T, **tiles)
+                            *k.stride(), *v.stride(), BLOCK_T=BLOCK_T, num_warps=BWD_NUM_WARPS, **tiles)
     return dk.to(k.dtype), dq.to(k.dtype), dv.to(k.dtype)
 
 

@@ -149,7 +149,7 @@ def _persistent_programs(device):
 
 def soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
     """Launch the forward kernel: returns y (B, L, F) in x's dtype and the fp32 row mean and rstd (B*L,)."""
-    from t2t_fast.kernels.soft_split_layernorm import _fwd_kernel, row_config
+    from t2t_fast.kernels.soft_split_layernorm import NUM_STAGES, _fwd_kernel, row_config
 
     batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
                                                                       grid_h, grid_w)
@@ -165,16 +165,16 @@ def soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps,
         _fwd_kernel[(_cdiv(rows, block_m),)](
             x, weight.float().contiguous(), bias.float().contiguous(), y, mean, rstd,
             rows, out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides, eps,
-            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps)
+            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps, num_stages=NUM_STAGES)
     return y, mean, rstd
 
 
 def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, input_grad):
     """Launch the backward kernels: returns dx (x's shape, contiguous; empty without ``input_grad``), dweight
     and dbias (fp32)."""
-    from t2t_fast.kernels.soft_split_layernorm import (DX_BLOCK, PARTIALS_BLOCK_G, PARTIALS_BLOCK_N,
-                                                       _bwd_dx_kernel, _bwd_rows_kernel, _sum_partials_kernel,
-                                                       row_config)
+    from t2t_fast.kernels.soft_split_layernorm import (DX_BLOCK, NUM_STAGES, NUM_WARPS, PARTIALS_BLOCK_G,
+                                                       PARTIALS_BLOCK_N, _bwd_dx_kernel, _bwd_rows_kernel,
+                                                       _sum_partials_kernel, row_config)
 
     batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
                                                                       grid_h, grid_w)
@@ -195,14 +195,15 @@ def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, pad
         if programs > 0:
             _bwd_rows_kernel[(programs,)](
                 x, w, dy, mean, rstd, c1, c2, partials, rows, *geometry,
-                BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps)
+                BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps, num_stages=NUM_STAGES)
         _sum_partials_kernel[(_cdiv(2 * features, PARTIALS_BLOCK_N),)](
-            partials, dweight, dbias, programs, features, BLOCK_G=PARTIALS_BLOCK_G, BLOCK_N=PARTIALS_BLOCK_N)
+            partials, dweight, dbias, programs, features, BLOCK_G=PARTIALS_BLOCK_G, BLOCK_N=PARTIALS_BLOCK_N,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         if input_grad and x.numel() > 0:
             _bwd_dx_kernel[(_cdiv(x.numel(), DX_BLOCK),)](
                 x, w, dy, mean, rstd, c1, c2, dx, x.numel(), channels, height, width, out_h * out_w, out_h, out_w,
                 features, kernel_size, stride, padding, *strides,
-                CHANNELS_LAST=x.dim() == 3, BLOCK=DX_BLOCK, num_warps=4)
+                CHANNELS_LAST=x.dim() == 3, BLOCK=DX_BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dx, dweight, dbias
 
 
