@@ -72,19 +72,6 @@ class BuildExt(build_ext):
         nvcc = None if mode == "0" else _find_nvcc()
         if mode == "1" and nvcc is None:
             raise RuntimeError("T2T_FAST_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda*)")
-        for ext in self.extensions:
-            cu_sources = [s for s in ext.sources if s.endswith(".cu")]
-            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
-            if nvcc is None or not cu_sources:
-                if cu_sources:
-                    print("t2t_fast: building the CPU extension only (T2T_FAST_CUDA=0 or nvcc not found)")
-                continue
-            ext.extra_objects += self._compile_cuda(nvcc, cu_sources)
-            root, libdir = _cuda_root(nvcc)
-            ext.define_macros.append(("T2T_WITH_CUDA", "1"))
-            ext.include_dirs.append(os.path.join(root, "include"))
-            ext.library_dirs.append(libdir)
-            ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
         # setuptools reuses objects in build/ by timestamp alone: after a build with another CUDA setting
         # (T2T_FAST_CUDA=0 after a CUDA build, other archs) it would link the old ones. Rebuild then.
         configuration = f"cuda={nvcc is not None} archs={os.environ.get('T2T_FAST_CUDA_ARCHS', '80;90a')}"
@@ -95,12 +82,28 @@ class BuildExt(build_ext):
                 previous = f.read()
         if previous != configuration:
             self.force = True
+        for ext in self.extensions:
+            cu_sources = [s for s in ext.sources if s.endswith(".cu")]
+            ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+            if nvcc is None or not cu_sources:
+                if cu_sources:
+                    print("t2t_fast: building the CPU extension only (T2T_FAST_CUDA=0 or nvcc not found)")
+                continue
+            cuda_objects = self._compile_cuda(nvcc, cu_sources, ext.depends)
+            ext.extra_objects += cuda_objects
+            ext.depends += cuda_objects  # a rebuilt CUDA object relinks the extension
+            root, libdir = _cuda_root(nvcc)
+            ext.define_macros.append(("T2T_WITH_CUDA", "1"))
+            ext.include_dirs.append(os.path.join(root, "include"))
+            ext.library_dirs.append(libdir)
+            ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
         super().build_extensions()
         os.makedirs(self.build_temp, exist_ok=True)
         with open(marker, "w") as f:
             f.write(configuration)
 
-    def _compile_cuda(self, nvcc, sources):
+    def _compile_cuda(self, nvcc, sources, headers):
+        """nvcc each source whose object is missing or older than it or a header; returns the objects."""
         archs = os.environ.get("T2T_FAST_CUDA_ARCHS", "80;90a").split(";")
         gencode = []
         for arch in archs:
@@ -110,11 +113,14 @@ class BuildExt(build_ext):
         objects = []
         for src in sources:
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+            objects.append(obj)
+            if not self.force and os.path.exists(obj) and all(
+                    os.path.getmtime(obj) >= os.path.getmtime(dep) for dep in [src, *headers]):
+                continue
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
                    "--threads", "2", "-Icsrc", "-DT2T_WITH_CUDA=1", *gencode]
             print("t2t_fast: " + " ".join(cmd))
             subprocess.check_call(cmd, cwd=HERE)
-            objects.append(obj)
         return objects
 
 

@@ -61,10 +61,29 @@ __global__ void backward_pixel_kernel(const typename Scalar<D>::storage* __restr
   }
 }
 
+// What to do about the errors a build/driver/GPU mismatch gives (the runtime is linked statically, so the
+// driver must support the CUDA version of the nvcc that built the extension, whatever torch's CUDA is).
+std::string remedy(cudaError_t status) {
+  const std::string built = "t2t_fast._C was built with CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+                            std::to_string(CUDART_VERSION % 1000 / 10);
+  const std::string fallback = "; or run this op with backend='torch' (or 'triton')";
+  switch (status) {
+    case cudaErrorInsufficientDriver:
+    case cudaErrorUnsupportedPtxVersion:
+      return " (" + built + ", newer than this driver supports: rebuild with an nvcc this driver supports" +
+             fallback + ")";
+    case cudaErrorNoKernelImageForDevice:
+      return " (" + built + " for the GPUs named by T2T_FAST_CUDA_ARCHS at install time, default 80;90a: " +
+             "reinstall with this GPU's compute capability in T2T_FAST_CUDA_ARCHS" + fallback + ")";
+    default:
+      return "";
+  }
+}
+
 void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
     throw std::runtime_error(std::string("restructurize_unfold (CUDA): ") + what + ": " +
-                             cudaGetErrorString(status));
+                             cudaGetErrorString(status) + remedy(status));
   }
 }
 

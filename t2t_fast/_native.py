@@ -1,8 +1,8 @@
 """Loads the compiled extension ``t2t_fast._C`` and says why when it cannot.
 
-The import happens once, when this module is imported: the backend selector asks for the extension inside
-``torch.compile``d code, where Dynamo refuses to trace an import (a first call through
-``torch.compile(model, fullgraph=True)`` would fail)."""
+The import happens once, when this module is imported, and so does the question whether it has CUDA kernels:
+the backend selector asks both inside ``torch.compile``d code, where Dynamo traces neither an import nor a
+call into the pybind11 module (``torch.compile(model, fullgraph=True)`` would fail)."""
 import importlib
 import os
 
@@ -21,6 +21,8 @@ def _load():
 
 
 _module, _error = _load()
+# Read once here too: the selector asks inside compiled code, where Dynamo cannot call into pybind11.
+_cuda_compiled = bool(_module is not None and _module.compiled_with_cuda())
 
 
 def native_module():
@@ -35,4 +37,4 @@ def native_error():
 
 def native_cuda_compiled():
     """True when the extension was built with its CUDA kernels (nvcc found at install time)."""
-    return bool(_module is not None and _module.compiled_with_cuda())
+    return _cuda_compiled

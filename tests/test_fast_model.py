@@ -218,6 +218,24 @@ def test_torch_compile_fullgraph_forward_and_backward(tokens_type):
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+@pytest.mark.parametrize("implemented", [("cpp", "cuda", "torch"), ("triton", "torch"),
+                                         ("triton", "cuda", "cpp", "torch")])
+def test_backend_selection_traces_for_every_device(device_type, implemented):
+    """Each op asks the selector inside compiled code. The CPU model compiles never ask about CUDA, so the
+    CUDA answers are traced here on a CPU machine: Dynamo must not meet a call it cannot trace (such as
+    one into the pybind11 extension), whatever the answer is."""
+    from t2t_fast.backend import select_backend
+
+    def chosen_index(t):
+        chosen = select_backend("op", torch.device(device_type), implemented)
+        return t + implemented.index(chosen)
+
+    torch._dynamo.reset()
+    x = torch.randn(3)
+    torch.testing.assert_close(torch.compile(chosen_index, fullgraph=True, backend="eager")(x), chosen_index(x))
+
+
 COMPILE_FIRST = """
 import torch, t2t_fast
 model = t2t_fast.T2TViT(img_size=64, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10).eval()

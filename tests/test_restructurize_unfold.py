@@ -271,6 +271,30 @@ def test_native_entry_point_rejects_bad_geometry():
                                                 **{**args, "dtype": 7})
 
 
+def _cuda_driver_loads():
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not native_cuda_compiled() or _cuda_driver_loads(),
+                    reason="needs the CUDA kernels compiled in and no CUDA driver on the machine")
+def test_cuda_entry_point_without_a_driver_says_what_to_do():
+    """The CUDA runtime is linked statically, so a driver older than the building nvcc fails every call:
+    the error names the build's CUDA version and the way out, instead of CUDA's bare message. (A machine
+    with no driver at all gives the same CUDA error.)"""
+    module = native_module()
+    args = dict(sizes=(1, 2, 4, 4), kernel=(3, 3), stride=(2, 2), padding=(1, 1), strides=(32, 16, 4, 1),
+                dtype=0, device=0, stream=0)
+    with pytest.raises(RuntimeError, match=r"cudaSetDevice: .* built with CUDA \d+\.\d+.*backend='torch'"):
+        module.restructurize_unfold_forward_cuda(0, 0, **args)
+    with pytest.raises(RuntimeError, match=r"built with CUDA \d+\.\d+.*backend='torch'"):
+        module.restructurize_unfold_backward_cuda(0, 0, channels_last=False, **args)
+
+
 @pytest.mark.parametrize("bad, error, match", [
     (dict(tokens=torch.randn(2, 12, 3).to(torch.int32)), TypeError, "dtype"),
     (dict(tokens=[[1.0]]), TypeError, "torch.Tensor"),
