@@ -3,7 +3,9 @@
 Every kernel module here defines ``compile_specs()`` returning :class:`CompileSpec` entries: each
 (kernel, signature, constexprs, launch options) combination the package can launch. Tests compile
 each one ahead of time for sm_80 and sm_90 (``triton.compile`` with an explicit ``GPUTarget``), which
-needs no GPU, and check the shared memory it asks for.
+needs no GPU, and check the shared memory it asks for. At launch Triton also specialises arguments
+(ints equal to 1 become constants, 16-divisible pointers and ints get alignment hints): the binaries that
+run are those variants of the generic signatures compiled in the tests.
 """
 import dataclasses
 import importlib

@@ -141,7 +141,10 @@ def _device_guard(x):
 
 
 def _persistent_programs(device):
-    """Program count of the persistent backward row kernel (a few per SM; small under the interpreter)."""
+    """Program count of the persistent backward row kernel (a few per SM; small under the interpreter).
+
+    dweight/dbias are summed from one partial per program in a fixed order: bit-reproducible on one GPU
+    model, but GPUs with another SM count round differently."""
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
