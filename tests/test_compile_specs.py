@@ -112,17 +112,18 @@ def _launches_of_the_wrappers(monkeypatch):
             attribute = getattr(module, name)
             if any(attribute is kernel for kernel in kernels):
                 monkeypatch.setattr(module, name, _RecordedKernel(attribute, launches))
-    for x, kernel, stride, padding, grid in ((torch.randn(1, 3, 12, 12), 7, 4, 2, None),
-                                             (torch.randn(1, 16, 64), 3, 2, 1, (4, 4)),
-                                             (torch.randn(1, 16, 5), 3, 2, 1, (4, 4))):
-        features = (x.shape[1] if grid is None else x.shape[2]) * kernel * kernel
-        x.requires_grad_()
-        weight, bias = torch.randn(features, requires_grad=True), torch.randn(features, requires_grad=True)
-        soft_split_layernorm(x, kernel, stride, padding, weight, bias, grid_size=grid,
-                             backend="triton").sum().backward()
-    for m, e in ((32, 64), (64, 64)):
-        k, q, v = (torch.randn(1, 40, e, requires_grad=True) for _ in range(3))
-        favor_attention(k, q, v, torch.randn(m, e), backend="triton").sum().backward()
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU tensors: the interpreter
+        for x, kernel, stride, padding, grid in ((torch.randn(1, 3, 12, 12), 7, 4, 2, None),
+                                                 (torch.randn(1, 16, 64), 3, 2, 1, (4, 4)),
+                                                 (torch.randn(1, 16, 5), 3, 2, 1, (4, 4))):
+            features = (x.shape[1] if grid is None else x.shape[2]) * kernel * kernel
+            x.requires_grad_()
+            weight, bias = torch.randn(features, requires_grad=True), torch.randn(features, requires_grad=True)
+            soft_split_layernorm(x, kernel, stride, padding, weight, bias, grid_size=grid,
+                                 backend="triton").sum().backward()
+        for m, e in ((32, 64), (64, 64)):
+            k, q, v = (torch.randn(1, 40, e, requires_grad=True) for _ in range(3))
+            favor_attention(k, q, v, torch.randn(m, e), backend="triton").sum().backward()
     return launches
 
 

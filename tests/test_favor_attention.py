@@ -1,6 +1,7 @@
 """favor_attention (fused FAVOR+): forward and gradients against the float64 reference, for the Triton
-kernels (interpreter on CPU) and the stabilised torch backend; overflow safety in fp16; strided views;
-custom-op registration (opcheck, torch.compile); input validation."""
+kernels (on CUDA tensors where a GPU is present, else on CPU tensors in the interpreter) and the stabilised
+torch backend; overflow safety in fp16; strided views; custom-op registration (opcheck, torch.compile);
+input validation."""
 import math
 
 import pytest
@@ -8,10 +9,19 @@ import torch
 
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import favor_attention, favor_attention_ref
-from t2t_fast.testing import RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
+                              poison_outputs, relative_error)
 
 BACKENDS = ("triton", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_device():
+    """Tensors the tests create go to DEVICE (Triton runs CPU tensors only in its interpreter)."""
+    with torch.device(DEVICE):
+        yield
 
 
 def _projection(m, e, scale=1.0):
@@ -81,6 +91,68 @@ def test_feature_and_width_sizes_triton(m, e):
         assert_relative_close(ours, exact, 1e-5, what=f"{name} m={m} e={e}")
 
 
+def _to_tf32(x, round_to_nearest):
+    """fp32 -> tf32 (10 mantissa bits) as the tensor cores read it: cvt.rna rounds (ties away from zero; the
+    bits are sign-magnitude), an MMA operand that was not converted is truncated."""
+    import numpy as np
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    if round_to_nearest:
+        bits = bits + np.uint32(0x1000)
+    return (bits & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.fixture
+def tensor_core_dot(monkeypatch):
+    """tl.dot in the interpreter rounded as on an NVIDIA GPU. The interpreter multiplies fp32 exactly whatever
+    input precision a kernel asks for; the GPU rounds the operands to tf32, and for tf32x3 splits each into
+    big = rna(x) and small = x - big and sums big*big + big*small + small*big (small*small dropped)."""
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+    tf32, tf32x3 = ir.INPUT_PRECISION.TF32, ir.INPUT_PRECISION.TF32x3
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.data.dtype != np.float32 or b.data.dtype != np.float32 or input_precision not in (tf32, tf32x3):
+            return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        a_big, b_big = _to_tf32(a.data, True), _to_tf32(b.data, True)
+        product = np.matmul(a_big, b_big, dtype=np.float32)
+        if input_precision == tf32x3:
+            a_small, b_small = _to_tf32(a.data - a_big, False), _to_tf32(b.data - b_big, False)
+            product += np.matmul(a_big, b_small, dtype=np.float32) + np.matmul(a_small, b_big, dtype=np.float32)
+        return interpreter.TensorHandle(product + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="emulates the GPU's rounding on CPU; on a GPU the tests above run it")
+@pytest.mark.parametrize("precision", [None, "tf32"], ids=["shipped", "tf32-control"])
+@pytest.mark.parametrize("batch,tokens", ((2, 196), (1, 784)))
+def test_fp32_accuracy_with_tensor_core_rounding(tensor_core_dot, monkeypatch, precision, batch, tokens):
+    """The interpreter's exact products cannot show what tensor cores do to the fp32 kernels: with the GPU's
+    rounding emulated, the shipped tl.dot precision (tf32x3) keeps y and every gradient within 1e-5 of
+    float64. The control, plain tf32, must miss that (errors ~1e-3), or the emulation did not take effect."""
+    import triton.language as tl
+
+    from t2t_fast.kernels import favor_attention as favor_kernels
+
+    if precision is not None:
+        monkeypatch.setattr(favor_kernels, "DOT_PRECISION", tl.constexpr(precision))
+    e, m = 64, 32
+    w = _projection(m, e)
+    k, q, v = _kqv(batch, tokens, e, torch.float32)
+    grad = torch.randn(batch, tokens, e)
+    y, grads = _run(favor_attention, k, q, v, w, grad, backend="triton")
+    y64, grads64 = _exact(k, q, v, w, grad)
+    errors = {name: relative_error(ours, exact)
+              for name, ours, exact in zip(("y", "dk", "dq", "dv"), (y, *grads), (y64, *grads64))}
+    if precision is None:
+        assert max(errors.values()) <= 1e-5, errors
+    else:
+        assert min(errors.values()) > 1e-4, errors
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_any_strides(backend):
     """k, q, v in a (B, e, T) layout (token stride 1) and a non-contiguous upstream gradient."""
@@ -109,7 +181,7 @@ def test_fp16_overflow_of_the_official_amp_path(backend):
     under fp16 autocast (the official AMP training) gives inf/NaN; this op gives the float64 answer."""
     w = _projection(32, 64)
     k, q, v = _aligned_inputs(w, 2, 64, torch.float16)
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         amp = favor_attention_ref(k, q, v, w)
     assert not torch.isfinite(amp).all()
     exact = favor_attention_ref(k.double(), q.double(), v.double(), w.double())
@@ -124,7 +196,7 @@ def test_autocast_keeps_fp32_maths(backend):
     """Under bf16 autocast (AMP) the op still computes its features in fp32."""
     w = _projection(32, 64)
     k, q, v = _kqv(2, 40, 64, torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         y = favor_attention(k, q, v, w, backend=backend)
     assert torch.equal(y, favor_attention(k, q, v, w, backend=backend))
 
@@ -240,8 +312,9 @@ def test_bad_eps_backend_and_sizes():
             favor_attention(k, q, v, w, eps=eps)
     with pytest.raises(ValueError, match="backend"):
         favor_attention(k, q, v, w, backend="nope")
-    with pytest.raises(BackendUnavailableError):
-        favor_attention(k, q, v, w, backend="cuda")
+    if DEVICE == "cpu":
+        with pytest.raises(BackendUnavailableError):
+            favor_attention(k, q, v, w, backend="cuda")
     k, q, v = _kqv(1, 3, 96, torch.float32)
     with pytest.raises(ValueError, match="at most 64"):
         favor_attention(k, q, v, torch.randn(4, 96), backend="triton")
