@@ -47,7 +47,10 @@ def build_parser():
     parser.add_argument("--workers", "-j", type=int, help="data loader processes (default: min(4, CPUs))")
     parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the checkpoint's run setting)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="autocast (default: as the checkpoint's run validated, else off)")
+    parser.add_argument("--amp-dtype", choices=("bfloat16", "float16"),
+                        help="autocast dtype (default: the checkpoint's run, else bfloat16)")
     parser.add_argument("--results-file", help="also write the metrics as JSON here")
     parser.add_argument("--log-interval", type=int, default=50)
     return parser
@@ -72,7 +75,8 @@ def _settings(args, checkpoint):
                     interpolation=run.get("interpolation", cfg["interpolation"]),
                     mean=tuple(run.get("mean", cfg["mean"])), std=tuple(run.get("std", cfg["std"])),
                     model_kwargs=run.get("model_kwargs", []), dataset=run.get("dataset", "imagefolder"),
-                    workers=min(4, os.cpu_count() or 1), threads=run.get("threads"))
+                    workers=min(4, os.cpu_count() or 1), threads=run.get("threads"),
+                    amp=bool(run.get("amp", False)), amp_dtype=run.get("amp_dtype", "bfloat16"))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -130,8 +134,8 @@ def evaluate(args):
             dataset, batch_size=args.batch_size, num_workers=args.workers,
             sampler=tu.ShardSampler(len(dataset), dist_info.rank, dist_info.world_size),
             collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist_info.device.type == "cuda")
-        autocast = (functools.partial(torch.autocast, device_type=dist_info.device.type, dtype=torch.bfloat16)
-                    if args.amp else contextlib.nullcontext)
+        autocast = (functools.partial(torch.autocast, device_type=dist_info.device.type,
+                                      dtype=getattr(torch, args.amp_dtype)) if args.amp else contextlib.nullcontext)
         weights = "EMA" if use_ema and "state_dict_ema" in checkpoint else "model"
         _logger.info("evaluating %s (%s weights of %s) on %d images", args.model, weights, args.checkpoint,
                      len(dataset))

@@ -32,7 +32,7 @@ def _loss_and_grads(model, x, probe):
 
 
 def _check_parity(reference, fast, x, logits_rtol=1e-5, grad_rtol=1e-4):
-    probe = torch.randn(x.shape[0], reference.num_classes, dtype=x.dtype)
+    probe = torch.randn(x.shape[0], reference.num_classes, dtype=x.dtype, device=x.device)
     ref_logits, ref_grads = _loss_and_grads(reference, x, probe)
     fast_logits, fast_grads = _loss_and_grads(fast, x, probe)
     assert relative_error(fast_logits, ref_logits) <= logits_rtol
@@ -101,16 +101,28 @@ def test_env_var_selects_backend(monkeypatch):
         assert torch.isfinite(fast(torch.randn(1, 3, 224, 224))).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
-def test_bf16_autocast_error_within_twice_the_reference(name):
+def test_parity_on_cuda(name):
+    """The auto backend on CUDA tensors (Triton kernels, the CUDA extension, SDPA) against the reference on
+    the same GPU, fp32: logits and every parameter gradient."""
     torch.manual_seed(0)
-    reference, fast = _pair(name)
-    x = torch.randn(2, 3, 224, 224)
+    reference, fast = (model.cuda() for model in _pair(name))
+    _check_parity(reference, fast, torch.randn(2, 3, 224, 224, device="cuda"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_bf16_autocast_error_within_twice_the_reference(name, device):
+    torch.manual_seed(0)
+    reference, fast = (model.to(device) for model in _pair(name))
+    x = torch.randn(2, 3, 224, 224, device=device)
     with torch.no_grad():
-        exact = ref.create_model(name).double().eval()
+        exact = ref.create_model(name).double().eval().to(device)
         exact.load_state_dict(reference.state_dict())
         expected = exact(x.double())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             ref_bf16 = reference(x)
             fast_bf16 = fast(x)
     assert_within_reference_error(fast_bf16.float(), ref_bf16.float(), expected, factor=2.0)

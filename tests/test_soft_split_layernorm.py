@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import soft_split_layernorm, soft_split_layernorm_ref
@@ -128,6 +129,26 @@ def test_soft_split_layernorm_backward_is_deterministic(backend):
     second = _run(soft_split_layernorm, x, w, b, dy, 3, 2, 1, grid_size=(8, 8), backend=backend)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_soft_split_layernorm_ref_never_mixes_dtypes_in_layer_norm(dtype, monkeypatch):
+    """fp16/bf16 rows with float32 parameters (the op's contract): torch's CUDA LayerNorm refuses mixed dtypes
+    (its CPU kernel accepts them), so the reference, which is also the 'torch' backend, must not pass them on.
+    The refusal is emulated here; the result is the float32 LayerNorm rounded once."""
+    layer_norm = F.layer_norm
+
+    def cuda_like_layer_norm(input, shape, weight=None, bias=None, eps=1e-5):
+        if any(t is not None and t.dtype != input.dtype for t in (weight, bias)):
+            raise RuntimeError(f"expected scalar type {input.dtype} but found {weight.dtype}")
+        return layer_norm(input, shape, weight, bias, eps)
+
+    monkeypatch.setattr(F, "layer_norm", cuda_like_layer_norm)
+    x, w, b = randn(2, 3, 13, 10).to(dtype), randn(147), randn(147)
+    y = soft_split_layernorm_ref(x, 7, 4, 2, w, b)
+    assert torch.equal(soft_split_layernorm(x, 7, 4, 2, w, b, backend="torch"), y)
+    expected = layer_norm(F.unfold(x.float(), 7, padding=2, stride=4).transpose(1, 2), (147,), w, b).to(dtype)
+    assert y.dtype == dtype and torch.equal(y, expected)
 
 
 def test_soft_split_layernorm_torch_backend_is_reference():

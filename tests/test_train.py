@@ -16,8 +16,10 @@ from t2t_fast import cli  # noqa: E402
 from t2t_fast.checkpoint import read_checkpoint  # noqa: E402
 
 # a ~20k-parameter T2T-ViT-7 geometry: the full T2T module and backbone code paths, little compute
+# --device cpu: the runs are compared bit for bit (resume, DDP replicas, eval against the logged accuracy), which
+# a GPU machine's default (CUDA, bf16 autocast, one device for two DDP ranks) would not give
 TINY = ["--model", "t2t_vit_7", "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
-        "token_dim=8", "--workers", "0", "--log-interval", "2", "--threads", "1"]
+        "token_dim=8", "--workers", "0", "--log-interval", "2", "--threads", "1", "--device", "cpu"]
 
 
 def _write_image_folder(root, classes, n_train, n_val, seed=0):
@@ -114,11 +116,28 @@ def test_eval_reproduces_logged_accuracy(trained, tiny_data, tmp_path):
     for extra, key in (([], "val_ema_top1"), (["--no-ema"], "val_top1")):
         results = tmp_path / "r.json"
         assert cli.main(["eval", "--checkpoint", str(trained / "last.pth"), "--data", str(tiny_data),
-                         "--workers", "0", "--results-file", str(results), *extra]) == 0
+                         "--workers", "0", "--device", "cpu", "--results-file", str(results), *extra]) == 0
         got = json.load(open(results))
         assert got["count"] == 12
         assert got["top1"] == pytest.approx(logged[key], abs=1e-9)
         assert got["top5"] == pytest.approx(logged[key.replace("top1", "top5")], abs=1e-9)
+
+
+@pytest.mark.parametrize("run, flags, expected", [
+    ({"amp": True, "amp_dtype": "float16"}, [], (True, "float16")),
+    ({"amp": True, "amp_dtype": "bfloat16"}, ["--no-amp"], (False, "bfloat16")),
+    ({"amp": False}, [], (False, "bfloat16")),
+    ({}, ["--amp"], (True, "bfloat16")),
+    ({"amp": True, "amp_dtype": "float16"}, ["--amp-dtype", "bfloat16"], (True, "bfloat16")),
+])
+def test_eval_autocast_follows_the_run(run, flags, expected):
+    """A run that validated under autocast (the default on GPU) is evaluated under the same autocast, so that
+    eval reproduces its logged accuracy; the flags override."""
+    from t2t_fast import evaluate
+
+    args = evaluate.build_parser().parse_args(["--checkpoint", "x.pth", "--data", "d", *flags])
+    evaluate._settings(args, {"args": {"model": "t2t_vit_7", **run}})
+    assert (args.amp, args.amp_dtype) == expected
 
 
 def test_digits_demo_and_eval_without_data(tmp_path, capsys):
@@ -128,7 +147,7 @@ def test_digits_demo_and_eval_without_data(tmp_path, capsys):
     assert "1437 train / 360 val images" in capsys.readouterr().out
     logged = json.load(open(out / "summary.json"))[-1]
     results = tmp_path / "r.json"
-    assert cli.main(["eval", "--checkpoint", str(out / "last.pth"), "--workers", "0",
+    assert cli.main(["eval", "--checkpoint", str(out / "last.pth"), "--workers", "0", "--device", "cpu",
                      "--results-file", str(results)]) == 0
     got = json.load(open(results))
     assert got["count"] == 360 and got["top1"] == pytest.approx(logged["val_top1"], abs=1e-9)

@@ -40,10 +40,15 @@ def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=
         grid_size: (H, W) of the token grid; only for token input.
 
     Returns:
-        (B, L, C*k*k) with L the number of windows (row-major over the output grid).
+        (B, L, C*k*k) with L the number of windows (row-major over the output grid). fp16/bf16 rows with
+        float32 parameters are normalised in float32 and rounded once to x's dtype, on every device: torch's
+        CPU LayerNorm does that for such mixed dtypes, its CUDA kernel refuses them.
     """
     unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
-    return F.layer_norm(unfolded, (unfolded.shape[-1],), weight, bias, eps)
+    shape = (unfolded.shape[-1],)
+    if unfolded.dtype in (torch.float16, torch.bfloat16) and torch.float32 in (weight.dtype, bias.dtype):
+        return F.layer_norm(unfolded.float(), shape, weight.float(), bias.float(), eps).to(unfolded.dtype)
+    return F.layer_norm(unfolded, shape, weight, bias, eps)
 
 
 def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
