@@ -32,5 +32,3 @@ def _seed():
     torch.manual_seed(0)
     yield
 
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

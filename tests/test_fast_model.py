@@ -12,6 +12,7 @@ import t2t_fast.reference as ref
 from t2t_fast.testing import assert_within_reference_error, relative_error
 
 ALL_VARIANTS = t2t_fast.list_models()
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _pair(name, **kwargs):
@@ -101,7 +102,7 @@ def test_env_var_selects_backend(monkeypatch):
         assert torch.isfinite(fast(torch.randn(1, 3, 224, 224))).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
 def test_parity_on_cuda(name):
     """The auto backend on CUDA tensors (Triton kernels, the CUDA extension, SDPA) against the reference on
@@ -111,8 +112,7 @@ def test_parity_on_cuda(name):
     _check_parity(reference, fast, torch.randn(2, 3, 224, 224, device="cuda"))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
 def test_bf16_autocast_error_within_twice_the_reference(name, device):
     torch.manual_seed(0)

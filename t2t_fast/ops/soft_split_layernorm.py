@@ -46,8 +46,9 @@ def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=
     """
     unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
     shape = (unfolded.shape[-1],)
-    if unfolded.dtype in (torch.float16, torch.bfloat16) and torch.float32 in (weight.dtype, bias.dtype):
-        return F.layer_norm(unfolded.float(), shape, weight.float(), bias.float(), eps).to(unfolded.dtype)
+    stats = compute_dtype(unfolded.dtype)
+    if stats != unfolded.dtype and stats in (weight.dtype, bias.dtype):  # fp16/bf16 rows, fp32 parameters
+        return F.layer_norm(unfolded.to(stats), shape, weight.to(stats), bias.to(stats), eps).to(unfolded.dtype)
     return F.layer_norm(unfolded, shape, weight, bias, eps)
 
 
