@@ -1,8 +1,11 @@
-"""Helpers shared by the op wrappers: output allocation (NaN-poisonable for tests) and input checks."""
+"""Helpers shared by the op wrappers: output allocation (NaN-poisonable for tests), input checks, launch
+helpers (``cdiv``, ``device_guard``) and the one error for a backend that cannot take an input."""
 import contextlib
 import numbers
 
 import torch
+
+from t2t_fast.backend import BackendUnavailableError
 
 _poison_outputs = False
 
@@ -90,3 +93,18 @@ def as_image(x, grid_size):
         return x
     batch, _, channels = x.shape
     return x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
+
+
+def cdiv(a, b):
+    """Ceiling division of non-negative ints (grid sizes)."""
+    return (a + b - 1) // b
+
+
+def device_guard(tensor):
+    """Make ``tensor``'s CUDA device current for a kernel launch (a no-op for CPU tensors)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def backend_cannot_take(op, backend, reason):
+    """Raise :class:`BackendUnavailableError`: the forced ``backend`` cannot take this input (``reason``)."""
+    raise BackendUnavailableError(f"{op}: backend {backend!r} cannot take this input: {reason}")
