@@ -6,7 +6,7 @@
 
 ``t2t_fast.reference`` holds the pure-PyTorch oracle with the same names and weights.
 """
-from t2t_fast import _config, _factory
+from t2t_fast import reference, registry  # noqa: F401  (reference: the oracle, as t2t_fast.reference)
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.checkpoint import CheckpointMismatchError, load_checkpoint
 from t2t_fast.model import T2TViT
@@ -23,14 +23,12 @@ def create_model(name, pretrained=False, checkpoint_path=None, **kwargs):
     ``checkpoint_path`` loads a local checkpoint (any layout :func:`load_checkpoint` accepts);
     ``pretrained=True`` downloads the official weights; other kwargs go to the model constructor
     (``num_classes``, ``img_size``, ``drop_path_rate``, ``backend``, ...)."""
-    return _factory.build_model(MODEL_CLASSES, name, pretrained=pretrained, checkpoint_path=checkpoint_path,
+    return registry.build_model(MODEL_CLASSES, name, pretrained=pretrained, checkpoint_path=checkpoint_path,
                                 **kwargs)
 
 
-list_models = _factory.list_models
-
-for _name in _config.VARIANTS:
-    globals()[_name] = _factory.make_factory(MODEL_CLASSES, _name, __name__)
+list_models = registry.list_models
 
 __all__ = ["T2TViT", "T2TViTSE", "T2TViTDense", "T2TViTGhost", "create_model", "list_models", "load_checkpoint",
-           "CheckpointMismatchError", "BackendUnavailableError", *_config.VARIANTS]
+           "CheckpointMismatchError", "BackendUnavailableError",
+           *registry.register_factories(globals(), MODEL_CLASSES, __name__)]

@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from t2t_fast import _config
+from t2t_fast import registry
 
 _logger = logging.getLogger(__name__)
 
@@ -137,9 +137,9 @@ def load_checkpoint(model, path_or_dict, strict=True, use_ema=True, pos_embed="r
 
 def load_pretrained(model, name, progress=True):
     """Download (cached by torch.hub) and load the official ImageNet weights of variant ``name``."""
-    url = _config.checkpoint_url(name)
+    url = registry.checkpoint_url(name)
     if not url:
-        released = [n for n in _config.VARIANTS if _config.checkpoint_url(n)]
+        released = [n for n in registry.VARIANTS if registry.checkpoint_url(n)]
         raise ValueError(f"no official checkpoint was released for {name}; released: {', '.join(released)}. "
                          f"Pass checkpoint_path= to load a local file.")
     with torch.serialization.safe_globals([argparse.Namespace]):

@@ -1,4 +1,5 @@
-"""Test utilities: dtype-aware tolerances and error measures used by t2t_fast's own tests."""
+"""Test utilities: dtype-aware tolerances and error measures used by t2t_fast's own tests, and the check of a
+model against the official state_dict record."""
 import torch
 
 from t2t_fast.ops._common import poison_outputs  # noqa: F401  (re-exported for tests)
@@ -37,3 +38,13 @@ def assert_within_reference_error(actual, reference_lowp, exact, factor=2.0, flo
     assert torch.isfinite(actual.detach().float()).all(), f"{what}: non-finite values"
     assert ours <= factor * theirs + floor, (
         f"{what}: error vs float64 {ours:.3e} > {factor} x reference error {theirs:.3e} (+{floor:g})")
+
+
+def assert_official_layout(model, expected):
+    """Assert ``model``'s state_dict (keys, order, shapes, dtypes) and parameter counts (all, trainable) are those
+    of ``expected``, a model's entry of tests/data/official_state_dicts.json."""
+    ours = [[key, list(value.shape), str(value.dtype).replace("torch.", "")]
+            for key, value in model.state_dict().items()]
+    assert ours == expected["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == expected["params"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_params"]

@@ -17,7 +17,7 @@ import argparse
 import torch
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from t2t_fast import _config
+from t2t_fast import registry
 
 __all__ = []
 
@@ -27,16 +27,16 @@ _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "p
 
 
 def _cfg(name):
-    cfg = dict(_config.DEFAULT_CFG)
+    cfg = dict(registry.DEFAULT_CFG)
     cfg.pop("first_conv")  # the first op is a weightless unfold: timm's in_chans adaptation cannot apply
-    cfg["url"] = _config.checkpoint_url(name)
+    cfg["url"] = registry.checkpoint_url(name)
     cfg["paper_ids"] = "arXiv:2101.11986"
     cfg["origin_url"] = "https://github.com/yitu-opensource/T2T-ViT"
     return cfg
 
 
 default_cfgs = generate_default_cfgs({
-    (f"{name}.in1k" if _config.checkpoint_url(name) else name): _cfg(name) for name in _config.VARIANTS})
+    (f"{name}.in1k" if registry.checkpoint_url(name) else name): _cfg(name) for name in registry.VARIANTS})
 
 
 def _load_weights(model, name, cfg, cache_dir):
@@ -86,5 +86,5 @@ def _make_entrypoint(name):
     return entrypoint
 
 
-for _name in _config.VARIANTS:
+for _name in registry.VARIANTS:
     globals()[_name] = register_model(_make_entrypoint(_name))

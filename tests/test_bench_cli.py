@@ -1,4 +1,5 @@
-"""Smoke tests of ``t2t-fast bench`` (t2t_fast.bench) on a tiny configuration, and of its MAC figures."""
+"""Smoke tests of ``t2t-fast bench`` (t2t_fast.cli.bench, t2t_fast.bench) on a tiny configuration, and of its MAC
+figures."""
 import json
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import t2t_fast.reference
 from t2t_fast import bench
+from t2t_fast.cli import bench as bench_cli
 from t2t_fast.cli import main as cli_main
 
 
@@ -75,7 +77,7 @@ def test_bench_cli_reports_a_failing_provider(tmp_path, capsys):
                                   ["--model", "resnet50", "--part", "tokens_to_token"]])
 def test_bench_cli_rejects_bad_arguments(tmp_path, argv, capsys):
     try:
-        code = bench.main(["--device", "cpu", "--output", str(tmp_path), *argv])
+        code = bench_cli.main(["--device", "cpu", "--output", str(tmp_path), *argv])
     except SystemExit as exc:  # argparse errors
         code = exc.code
     assert code == 2

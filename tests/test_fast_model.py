@@ -128,6 +128,25 @@ def test_bf16_autocast_error_within_twice_the_reference(name, device):
     assert_within_reference_error(fast_bf16.float(), ref_bf16.float(), expected, factor=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_first_split_writes_the_autocast_dtype(dtype):
+    """Under autocast the first soft split reads the fp32 image and writes its rows in the autocast dtype
+    (no fp32 rows and cast): the first projection's input has that dtype and equals the fp32 rows rounded once."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=64).eval()
+    layer = model.tokens_to_token.attention1
+    seen = []
+    layer.kqv.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=dtype):
+        model(x)
+    kernel, stride, padding = t2t_fast.geometry.SOFT_SPLITS[0]
+    rows = t2t_fast.ops.soft_split_layernorm_ref(x, kernel, stride, padding, layer.norm1.weight.detach(),
+                                                 layer.norm1.bias.detach(), layer.norm1.eps)
+    assert seen[0].dtype == dtype
+    torch.testing.assert_close(seen[0], rows.to(dtype), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["autocast-bf16", "autocast-fp16", "bf16-weights"])
 def test_backbone_attention_in_low_precision_on_cpu(mode, monkeypatch):
     """fp16/bf16 on CPU runs the backbone attention as matmul + softmax (torch's flash kernel is slower there):

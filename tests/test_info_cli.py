@@ -3,7 +3,8 @@ import re
 import subprocess
 import sys
 
-from t2t_fast import cli, info
+from t2t_fast import cli
+from t2t_fast.cli import info
 
 
 def test_info_reports_versions_and_backends(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference as ref
-from t2t_fast import _config
+from t2t_fast.reference.model import sinusoid_table
 
 FACTORIES = {"reference": ref.create_model, "fast": t2t_fast.create_model}
 
@@ -94,7 +94,7 @@ def test_position_tables_of_other_sizes_are_built_once(factory):
     assert model.position_table(model.pos_embed.shape[1]) is model.pos_embed
     table = model.position_table(151)  # 150 tokens (15x10 grid) + cls
     assert table.shape == (1, 151, model.embed_dim)
-    torch.testing.assert_close(table, _config.sinusoid_table(151, model.embed_dim), rtol=0, atol=0)
+    torch.testing.assert_close(table, sinusoid_table(151, model.embed_dim), rtol=0, atol=0)
     assert model.position_table(151) is table
     model.double()
     assert model.position_table(151).dtype == torch.float64

@@ -1,11 +1,12 @@
-"""The reference implementation behaves as the official model (spec: shared/spec/t2t_official.md §2)."""
+"""The reference implementation behaves as the official model: unfold order, performer, transformer T2T
+layers, sinusoid table, dropout and drop-path."""
 import math
 
 import torch
 import torch.nn.functional as F
 
 import t2t_fast.reference as ref
-from t2t_fast import _config
+from t2t_fast.reference.model import sinusoid_table
 
 
 def _double(module):
@@ -86,7 +87,7 @@ def test_sinusoid_rows():
         angle = pos / 10000 ** (2 * (j // 2) / 256)
         expected = math.sin(angle) if j % 2 == 0 else math.cos(angle)
         assert abs(table[0, pos, j].item() - expected) < 1e-6
-    torch.testing.assert_close(_config.sinusoid_table(197, 256), table.detach())
+    torch.testing.assert_close(sinusoid_table(197, 256), table.detach())
 
 
 def test_eval_mode_is_deterministic():

@@ -1,5 +1,5 @@
 """Every variant's state_dict (keys, order, shapes, dtypes) and parameter counts equal the official
-model's, as recorded in tests/data/official_state_dicts.json (a copy of shared/reference)."""
+model's, as recorded in tests/data/official_state_dicts.json."""
 import json
 import pathlib
 
@@ -8,6 +8,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference
+from t2t_fast.testing import assert_official_layout
 
 OFFICIAL = json.loads((pathlib.Path(__file__).parent / "data" / "official_state_dicts.json").read_text())
 FACTORIES = {"reference": t2t_fast.reference.create_model, "fast": t2t_fast.create_model}
@@ -24,11 +25,7 @@ def test_every_official_variant_is_registered():
 def test_state_dict_and_parameter_counts(name, implementation):
     model = FACTORIES[implementation](name)
     expected = OFFICIAL[name]
-    ours = [[key, list(value.shape), str(value.dtype).replace("torch.", "")]
-            for key, value in model.state_dict().items()]
-    assert ours == expected["state_dict"]
-    assert sum(p.numel() for p in model.parameters()) == expected["params"]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_params"]
+    assert_official_layout(model, expected)
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen == sorted(expected["frozen_parameters"])
     assert list(model.buffers()) == []

@@ -13,7 +13,7 @@ import t2t_fast.timm_models  # noqa: E402,F401  (registers the variants)
 
 def test_every_variant_is_registered():
     assert sorted(timm.list_models("t2t*")) == sorted(t2t_fast.list_models())
-    released = [n for n in t2t_fast.list_models() if t2t_fast._config.checkpoint_url(n)]
+    released = [n for n in t2t_fast.list_models() if t2t_fast.registry.checkpoint_url(n)]
     assert sorted(timm.list_pretrained("t2t*")) == sorted(f"{n}.in1k" for n in released)
     cfg = timm.get_pretrained_cfg("t2t_vit_14")
     assert (cfg.crop_pct, cfg.interpolation, cfg.num_classes) == (0.9, "bicubic", 1000)

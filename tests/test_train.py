@@ -14,6 +14,8 @@ pytest.importorskip("sklearn")
 
 from t2t_fast import cli  # noqa: E402
 from t2t_fast.checkpoint import read_checkpoint  # noqa: E402
+from t2t_fast.cli import train as train_cli  # noqa: E402
+from t2t_fast.training.loop import StopTraining  # noqa: E402
 
 # a ~20k-parameter T2T-ViT-7 geometry: the full T2T module and backbone code paths, little compute
 # --device cpu: the runs are compared bit for bit (resume, DDP replicas, eval against the logged accuracy), which
@@ -53,9 +55,21 @@ def trained(tiny_data, tmp_path_factory):
     return out
 
 
-def _train(data, out, *extra):
-    return cli.main(["train", "--data", str(data), "--output", str(out), "--batch-size", "8", "--epochs", "3",
-                     "--warmup-epochs", "1", "--cooldown-epochs", "0", "--model-ema-decay", "0.9", *TINY, *extra])
+def _train(data, out, *extra, callbacks=()):
+    return train_cli.main(["--data", str(data), "--output", str(out), "--batch-size", "8", "--epochs", "3",
+                           "--warmup-epochs", "1", "--cooldown-epochs", "0", "--model-ema-decay", "0.9", *TINY,
+                           *extra], callbacks=callbacks)
+
+
+class StopAfterSteps:
+    """Ends the run like a killed process once it has taken ``steps`` optimizer steps."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_step_end(self, run):
+        if run.num_updates >= self.steps:
+            raise StopTraining(f"stopped after {run.num_updates} steps")
 
 
 def _assert_states_equal(a, b, what):
@@ -68,7 +82,7 @@ def test_kill_and_resume_is_exact(tiny_data, tmp_path):
     # 3 epochs x 3 steps (24 images, batch 8); the killed run stops at step 5, inside epoch 1
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert _train(tiny_data, full) == 0
-    assert _train(tiny_data, killed, "--stop-after-steps", "5") == 3
+    assert _train(tiny_data, killed, callbacks=[StopAfterSteps(5)]) == 3
     survivor = read_checkpoint(str(killed / "last.pth"))
     assert survivor["epoch"] == 0 and survivor["step"] == 3  # the interrupted epoch left the checkpoint alone
     assert not [f for f in os.listdir(killed) if f.endswith(".tmp")]
@@ -89,11 +103,27 @@ def test_kill_and_resume_is_exact(tiny_data, tmp_path):
         assert [r[key] for r in rows] == [r[key] for r in rows_full], key
 
 
+# `t2t-fast train` with a callback that writes every rank's weights at the end of each epoch
+TRAIN_SAVING_RANK_WEIGHTS = """
+import os, sys, torch
+from t2t_fast.cli import train
+
+class SaveRankWeights:
+    def on_epoch_end(self, run, row):
+        torch.save({"model": run.model.state_dict(), "ema": run.ema.module.state_dict() if run.ema else None},
+                   os.path.join(run.output, f"rank{run.dist.rank}_weights.pt"))
+
+sys.exit(train.main(sys.argv[1:], callbacks=[SaveRankWeights()]))
+"""
+
+
 def test_ddp_two_processes_on_cpu(tiny_data, tmp_path):
     out = tmp_path / "ddp"
+    script = tmp_path / "train_saving_rank_weights.py"
+    script.write_text(TRAIN_SAVING_RANK_WEIGHTS)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "t2t_fast.train", "--data", str(tiny_data), "--output", str(out), "--batch-size", "4",
-           "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", "--save-rank-weights", *TINY]
+           str(script), "--data", str(tiny_data), "--output", str(out), "--batch-size", "4",
+           "--epochs", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0", *TINY]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -133,7 +163,7 @@ def test_eval_reproduces_logged_accuracy(trained, tiny_data, tmp_path):
 def test_eval_autocast_follows_the_run(run, flags, expected):
     """A run that validated under autocast (the default on GPU) is evaluated under the same autocast, so that
     eval reproduces its logged accuracy; the flags override."""
-    from t2t_fast import evaluate
+    from t2t_fast.cli import evaluate
 
     args = evaluate.build_parser().parse_args(["--checkpoint", "x.pth", "--data", "d", *flags])
     evaluate._settings(args, {"args": {"model": "t2t_vit_7", **run}})
@@ -230,11 +260,11 @@ def test_official_randaugment_posterize_zero_bits():
     # rand-m9-mstd0.5-inc1 asks PosterizeIncreasing for 0 bits at magnitude 10; Pillow 13 raises there
     from PIL import Image
 
-    from t2t_fast import train
+    from t2t_fast.training import recipes
 
-    args = train.apply_recipe(train.build_parser().parse_args(["--data", "x", "--img-size", "32"]),
-                              train.OFFICIAL_RECIPE)
-    transform, _ = train.default_transforms(args)
+    args = recipes.apply_recipe(train_cli.build_parser().parse_args(["--data", "x", "--img-size", "32"]),
+                                recipes.OFFICIAL_RECIPE)
+    transform, _ = recipes.default_transforms(args)
     ops = {op.name: op for stage in transform.transforms for op in getattr(stage, "ops", ())}
     image = Image.new("RGB", (8, 8), (200, 100, 50))
     assert ops["PosterizeIncreasing"].aug_fn(image, 0).getextrema() == ((0, 0),) * 3

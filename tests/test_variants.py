@@ -8,7 +8,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference as ref
-from t2t_fast.testing import assert_relative_close
+from t2t_fast.testing import assert_official_layout, assert_relative_close
 
 OFFICIAL = json.loads((pathlib.Path(__file__).parent / "data" / "official_state_dicts.json").read_text())
 VARIANTS = ["t2t_vit_14_se", "t2t_vit_dense", "t2t_vit_16_ghost"]
@@ -40,11 +40,7 @@ def test_state_dict_and_parameter_counts(models, name, impl):
     model = models(name, impl)
     assert type(model) is getattr(IMPLEMENTATIONS[impl], CLASSES[name])
     expected = OFFICIAL[name]
-    ours = [[key, list(value.shape), str(value.dtype).replace("torch.", "")]
-            for key, value in model.state_dict().items()]
-    assert ours == expected["state_dict"]
-    assert sum(p.numel() for p in model.parameters()) == expected["params"]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_params"]
+    assert_official_layout(model, expected)
     assert model.num_features == expected["structure"]["head"][0]
     assert len(model.blocks) == expected["structure"]["num_block_entries"]
 

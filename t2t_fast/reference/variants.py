@@ -1,30 +1,19 @@
 """Reference (eager) experimental T2T-ViT families: squeeze-excite, dense and ghost backbones.
 
-Each is the reference :class:`T2TViT` with another backbone, built by an overridden ``make_blocks``; the
-T2T module, cls token, sinusoid table, final norm and head are unchanged. They behave like the upstream
-ablation models (``models/t2t_vit_{se,dense,ghost}.py``), minus their prints and the dense
-``reset_classifier`` bug (ours builds the head at ``num_features``). Module names follow the official
-state_dicts.
+Each is the reference :class:`T2TViT` with another backbone: SE and ghost swap the block's attention / MLP
+layers (``attn_layer``, ``mlp_layer``), dense overrides ``make_blocks``; the T2T module, cls token, sinusoid
+table, final norm and head are unchanged. They behave like the upstream ablation models
+(``models/t2t_vit_{se,dense,ghost}.py``), minus their prints and the dense ``reset_classifier`` bug (ours
+builds the head at ``num_features``). Module names follow the official state_dicts.
 """
 import torch
 import torch.nn as nn
 
-from t2t_fast import _config
-from t2t_fast.reference.model import Attention, Block, DropPath, Mlp, T2TViT
+from t2t_fast.reference.layers import Attention, Block
+from t2t_fast.reference.model import T2TViT
 
-
-class _PreNormBlock(nn.Module):
-    """``Block``'s residual structure and names around a given attention and MLP module."""
-
-    def __init__(self, dim, attn, mlp, drop_path):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = mlp
-
-    forward = Block.forward
+SE_REDUCTION = 16          # squeeze-excite bottleneck: width // 16
+DENSE_RATE_TABLE_LEN = 12  # upstream spreads dense drop-path rates over its (otherwise unused) default depth 12
 
 
 # ----------------------------------------------------------------------------------------------- SE
@@ -32,7 +21,7 @@ class SqueezeExcite(nn.Module):
     """Channel gate computed from the token mean: ``x * sigmoid(W2 relu(W1 mean_t(x)))`` (no biases,
     bottleneck ``dim // 16``). The mean runs over every token, the cls token included."""
 
-    def __init__(self, dim, reduction=_config.SE_REDUCTION):
+    def __init__(self, dim, reduction=SE_REDUCTION):
         super().__init__()
         self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
                                 nn.Linear(dim // reduction, dim, bias=False), nn.Sigmoid())
@@ -49,13 +38,8 @@ class SEAttention(Attention):
         super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         self.se_layer = SqueezeExcite(dim)
 
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-        mixed = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj_drop(self.se_layer(self.proj(mixed)))
+    def output(self, mixed):
+        return self.se_layer(self.proj(mixed))
 
 
 class T2TViTSE(T2TViT):
@@ -64,14 +48,7 @@ class T2TViTSE(T2TViT):
     (``attn.se_layer``: mean over all tokens -> Linear(D, D/16) -> ReLU -> Linear(D/16, D) -> sigmoid).
     Drop-path rates follow the usual ``linspace(0, drop_path_rate, depth)``."""
 
-    def make_blocks(self, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                    drop_path_rate):
-        blocks = nn.ModuleList(
-            _PreNormBlock(embed_dim,
-                          SEAttention(embed_dim, num_heads, qkv_bias, qk_scale, attn_drop_rate, drop_rate),
-                          Mlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), rate)
-            for rate in torch.linspace(0, drop_path_rate, depth).tolist())
-        return blocks, embed_dim
+    attn_layer = SEAttention
 
 
 # -------------------------------------------------------------------------------------------- dense
@@ -80,8 +57,8 @@ class DenseBlock(Block):
     with those ``growth`` new channels appended: (B, T, w) -> (B, T, w + growth)."""
 
     def __init__(self, dim, growth_rate, num_heads, mlp_ratio, qkv_bias=False, qk_scale=None, drop=0.0,
-                 attn_drop=0.0, drop_path=0.0):
-        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path)
+                 attn_drop=0.0, drop_path=0.0, attn_layer=Attention):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, drop_path, attn_layer)
         self.dense_linear = nn.Linear(dim, growth_rate)
 
     def forward(self, x):
@@ -98,6 +75,31 @@ class Transition(nn.Module):
 
     def forward(self, x):
         return self.act(self.linear(x))
+
+
+def dense_layout(embed_dim, stages, growth_rate, num_heads):
+    """Backbone plan of the dense family: a list of ``(kind, stage, in_width, out_width)`` with kind
+    ``"block"`` (appends ``growth_rate`` channels) or ``"transition"`` (halves the width, floor, between
+    stages), stage s holding ``stages[s]`` blocks; and the final width."""
+    if (not isinstance(stages, (tuple, list)) or not stages
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in stages)):
+        raise TypeError(f"the dense family takes depth as a tuple of per-stage block counts, e.g. (3, 6, 6, 4); "
+                        f"got {stages!r}")
+    if len(stages) > DENSE_RATE_TABLE_LEN:
+        raise ValueError(f"the dense family supports at most {DENSE_RATE_TABLE_LEN} stages, got {len(stages)}")
+    if growth_rate < 1:
+        raise ValueError(f"growth_rate must be >= 1, got {growth_rate}")
+    plan, width = [], embed_dim
+    for stage, num_blocks in enumerate(stages):
+        for _ in range(num_blocks):
+            if width % num_heads:
+                raise ValueError(f"dense block width {width} is not divisible by num_heads {num_heads}")
+            plan.append(("block", stage, width, width + growth_rate))
+            width += growth_rate
+        if stage != len(stages) - 1:
+            plan.append(("transition", stage, width, width // 2))
+            width //= 2
+    return plan, width
 
 
 class T2TViTDense(T2TViT):
@@ -117,13 +119,13 @@ class T2TViTDense(T2TViT):
 
     def make_blocks(self, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                     drop_path_rate):
-        plan, width = _config.dense_layout(embed_dim, depth, self.growth_rate, num_heads)
-        rates = _config.dense_drop_path_rates(drop_path_rate, len(depth))
+        plan, width = dense_layout(embed_dim, depth, self.growth_rate, num_heads)
+        rates = torch.linspace(0, drop_path_rate, DENSE_RATE_TABLE_LEN).tolist()
         blocks = nn.ModuleList()
         for kind, stage, in_width, out_width in plan:
             if kind == "block":
                 blocks.append(DenseBlock(in_width, out_width - in_width, num_heads, mlp_ratio, qkv_bias, qk_scale,
-                                         drop_rate, attn_drop_rate, rates[stage]))
+                                         drop_rate, attn_drop_rate, rates[stage], attn_layer=self.attn_layer))
             else:
                 blocks.append(Transition(in_width, out_width))
         return blocks, width
@@ -204,12 +206,16 @@ class T2TViTGhost(T2TViT):
     by two scaled, GELU'd copies to the 3D hidden width). Requires ``mlp_ratio=3`` and an even
     ``embed_dim`` (ValueError otherwise). Drop-path rates: ``linspace(0, drop_path_rate, depth)``."""
 
+    attn_layer = GhostAttention
+    mlp_layer = GhostMlp
+
     def make_blocks(self, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                     drop_path_rate):
-        _config.check_ghost_args(embed_dim, mlp_ratio)
-        blocks = nn.ModuleList(
-            _PreNormBlock(embed_dim,
-                          GhostAttention(embed_dim, num_heads, qkv_bias, qk_scale, attn_drop_rate, drop_rate),
-                          GhostMlp(embed_dim, int(embed_dim * mlp_ratio), drop=drop_rate), rate)
-            for rate in torch.linspace(0, drop_path_rate, depth).tolist())
-        return blocks, embed_dim
+        # the ghost layers halve q/k/v and concatenate exactly three embed_dim-wide maps in the MLP
+        if embed_dim % 2:
+            raise ValueError(f"the ghost family needs an even embed_dim, got {embed_dim}")
+        if int(embed_dim * mlp_ratio) != 3 * embed_dim:
+            raise ValueError(f"the ghost MLP only supports mlp_ratio=3 (hidden width 3 * embed_dim), "
+                             f"got mlp_ratio={mlp_ratio}")
+        return super().make_blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                                   attn_drop_rate, drop_path_rate)

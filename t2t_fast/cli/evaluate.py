@@ -19,9 +19,11 @@ import sys
 
 import torch
 
-from t2t_fast import data as data_lib
+from t2t_fast import registry
+from t2t_fast.cli._options import run_command
+from t2t_fast.training import data as data_lib
 
-_logger = logging.getLogger("t2t_fast.train")
+_logger = logging.getLogger(__name__)
 
 
 def build_parser():
@@ -58,18 +60,16 @@ def build_parser():
 
 def _settings(args, checkpoint):
     """Fill unset options: the training run's settings when the checkpoint has them, else the official ones."""
-    from t2t_fast import _config
-
     run = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     if args.model is None:
         recorded = run.get("model") or checkpoint.get("arch")
-        if recorded not in _config.VARIANTS:  # official files record timm's class name ('t2t_vit'), if anything
+        if recorded not in registry.VARIANTS:  # official files record timm's class name ('t2t_vit'), if anything
             raise data_lib.DataError(f"the checkpoint does not record which variant it is (arch={recorded!r}): "
                                      f"pass --model NAME")
         args.model = recorded
-    if args.model not in _config.VARIANTS:
-        raise data_lib.DataError(str(_config.unknown_model_error(args.model)))
-    cfg = _config.DEFAULT_CFG
+    if args.model not in registry.VARIANTS:
+        raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
+    cfg = registry.DEFAULT_CFG
     defaults = dict(img_size=run.get("img_size", cfg["input_size"][-1]), batch_size=run.get("batch_size", 100),
                     crop_pct=run.get("crop_pct", cfg["crop_pct"]),
                     interpolation=run.get("interpolation", cfg["interpolation"]),
@@ -99,51 +99,60 @@ def eval_dataset(args, transform):
     return data_lib.SafeImageFolder(root, transform)
 
 
-def evaluate(args):
-    """Evaluate with resolved-or-partial ``args``; returns the metrics dict."""
-    import t2t_fast
-    from t2t_fast import _train_utils as tu
+def _read(args):
+    """The checkpoint with ``args`` completed from it, and whether its EMA weights are used."""
     from t2t_fast.checkpoint import extract_state_dict, read_checkpoint
-    from t2t_fast.train import eval_transform, parse_model_kwargs
 
     checkpoint = read_checkpoint(args.checkpoint)
     if not isinstance(checkpoint, dict):
         raise data_lib.DataError(f"{args.checkpoint} does not hold a checkpoint dict")
     _settings(args, checkpoint)
     use_ema = not args.no_ema
-    state = extract_state_dict(checkpoint, use_ema=use_ema)
     if args.num_classes is None:
-        head = state.get("head.weight")
+        head = extract_state_dict(checkpoint, use_ema=use_ema).get("head.weight")
         args.num_classes = head.shape[0] if head is not None else 1000
+    return checkpoint, use_ema
+
+
+def _validate(args, checkpoint, use_ema, dist_info):
+    from t2t_fast.checkpoint import load_checkpoint
+    from t2t_fast.training import recipes
+    from t2t_fast.training.distributed import ShardSampler
+    from t2t_fast.training.loop import validate
+
+    dataset = eval_dataset(args, recipes.eval_transform(args))
+    if len(dataset.classes) != args.num_classes:
+        raise data_lib.DataError(f"the checkpoint's head has {args.num_classes} classes but the evaluation "
+                                 f"data has {len(dataset.classes)}")
+    model = recipes.create_model(args, args.num_classes)
+    load_checkpoint(model, checkpoint, use_ema=use_ema)
+    model.to(dist_info.device)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, num_workers=args.workers,
+        sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size),
+        collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist_info.device.type == "cuda")
+    autocast = (functools.partial(torch.autocast, device_type=dist_info.device.type,
+                                  dtype=getattr(torch, args.amp_dtype)) if args.amp else contextlib.nullcontext)
+    _logger.info("evaluating %s (%s weights of %s) on %d images", args.model,
+                 "EMA" if use_ema and "state_dict_ema" in checkpoint else "model", args.checkpoint, len(dataset))
+    return validate(model, loader, dist_info, autocast, desc="Eval", log_interval=args.log_interval)
+
+
+def evaluate(args):
+    """Evaluate with resolved-or-partial ``args``; returns the metrics dict."""
+    from t2t_fast.training.distributed import Distributed
+
+    checkpoint, use_ema = _read(args)
     threads = torch.get_num_threads()
-    dist_info = tu.Distributed(args.device)
+    dist_info = Distributed(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        dataset = eval_dataset(args, eval_transform(args))
-        if len(dataset.classes) != args.num_classes:
-            raise data_lib.DataError(f"the checkpoint's head has {args.num_classes} classes but the evaluation "
-                                     f"data has {len(dataset.classes)}")
-        kwargs = dict(num_classes=args.num_classes, img_size=args.img_size, **parse_model_kwargs(args.model_kwargs))
-        if args.backend is not None:
-            kwargs["backend"] = args.backend
-        model = t2t_fast.create_model(args.model, **kwargs)
-        t2t_fast.load_checkpoint(model, checkpoint, use_ema=use_ema)
-        model.to(dist_info.device)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=args.batch_size, num_workers=args.workers,
-            sampler=tu.ShardSampler(len(dataset), dist_info.rank, dist_info.world_size),
-            collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist_info.device.type == "cuda")
-        autocast = (functools.partial(torch.autocast, device_type=dist_info.device.type,
-                                      dtype=getattr(torch, args.amp_dtype)) if args.amp else contextlib.nullcontext)
-        weights = "EMA" if use_ema and "state_dict_ema" in checkpoint else "model"
-        _logger.info("evaluating %s (%s weights of %s) on %d images", args.model, weights, args.checkpoint,
-                     len(dataset))
-        metrics = tu.validate(model, loader, dist_info.device, dist_info, autocast, desc="Eval",
-                              log_interval=args.log_interval)
+        metrics = _validate(args, checkpoint, use_ema, dist_info)
     finally:
         dist_info.close()
         torch.set_num_threads(threads)
+    weights = "EMA" if use_ema and "state_dict_ema" in checkpoint else "model"
     metrics = {"model": args.model, "checkpoint": args.checkpoint, "weights": weights, "img_size": args.img_size,
                **metrics}
     _logger.info("top-1 %.3f%%  top-5 %.3f%%  loss %.4f  (%d images%s)", metrics["top1"], metrics["top5"],
@@ -157,13 +166,11 @@ def evaluate(args):
 
 def main(argv=None):
     """Entry point of ``t2t-fast eval``; returns the process exit code."""
-    from t2t_fast import _train_utils as tu
-    from t2t_fast.train import run_cli
+    from t2t_fast.training.logs import setup_logging
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    tu.setup_logging(int(os.environ.get("RANK", 0)) == 0)
-    return run_cli(evaluate, args)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    setup_logging(int(os.environ.get("RANK", 0)) == 0)
+    return run_command(evaluate, args)
 
 
 if __name__ == "__main__":

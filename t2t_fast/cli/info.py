@@ -1,0 +1,58 @@
+"""``t2t-fast info`` (also ``python -m t2t_fast.info``): versions, and which backends and kernels can run here."""
+import os
+import platform
+import sys
+
+
+def collect():
+    """A dict describing the installation (versions, compiled kernels, usable backends per device)."""
+    import torch
+
+    import t2t_fast
+    from t2t_fast import backend
+    from t2t_fast._native import native_cuda_compiled, native_error, native_module
+
+    info = {
+        "t2t_fast": f"{t2t_fast.__version__} ({os.path.dirname(t2t_fast.__file__)})",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except Exception as exc:  # timm import can fail on a torch/torchvision mismatch, say why
+        info["timm"] = f"not usable ({type(exc).__name__}: {exc})".splitlines()[0]
+    module = native_module()
+    info["native extension (t2t_fast._C)"] = "not loaded: " + native_error() if module is None else "loaded"
+    info["native CPU kernels"] = "compiled" if module is not None else "missing"
+    info["native kernels"] = ", ".join(module.compiled_kernels()) if module is not None else "none"
+    info["native CUDA kernels"] = "compiled" if native_cuda_compiled() else "not compiled"
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
+    info[backend.ENV_VAR] = os.environ.get(backend.ENV_VAR, "") or "(unset: auto)"
+    for device_type in ("cpu", "cuda"):
+        for name, reason in backend.available_backends(device_type).items():
+            info[f"backend {name} on {device_type}"] = "available" if reason is None else f"unavailable: {reason}"
+    return info
+
+
+def main(argv=None):
+    if argv:
+        print("usage: python -m t2t_fast.info   (no options)", file=sys.stderr)
+        return 2
+    info = collect()
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Geometry of the T2T soft splits: the three (kernel, stride, padding) unfolds and the token grids they give.
+
+Shared by the reference, the fast model and the ops; no tensors are touched here."""
+
+# (kernel, stride, padding) of the three soft splits of the T2T module.
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+
+
+def split_output_size(size, kernel, stride, padding):
+    """Output length of one unfold along one axis (0 or less when undefined)."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def token_grids(img_size):
+    """Token grids (H, W) after each of the three soft splits for an input of ``img_size`` (H, W).
+
+    Raises ValueError when a soft split is undefined (the image is too small)."""
+    grids = []
+    h, w = img_size
+    for kernel, stride, padding in SOFT_SPLITS:
+        h, w = split_output_size(h, kernel, stride, padding), split_output_size(w, kernel, stride, padding)
+        if h < 1 or w < 1:
+            raise ValueError(f"image size {tuple(img_size)} is too small for the T2T soft splits "
+                             f"(kernel {kernel}, stride {stride}, padding {padding} gives an empty grid)")
+        grids.append((h, w))
+    return grids
+
+
+def image_size(value):
+    """``img_size`` as an (H, W) pair of ints: an int gives a square."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
+    raise TypeError(f"img_size must be an int or a pair of ints, got {value!r}")

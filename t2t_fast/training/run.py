@@ -1,0 +1,239 @@
+"""One training run, from resolved options to the last epoch: :func:`train`.
+
+Setup, in order: the run folder and logging (:func:`_prepare`), the data and the learning rate
+(:func:`_data`), the model, optimizer, autocast and EMA (:func:`_build`), the loaders and the schedule
+(:func:`_schedule`), an optional resume, then compile / DDP wrapping, mixup and the loss (:func:`_wrap`).
+Then every epoch (:func:`_run_epoch`): train, step the schedule, validate the model and its EMA, write the
+checkpoint and the summary row.
+"""
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+
+from t2t_fast import registry
+from t2t_fast.training import loop, recipes, state
+from t2t_fast.training import data as data_lib
+from t2t_fast.training.distributed import Distributed, ShardSampler
+from t2t_fast.training.logs import setup_logging
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Run:
+    """What one run holds; callbacks receive it. ``model`` is the bare model (what is saved and averaged),
+    ``network`` what the loop calls (``model`` compiled and/or wrapped in DDP)."""
+
+    args: Any
+    dist: Distributed
+    output: str
+    num_classes: int = 0
+    model: Any = None
+    network: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    ema: Any = None
+    autocast: Any = contextlib.nullcontext
+    mixup: Any = None
+    loss_fn: Any = None
+    sampler: Any = None
+    train_loader: Any = None
+    val_loader: Any = None
+    num_epochs: int = 0
+    epoch: int = 0
+    num_updates: int = 0
+    best: Any = None
+
+
+def train(args, builders=recipes.FROM_SCRATCH, callbacks=()):
+    """Train with the resolved ``args`` (see ``t2t-fast train --help``), building the pieces with ``builders``
+    (:class:`~t2t_fast.training.recipes.Builders`). ``callbacks``: see :mod:`t2t_fast.training.loop`.
+    Returns the last epoch's metrics on the primary rank, else None."""
+    threads = torch.get_num_threads()
+    dist = Distributed(args.device)
+    try:
+        started = time.perf_counter()
+        run = _setup(args, dist, builders)
+        metrics = None
+        for epoch in range(run.epoch, run.num_epochs):
+            run.epoch = epoch
+            metrics = _run_epoch(run, callbacks)
+        if dist.primary and metrics is not None:
+            _log_done(run, metrics, time.perf_counter() - started)
+        return metrics if dist.primary else None
+    finally:
+        dist.close()
+        torch.set_num_threads(threads)  # train() is also called in-process (tests, notebooks)
+
+
+def _setup(args, dist, builders):
+    run = Run(args=args, dist=dist, output=_prepare(args, dist))
+    train_set, val_set = _data(run, builders)
+    _build(run, builders)
+    _schedule(run, train_set, val_set)
+    if args.resume:
+        state.resume(run)
+    # Put the lr of this point of the schedule (and each group's lr_scale) in place before the first step.
+    if args.sched_on_updates:
+        run.scheduler.step_update(run.num_updates)
+    else:
+        run.scheduler.step(run.epoch)
+    _wrap(run)
+    _log_start(run, len(train_set), len(val_set))
+    return run
+
+
+def _prepare(args, dist):
+    """Check the model name, set threads, create the run folder and logging; returns the folder."""
+    if args.model not in registry.VARIANTS:
+        raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.output is None:
+        data = "digits" if args.data is None else os.path.basename(os.path.normpath(args.data))
+        args.output = os.path.join("output", f"{args.model}-{data}")
+    output = args.output
+    if dist.primary:
+        os.makedirs(output, exist_ok=True)
+        if not args.resume and os.path.exists(os.path.join(output, "last.pth")):
+            print(f"t2t-fast: note: {output} holds an earlier run; it is overwritten epoch by epoch "
+                  f"(use --resume {os.path.join(output, 'last.pth')} to continue it instead)", file=sys.stderr)
+    setup_logging(dist.primary, os.path.join(output, "log.txt") if dist.primary else None)
+    if args.amp is None:
+        args.amp = dist.device.type == "cuda"
+    state.seed_everything(args.seed)  # the same initial weights (and EMA copy) on every rank
+    return output
+
+
+def _data(run, builders):
+    """(train, val) datasets; sets the number of classes and the learning rate for the global batch."""
+    args, dist = run.args, run.dist
+    train_set, val_set = builders.datasets(args, builders.transforms(args))
+    run.num_classes = len(train_set.classes)
+    if args.lr is None:
+        args.lr = args.lr_base * (args.batch_size * dist.world_size) / args.lr_base_size
+    per_rank = len(train_set) // dist.world_size
+    if args.batch_size > per_rank:
+        raise data_lib.DataError(
+            f"--batch-size {args.batch_size} is larger than the {len(train_set)} training images"
+            + (f" ({per_rank} per process over {dist.world_size} processes)" if dist.distributed else "")
+            + "; use a smaller batch")
+    return train_set, val_set
+
+
+def _build(run, builders):
+    """Model, optimizer, autocast, loss scaler and EMA; then a data / dropout stream per rank."""
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    args, device = run.args, run.dist.device
+    run.model = builders.model(args, run.num_classes).to(device)
+    if args.grad_checkpointing:
+        run.model.set_grad_checkpointing(True)
+    run.optimizer = builders.optimizer(args, run.model)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
+    if args.amp:
+        run.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+    if args.amp and amp_dtype == torch.float16:
+        run.scaler = NativeScaler(device=device.type)
+    if args.model_ema:  # before compile and the DDP wrap (timm train.py)
+        run.ema = ModelEmaV3(run.model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    state.seed_everything(args.seed + run.dist.rank)  # timm's seed + rank
+
+
+def _schedule(run, train_set, val_set):
+    """The train / val loaders and the lr schedule over them."""
+    from timm.scheduler import create_scheduler_v2
+
+    args, dist = run.args, run.dist
+    run.sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
+                                                      shuffle=True, seed=args.seed, drop_last=True)
+    loader_kwargs = dict(num_workers=min(args.workers, os.cpu_count() or 1),
+                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist.device.type == "cuda")
+    run.train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=run.sampler,
+                                                   drop_last=True, **loader_kwargs)
+    run.val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=args.batch_size, sampler=ShardSampler(len(val_set), dist.rank, dist.world_size),
+        **loader_kwargs)
+    run.scheduler, run.num_epochs = create_scheduler_v2(
+        run.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(run.train_loader))
+
+
+def _wrap(run):
+    """What the loop calls (compiled, DDP-wrapped), the mixup / cutmix transform and the loss."""
+    from timm.data import Mixup
+
+    args = run.args
+    run.network = run.dist.wrap(torch.compile(run.model) if args.compile else run.model)
+    if args.mixup > 0 or args.cutmix > 0:
+        run.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                          switch_prob=args.mixup_switch_prob, mode="batch", label_smoothing=args.smoothing,
+                          num_classes=run.num_classes)
+    run.loss_fn = recipes.build_loss(args).to(run.dist.device)
+
+
+def _run_epoch(run, callbacks):
+    """Train and validate one epoch, save the checkpoint and the summary row; returns the row."""
+    run.sampler.set_epoch(run.epoch)
+    t0 = time.perf_counter()
+    train_metrics = loop.train_one_epoch(run, callbacks)
+    run.scheduler.step(run.epoch + 1)
+    row = {"epoch": run.epoch, "step": run.num_updates, "lr": run.optimizer.param_groups[0]["lr"],
+           "train_loss": train_metrics["loss"], "train_skipped": train_metrics["skipped"],
+           "train_time_s": round(time.perf_counter() - t0, 2)}
+    row.update(_validate(run, run.model, "val", f"Val {run.epoch}"))
+    if run.ema is not None:
+        row.update(_validate(run, run.ema.module, "val_ema", f"Val EMA {run.epoch}"))
+    score = row.get("val_ema_top1", row["val_top1"])
+    is_best = run.best is None or score > run.best
+    if is_best:
+        run.best = score
+    row["best_top1"] = run.best
+    row["time_s"] = round(time.perf_counter() - t0, 2)
+    rng = run.dist.gather_objects(state.get_rng_state())
+    if run.dist.primary:
+        state.save_epoch(run, rng, row, is_best)
+        state.Summary(run.output).append(row)
+        _log_epoch(row)
+    loop.notify(callbacks, "on_epoch_end", run, row)
+    return row
+
+
+def _validate(run, model, prefix, desc):
+    metrics = loop.validate(model, run.val_loader, run.dist, run.autocast, desc=desc,
+                            log_interval=run.args.log_interval)
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def _log_start(run, num_train, num_val):
+    args = run.args
+    n_params = sum(p.numel() for p in run.model.parameters())
+    _logger.info("%s: %.2fM params, %d classes, %d train / %d val images, %d processes x batch %d, lr %.3g, "
+                 "%d epochs (%d updates/epoch), device %s%s, output %s", args.model, n_params / 1e6,
+                 run.num_classes, num_train, num_val, run.dist.world_size, args.batch_size, args.lr, run.num_epochs,
+                 len(run.train_loader), run.dist.device, f" autocast {args.amp_dtype}" if args.amp else "",
+                 run.output)
+
+
+def _log_epoch(row):
+    text = (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val top-1 {row['val_top1']:.2f}% "
+            f"top-5 {row['val_top5']:.2f}%")
+    if "val_ema_top1" in row:
+        text += f", EMA top-1 {row['val_ema_top1']:.2f}%"
+    _logger.info("%s (%.1fs)", text, row["time_s"])
+
+
+def _log_done(run, metrics, seconds):
+    final = f"validation top-1 {metrics['val_top1']:.2f}%" + (
+        f" (EMA {metrics['val_ema_top1']:.2f}%)" if "val_ema_top1" in metrics else "")
+    _logger.info("done in %.0fs: %s, best %.2f%%; checkpoints and summary in %s", seconds, final, run.best,
+                 run.output)
