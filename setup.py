@@ -10,6 +10,11 @@ CPU code is always built. CUDA code (``csrc/*.cu``) is built when nvcc is found:
   T2T_FAST_CUDA=1  build it, and fail if nvcc is missing
   unset            build it when nvcc is found
 T2T_FAST_CUDA_ARCHS overrides the targets (default "80;90a", plus PTX for compute_80).
+
+T2T_FAST_SANITIZE=address builds the C++ sources with AddressSanitizer (-fsanitize=address, -O1 -g): for
+tests of the CPU kernels and the checks in front of them, run with gcc's libasan preloaded (the Python
+interpreter is not instrumented), e.g.
+  LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
 """
 import glob
 import os
@@ -57,6 +62,13 @@ def _cuda_root(nvcc):
     raise RuntimeError(f"nvcc found at {nvcc} but no libcudart_static.a next to it; set CUDA_HOME")
 
 
+def _sanitizer():
+    sanitizer = os.environ.get("T2T_FAST_SANITIZE", "").strip()
+    if sanitizer not in ("", "address"):
+        raise RuntimeError(f"T2T_FAST_SANITIZE must be 'address' or unset, got {sanitizer!r}")
+    return sanitizer
+
+
 def _cuda_mode():
     mode = os.environ.get("T2T_FAST_CUDA", "").strip()
     if mode not in ("", "0", "1"):
@@ -74,7 +86,9 @@ class BuildExt(build_ext):
             raise RuntimeError("T2T_FAST_CUDA=1 but nvcc was not found (PATH, CUDA_HOME, /usr/local/cuda*)")
         # setuptools reuses objects in build/ by timestamp alone: after a build with another CUDA setting
         # (T2T_FAST_CUDA=0 after a CUDA build, other archs) it would link the old ones. Rebuild then.
-        configuration = f"cuda={nvcc is not None} archs={os.environ.get('T2T_FAST_CUDA_ARCHS', '80;90a')}"
+        sanitizer = _sanitizer()
+        configuration = (f"cuda={nvcc is not None} archs={os.environ.get('T2T_FAST_CUDA_ARCHS', '80;90a')} "
+                         f"sanitize={sanitizer}")
         marker = os.path.join(self.build_temp, "t2t_fast_build_configuration")
         previous = None
         if os.path.exists(marker):
@@ -83,6 +97,10 @@ class BuildExt(build_ext):
         if previous != configuration:
             self.force = True
         for ext in self.extensions:
+            if sanitizer:
+                # after -O3: the last -O wins; -O1 keeps ASan's reports exact
+                ext.extra_compile_args += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-O1", "-g"]
+                ext.extra_link_args += [f"-fsanitize={sanitizer}"]
             cu_sources = [s for s in ext.sources if s.endswith(".cu")]
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
             if nvcc is None or not cu_sources:

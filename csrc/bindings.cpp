@@ -1,7 +1,8 @@
-// pybind11 entry points of t2t_fast._C. No torch headers: tensors arrive as raw pointers and integers.
+// pybind11 entry points of t2t_fast._C. No torch headers: tensors arrive as addresses and integers.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <string>
@@ -31,8 +32,20 @@ std::vector<std::string> compiled_kernels() {
 using Quad = std::array<int64_t, 4>;
 using Pair = std::array<int64_t, 2>;
 
-// sizes (B, C, H, W), window (kh, kw), (sh, sw), (ph, pw), element strides of the unfold input as (B, C, H, W).
-// The Python wrapper validates first; these checks only keep a bad direct call from touching memory.
+// a*b, a+b of non-negative values; a ValueError when the result would not fit int64_t.
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t out;
+  if (__builtin_mul_overflow(a, b, &out)) throw py::value_error("restructurize_unfold: sizes overflow int64");
+  return out;
+}
+
+int64_t checked_add(int64_t a, int64_t b) {
+  int64_t out;
+  if (__builtin_add_overflow(a, b, &out)) throw py::value_error("restructurize_unfold: sizes overflow int64");
+  return out;
+}
+
+// sizes (B, C, H, W), window (kh, kw), (sh, sw), (ph, pw), element strides of the strided buffer as (B, C, H, W).
 t2t::UnfoldGeometry make_geometry(const Quad& sizes, const Pair& kernel, const Pair& stride, const Pair& padding,
                                   const Quad& strides) {
   t2t::UnfoldGeometry g{sizes[0],  sizes[1],  sizes[2],  sizes[3],   kernel[0],  kernel[1],  stride[0],  stride[1],
@@ -48,7 +61,8 @@ t2t::UnfoldGeometry make_geometry(const Quad& sizes, const Pair& kernel, const P
   for (int64_t v : strides) {
     if (v < 0) throw py::value_error("restructurize_unfold: strides must be non-negative");
   }
-  if (g.height + 2 * g.pad_h < g.kernel_h || g.width + 2 * g.pad_w < g.kernel_w) {
+  if (checked_add(g.height, checked_mul(2, g.pad_h)) < g.kernel_h ||
+      checked_add(g.width, checked_mul(2, g.pad_w)) < g.kernel_w) {
     throw py::value_error("restructurize_unfold: the window does not fit the padded input");
   }
   g.out_h = t2t::unfold_out_size(g.height, g.kernel_h, g.stride_h, g.pad_h);
@@ -56,28 +70,95 @@ t2t::UnfoldGeometry make_geometry(const Quad& sizes, const Pair& kernel, const P
   return g;
 }
 
-// The Python entry point of fn(a, b, geometry, extra...): (a, b, sizes, kernel, stride, padding, strides,
-// extra...), with the geometry checked before any memory is touched. CPU work runs without the GIL.
-template <bool ReleaseGil, typename... Extra>
-auto with_geometry(void (*fn)(std::uintptr_t, std::uintptr_t, const t2t::UnfoldGeometry&, Extra...)) {
-  return [fn](std::uintptr_t a, std::uintptr_t b, const Quad& sizes, const Pair& kernel, const Pair& stride,
-              const Pair& padding, const Quad& strides, Extra... extra) {
+// Elements of the (B, L, C*kh*kw) buffer: y of the forward, dy of the backward.
+int64_t unfolded_elems(const t2t::UnfoldGeometry& g) {
+  const int64_t rows = checked_mul(checked_mul(g.batch, g.out_h), g.out_w);
+  return checked_mul(rows, checked_mul(g.channels, checked_mul(g.kernel_h, g.kernel_w)));
+}
+
+// One past the largest element offset of the strided buffer (x of the forward, dx of the backward): the
+// kernels read or write no element outside [0, reach) (padding taps touch no memory).
+int64_t strided_reach(const t2t::UnfoldGeometry& g) {
+  const Quad sizes = {g.batch, g.channels, g.height, g.width};
+  const Quad strides = {g.stride_b, g.stride_c, g.stride_y, g.stride_x};
+  int64_t last = 0;
+  for (int i = 0; i < 4; ++i) last = checked_add(last, checked_mul(sizes[i] - 1, strides[i]));
+  return checked_add(last, 1);
+}
+
+// The backward writes dx from several threads: no two (b, c, y, x) may share an element. Sorted by stride,
+// each axis of more than one element must step past everything the smaller axes reach.
+void check_no_overlap(const t2t::UnfoldGeometry& g) {
+  std::array<Pair, 4> axes = {Pair{g.stride_b, g.batch}, Pair{g.stride_c, g.channels}, Pair{g.stride_y, g.height},
+                              Pair{g.stride_x, g.width}};
+  std::sort(axes.begin(), axes.end());
+  int64_t reach = 0;  // largest offset of the axes so far
+  for (const Pair& axis : axes) {
+    if (axis[1] == 1) continue;
+    if (axis[0] <= reach) throw py::value_error("restructurize_unfold: the strides of dx overlap");
+    reach = checked_add(reach, checked_mul(axis[0], axis[1] - 1));
+  }
+}
+
+int64_t element_size(int dtype) {
+  int64_t size = 0;
+  t2t::dispatch_dtype(dtype, [&](auto d) { size = sizeof(t2t::StorageBits<decltype(d)::value>); });
+  return size;
+}
+
+// A buffer of `extent` elements at `address` must hold the `needed` elements the geometry reaches, at an
+// address aligned to the element size.
+void check_buffer(const char* name, std::uintptr_t address, int64_t extent, int64_t needed, int64_t elem) {
+  if (extent < needed) {
+    throw py::value_error(std::string("restructurize_unfold: ") + name + " holds " + std::to_string(extent) +
+                          " elements but the geometry reaches " + std::to_string(needed));
+  }
+  if (address == 0 || address % elem != 0) {
+    throw py::value_error(std::string("restructurize_unfold: ") + name + " is null or not aligned to its " +
+                          std::to_string(elem) + "-byte elements");
+  }
+}
+
+enum class Direction { kForward, kBackward };
+
+// The Python entry point of fn(a, b, geometry, dtype, extra...): (a, a_extent, b, b_extent, sizes, kernel, stride,
+// padding, strides, dtype, extra...). The extents are the elements each buffer holds from its address (a
+// tensor's storage past its offset); the geometry is checked against them, and against itself, before fn runs.
+// Only the addresses are taken on trust. CPU work runs without the GIL.
+template <Direction Dir, bool ReleaseGil, typename... Extra>
+auto checked(void (*fn)(std::uintptr_t, std::uintptr_t, const t2t::UnfoldGeometry&, int, Extra...)) {
+  return [fn](std::uintptr_t a, int64_t a_extent, std::uintptr_t b, int64_t b_extent, const Quad& sizes,
+              const Pair& kernel, const Pair& stride, const Pair& padding, const Quad& strides, int dtype,
+              Extra... extra) {
+    const int64_t elem = element_size(dtype);
     const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+    const int64_t unfolded = unfolded_elems(g);
+    const int64_t reach = strided_reach(g);
+    if (Dir == Direction::kForward) {
+      check_buffer("x", a, a_extent, reach, elem);
+      check_buffer("y", b, b_extent, unfolded, elem);
+    } else {
+      check_buffer("dy", a, a_extent, unfolded, elem);
+      check_buffer("dx", b, b_extent, reach, elem);
+      check_no_overlap(g);
+    }
     if constexpr (ReleaseGil) {
       py::gil_scoped_release release;
-      fn(a, b, g, extra...);
+      fn(a, b, g, dtype, extra...);
     } else {
-      fn(a, b, g, extra...);
+      fn(a, b, g, dtype, extra...);
     }
   };
 }
 
-// m.def of such an entry point: buffer names `a` and `b`, the geometry's arguments, then `extra` py::args.
-template <bool ReleaseGil, typename Fn, typename... ExtraArgs>
-void def_with_geometry(py::module_& m, const char* name, Fn* fn, const char* a, const char* b, const char* doc,
-                       ExtraArgs... extra) {
-  m.def(name, with_geometry<ReleaseGil>(fn), py::arg(a), py::arg(b), py::arg("sizes"), py::arg("kernel"),
-        py::arg("stride"), py::arg("padding"), py::arg("strides"), extra..., doc);
+// m.def of such an entry point: the names of a, a_extent, b, b_extent, the geometry's arguments, dtype, then
+// `extra` py::args.
+template <Direction Dir, bool ReleaseGil, typename Fn, typename... ExtraArgs>
+void def_checked(py::module_& m, const char* name, Fn* fn, const std::array<const char*, 4>& buffers,
+                 const char* doc, ExtraArgs... extra) {
+  m.def(name, checked<Dir, ReleaseGil>(fn), py::arg(buffers[0]), py::arg(buffers[1]), py::arg(buffers[2]),
+        py::arg(buffers[3]), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+        py::arg("strides"), py::arg("dtype"), extra..., doc);
 }
 }  // namespace
 
@@ -86,30 +167,56 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
 
-  def_with_geometry<true>(
-      m, "restructurize_unfold_forward_cpu", &t2t::restructurize_unfold_forward_cpu, "x", "y",
-      "y (B, L, C*kh*kw) contiguous <- x viewed as (B, C, H, W) through `strides`; pointers as integers",
-      py::arg("dtype"), py::arg("threads"));
-  def_with_geometry<true>(
-      m, "restructurize_unfold_backward_cpu", &t2t::restructurize_unfold_backward_cpu, "dy", "dx",
+  constexpr auto kForward = Direction::kForward;
+  constexpr auto kBackward = Direction::kBackward;
+  const std::array<const char*, 4> kForwardBuffers = {"x", "x_extent", "y", "y_extent"};
+  const std::array<const char*, 4> kBackwardBuffers = {"dy", "dy_extent", "dx", "dx_extent"};
+  def_checked<kForward, true>(
+      m, "restructurize_unfold_forward_cpu", &t2t::restructurize_unfold_forward_cpu, kForwardBuffers,
+      "y (B, L, C*kh*kw) contiguous <- x viewed as (B, C, H, W) through `strides`; addresses as integers, each "
+      "with the elements its buffer holds from there",
+      py::arg("threads"));
+  def_checked<kBackward, true>(
+      m, "restructurize_unfold_backward_cpu", &t2t::restructurize_unfold_backward_cpu, kBackwardBuffers,
       "dx (written through `strides`) <- dy (B, L, C*kh*kw) contiguous, by gathering (no atomics)",
-      py::arg("dtype"), py::arg("threads"));
-  def_with_geometry<true>(
-      m, "restructurize_unfold_forward_emulated", &t2t::restructurize_unfold_forward_emulated, "x", "y",
-      "The CUDA forward kernel's threads run serially on CPU memory (tests of the CUDA indexing)",
-      py::arg("dtype"), py::arg("index_bits") = 0);
-  def_with_geometry<true>(
-      m, "restructurize_unfold_backward_emulated", &t2t::restructurize_unfold_backward_emulated, "dy", "dx",
-      "The CUDA backward kernels' threads run serially on CPU memory (tests of the CUDA indexing)",
-      py::arg("channels_last"), py::arg("dtype"), py::arg("index_bits") = 0);
+      py::arg("threads"));
+  def_checked<kForward, true>(
+      m, "restructurize_unfold_forward_emulated", &t2t::restructurize_unfold_forward_emulated, kForwardBuffers,
+      "The CUDA forward kernels run serially on CPU memory (tests of the CUDA indexing)",
+      py::arg("index_bits") = 0);
+  def_checked<kBackward, true>(
+      m, "restructurize_unfold_backward_emulated", &t2t::restructurize_unfold_backward_emulated, kBackwardBuffers,
+      "The CUDA backward kernels run serially on CPU memory (tests of the CUDA indexing)",
+      py::arg("index_bits") = 0);
+  m.def(
+      "restructurize_unfold_backward_plan",
+      [](std::uintptr_t dy, std::uintptr_t dx, const Quad& sizes, const Pair& kernel, const Pair& stride,
+         const Pair& padding, const Quad& strides, int dtype, int index_bits) {
+        const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+        if (index_bits != 32 && index_bits != 64) {
+          throw py::value_error("restructurize_unfold: index_bits must be 32 or 64");
+        }
+        const auto p = t2t::backward_plan(g, element_size(dtype), dy, dx, index_bits / 8);
+        py::dict plan;
+        for (const auto& [name, value] :
+             {std::pair<const char*, int64_t>{"tile_h", p.tile_h}, {"tile_w", p.tile_w},
+              {"channels_per_tile", p.channels_per_tile}, {"tiles", p.tiles}, {"table_bytes", p.table_bytes},
+              {"stage_bytes", p.stage_bytes}, {"granule", p.granule}, {"load_bytes", p.load_bytes}}) {
+          plan[name] = value;
+        }
+        return plan;
+      },
+      py::arg("dy"), py::arg("dx"), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      py::arg("strides"), py::arg("dtype"), py::arg("index_bits"),
+      "The staged CUDA backward's tiling for these addresses and this geometry (tiles == 0: the unstaged "
+      "kernels run); reads no memory");
 #ifdef T2T_WITH_CUDA
-  def_with_geometry<false>(
-      m, "restructurize_unfold_forward_cuda", &t2t::restructurize_unfold_forward_cuda, "x", "y",
+  def_checked<kForward, false>(
+      m, "restructurize_unfold_forward_cuda", &t2t::restructurize_unfold_forward_cuda, kForwardBuffers,
       "CUDA forward on `stream` (a cudaStream_t as an integer); raises RuntimeError on a CUDA error",
-      py::arg("dtype"), py::arg("device"), py::arg("stream"));
-  def_with_geometry<false>(
-      m, "restructurize_unfold_backward_cuda", &t2t::restructurize_unfold_backward_cuda, "dy", "dx",
-      "CUDA backward on `stream`; raises RuntimeError on a CUDA error",
-      py::arg("channels_last"), py::arg("dtype"), py::arg("device"), py::arg("stream"));
+      py::arg("device"), py::arg("stream"));
+  def_checked<kBackward, false>(
+      m, "restructurize_unfold_backward_cuda", &t2t::restructurize_unfold_backward_cuda, kBackwardBuffers,
+      "CUDA backward on `stream`; raises RuntimeError on a CUDA error", py::arg("device"), py::arg("stream"));
 #endif
 }

@@ -23,11 +23,11 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
   const int64_t row_features = features(g);
   // Token input has unit channel stride: loop over taps, channels innermost (contiguous reads).
   // Images have unit x stride: loop over channels, taps innermost (contiguous writes, runs of KW reads).
-  const bool channels_inner = g.stride_c < g.stride_x;
+  const bool inner = channels_inner(g);
   const int64_t sc = g.stride_c;
   const int64_t row_groups = g.batch * g.out_h;
   // What padding taps read in the channels-inner loop: channel c at zeros[c * sc].
-  const std::vector<T> zeros(channels_inner ? (g.channels - 1) * sc + 1 : 0, T(0));
+  const std::vector<T> zeros(inner ? (g.channels - 1) * sc + 1 : 0, T(0));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<const T*> tap(taps);
@@ -41,7 +41,7 @@ void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
       for (int64_t row = group * g.out_w; ow < g.out_w; ++row, ++ow) {
         const T* image = x + b * g.stride_b;
         T* out = y + row * row_features;
-        if (channels_inner) {
+        if (inner) {
           // One source pointer per tap (padding taps read a zero row), then the row is written in order:
           // y[c*taps + t] = tap t's channel c.
           for (int64_t ki = 0, t = 0; ki < g.kernel_h; ++ki) {
@@ -237,7 +237,7 @@ void backward_typed(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int thr
   using T = typename Scalar<D>::storage;
   const T* grad_out = reinterpret_cast<const T*>(dy);
   T* grad_in = reinterpret_cast<T*>(dx);
-  if (g.stride_c == 1 && g.channels > 1) {
+  if (channels_inner(g)) {
     backward_channels_last<D>(grad_out, grad_in, g, threads);
   } else {
     backward_planes<D>(grad_out, grad_in, g, threads);

@@ -2,6 +2,7 @@
 F.unfold + transpose): forward bit for bit, backward against autograd through the reference."""
 import ast
 import importlib
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from t2t_fast._native import native_cuda_compiled, native_module
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import restructurize_unfold, restructurize_unfold_ref
+from t2t_fast.ops._common import split_geometry
 from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
 
 # The op's module (t2t_fast.ops.restructurize_unfold is the function of that name).
@@ -82,19 +84,19 @@ def test_matches_reference_property(geometry, tokens, strided, dtype):
 
 
 def run_emulated_cuda(x, grid, kernel, stride, padding, dy, index_bits):
-    """The CUDA kernels' threads, run serially on CPU tensors: (y, dx) with NaN-filled outputs."""
-    _, kernel, stride, padding = ru_module._validate(x, grid, kernel, stride, padding)
+    """The CUDA kernels, run serially on CPU tensors: (y, dx) with NaN-filled outputs."""
     grid_h, grid_w = grid if grid is not None else (0, 0)
-    window = [*kernel, *stride, *padding]
-    sizes, pairs, (out_h, out_w), strides = ru_module._geometry(x, grid_h, grid_w, window)
+    sizes, kernel, stride, padding, (out_h, out_w) = ru_module._validate(x, grid, kernel, stride, padding)
+    strides = split_geometry(x, grid_h, grid_w)[1]
     code = ru_module._DTYPE_CODES[x.dtype]
     y = torch.full((sizes[0], out_h * out_w, sizes[1] * kernel[0] * kernel[1]), float("nan"), dtype=x.dtype)
-    native_module().restructurize_unfold_forward_emulated(x.data_ptr(), y.data_ptr(), sizes, *pairs, strides, code,
+    native_module().restructurize_unfold_forward_emulated(x.data_ptr(), ru_module._extent(x), y.data_ptr(),
+                                                          y.numel(), sizes, kernel, stride, padding, strides, code,
                                                           index_bits)
     dx = torch.full(x.shape, float("nan"), dtype=x.dtype)
     native_module().restructurize_unfold_backward_emulated(
-        dy.data_ptr(), dx.data_ptr(), sizes, *pairs, ru_module._contiguous_strides(tuple(x.shape), grid_h, grid_w),
-        x.dim() == 3, code, index_bits)
+        dy.data_ptr(), dy.numel(), dx.data_ptr(), dx.numel(), sizes, kernel, stride, padding,
+        ru_module._contiguous_strides(tuple(x.shape), grid_h, grid_w), code, index_bits)
     return y, dx
 
 
@@ -103,9 +105,9 @@ def run_emulated_cuda(x, grid, kernel, stride, padding, dy, index_bits):
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
        index_bits=st.sampled_from([32, 64]))
 def test_cuda_kernels_emulated_on_cpu(geometry, tokens, strided, dtype, index_bits):
-    """The CUDA kernels' per-thread indexing (restructurize_unfold.h: forward_row, backward_pixel) with the
-    launch's threads per row, in 32- and 64-bit indices: forward equal to the reference, dx equal bit for bit
-    to the CPU kernels (both sum each element's taps in (oh, ow) order)."""
+    """The CUDA kernels' per-thread indexing (restructurize_unfold.h: the staged forward of token input,
+    forward_row, the staged backward) with the launch's blocks and threads, in 32- and 64-bit indices: forward equal
+    to the reference, dx equal bit for bit to the CPU kernels (both sum each element's taps in (oh, ow) order)."""
     g = geometry
     x = make_input(g["batch"], g["channels"], g["height"], g["width"], tokens, dtype, strided=strided)
     grid = (g["height"], g["width"]) if tokens else None
@@ -132,6 +134,112 @@ def test_cuda_kernels_emulated_on_cpu_at_t2t_shapes(case):
     xg = x.detach().requires_grad_()
     (dx_cpu,) = torch.autograd.grad(restructurize_unfold(xg, grid, kernel, stride, padding, backend="cpp"), xg, dy)
     assert torch.equal(dx, dx_cpu)
+
+
+STAGED_CASES = {
+    # id: (channels, height, width, kernel, stride, padding, dtype, storage offset of x in elements)
+    "rows_split_into_channel_chunks_fp32": (700, 5, 4, 3, 2, 1, torch.float32, 0),  # 25 KB rows
+    "rows_split_into_channel_chunks_bf16": (1400, 3, 3, 3, 1, 1, torch.bfloat16, 0),  # 16-bit pairs
+    "unaligned_bf16": (6, 5, 6, 3, 2, 1, torch.bfloat16, 1),  # x off 32-bit words: one channel per load
+    "odd_channels_fp16": (5, 6, 7, (3, 2), (2, 1), (1, 0), torch.float16, 0),  # rows of 60 bytes
+    "float64": (4, 6, 5, 3, 2, 1, torch.float64, 0),
+    "taps_beyond_the_table": (2, 33, 33, 33, 1, 0, torch.float32, 0),  # 1089 taps: forward_row's kernel
+}
+
+
+@pytest.mark.parametrize("index_bits", [32, 64])
+@pytest.mark.parametrize("case", list(STAGED_CASES))
+def test_cuda_forward_emulated_staged_paths(case, index_bits):
+    """Token input takes the staged forward (tiles through shared memory, loads along channels): rows split
+    into channel chunks, 16-bit channels loaded in pairs or singly, 16-byte or element-wide stores; windows
+    with more taps than the tile table fall back to forward_row."""
+    channels, height, width, kernel, stride, padding, dtype, offset = STAGED_CASES[case]
+    shape = (2, height * width, channels)
+    x = torch.randn(offset + 2 * height * width * channels, dtype=torch.float64).to(dtype)[offset:].view(shape)
+    grid = (height, width)
+    expected = restructurize_unfold_ref(x, grid, kernel, stride, padding)
+    dy = torch.randn(expected.shape, dtype=torch.float64).to(dtype)
+    y, dx = run_emulated_cuda(x, grid, kernel, stride, padding, dy, index_bits)
+    assert torch.equal(y, expected)
+    xg = x.detach().requires_grad_()
+    (dx_cpu,) = torch.autograd.grad(restructurize_unfold(xg, grid, kernel, stride, padding, backend="cpp"), xg, dy)
+    assert torch.equal(dx, dx_cpu)
+
+
+_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+BACKWARD_CASES = {
+    # id: (batch, channels, height, width, tokens, kernel, stride, padding, dtype, dy offset, dx gap)
+    # dx gap: elements between pixels (tokens) or after each image row (images) of the dx buffer
+    "tokens56_k3s2p1_fp32": (2, 64, 56, 56, True, 3, 2, 1, torch.float32, 0, 0),
+    "tokens56_k3s2p1_fp16": (2, 64, 56, 56, True, 3, 2, 1, torch.float16, 0, 0),
+    "tokens56_k3s2p1_bf16": (2, 64, 56, 56, True, 3, 2, 1, torch.bfloat16, 0, 0),
+    "tokens28_k3s2p1_fp32": (3, 64, 28, 28, True, 3, 2, 1, torch.float32, 0, 0),
+    "tokens28_k3s2p1_fp16": (3, 64, 28, 28, True, 3, 2, 1, torch.float16, 0, 0),
+    "tokens28_k3s2p1_bf16": (3, 64, 28, 28, True, 3, 2, 1, torch.bfloat16, 0, 0),
+    "odd_channels_fp32": (2, 5, 7, 9, True, (3, 2), (2, 1), (1, 0), torch.float32, 0, 0),  # 120-byte dy rows
+    "odd_channels_bf16": (2, 7, 6, 5, True, 3, 2, 1, torch.bfloat16, 0, 0),  # one channel per thread
+    "float64": (2, 6, 9, 7, True, 3, 2, 1, torch.float64, 0, 0),
+    "chunked_rows_fp32": (2, 300, 11, 9, True, 3, 2, 1, torch.float32, 0, 0),
+    "chunked_rows_bf16": (2, 600, 5, 6, True, 3, 1, 1, torch.bfloat16, 0, 0),
+    "dy_off_16_bytes_bf16": (2, 64, 9, 10, True, 3, 2, 1, torch.bfloat16, 1, 0),
+    "dx_pixels_apart_bf16": (2, 16, 8, 7, True, 3, 2, 1, torch.bfloat16, 0, 2),  # 32-bit words still
+    "dx_pixels_odd_apart_fp16": (2, 16, 8, 7, True, 3, 2, 1, torch.float16, 0, 1),  # one channel per thread
+    "stride_beyond_kernel": (2, 4, 13, 11, True, 2, 3, 0, torch.float32, 0, 0),  # pixels in no window
+    "image224_k7s4p2_fp32": (1, 3, 224, 224, False, 7, 4, 2, torch.float32, 0, 0),
+    "image224_k7s4p2_bf16": (1, 3, 224, 224, False, 7, 4, 2, torch.bfloat16, 0, 0),
+    "image_rows_apart_fp64": (2, 3, 19, 17, False, (5, 7), (2, 3), (1, 2), torch.float64, 0, 5),
+    "windows_beyond_shared_memory": (1, 2, 40, 40, True, 33, 1, 0, torch.float32, 0, 0),  # the unstaged kernel
+}
+
+
+def backward_buffers(batch, channels, height, width, tokens, kernel, stride, padding, dtype, dy_offset, gap):
+    """dy (fresh random, at `dy_offset` elements into its buffer) and dx's geometry: a NaN-filled dx buffer and
+    the (B, C, H, W) strides that leave `gap` elements between its pixels (tokens) or image rows."""
+    kernel, stride, padding = ((v, v) if isinstance(v, int) else v for v in (kernel, stride, padding))
+    out_h = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    features = channels * kernel[0] * kernel[1]
+    dy = torch.randn(dy_offset + batch * out_h * out_w * features, dtype=torch.float64).to(dtype)[dy_offset:]
+    if tokens:
+        pixel = channels + gap
+        strides = (height * width * pixel, 1, width * pixel, pixel)
+    else:
+        row = width + gap
+        strides = (channels * height * row, height * row, row, 1)
+    dx = torch.full((batch * strides[0],), float("nan"), dtype=dtype)
+    return dy, dx, ((batch, channels, height, width), kernel, stride, padding, strides)
+
+
+@pytest.mark.parametrize("index_bits", [32, 64])
+@pytest.mark.parametrize("case", list(BACKWARD_CASES))
+def test_cuda_backward_emulated_staged_paths(case, index_bits):
+    """The staged backward (tiles of dx: dy's windows through shared memory, loaded along dy's rows, then summed
+    per pixel) at the T2T shapes and around them: dx bit for bit the CPU backward's, gaps between dx's pixels
+    left untouched. Covers 16-byte and element-wide loads, 16-bit channels stored in pairs or singly, rows split
+    into channel chunks, images, and windows too large for shared memory (the unstaged kernels)."""
+    batch, channels, height, width, tokens, kernel, stride, padding, dtype, dy_offset, gap = BACKWARD_CASES[case]
+    dy, dx, geometry = backward_buffers(*BACKWARD_CASES[case])
+    code = ru_module._DTYPE_CODES[dtype]
+    module = native_module()
+    plan = module.restructurize_unfold_backward_plan(dy.data_ptr(), dx.data_ptr(), *geometry, code, index_bits)
+    elem = dy.element_size()
+    if case == "windows_beyond_shared_memory":
+        assert plan["tiles"] == 0
+    else:
+        assert plan["tiles"] > 0 and plan["table_bytes"] + plan["stage_bytes"] <= 48 * 1024
+        pairs = tokens and elem == 2 and channels % 2 == 0 and gap % 2 == 0
+        assert plan["granule"] == (2 if pairs else 1)
+        wide = dy_offset * elem % 16 == 0 and geometry[0][1] * geometry[1][0] * geometry[1][1] * elem % 16 == 0
+        assert plan["load_bytes"] == (16 if wide else elem)
+        if case.startswith("chunked_rows"):
+            assert plan["channels_per_tile"] < channels
+    expected = dx.clone()
+    module.restructurize_unfold_backward_emulated(dy.data_ptr(), dy.numel(), dx.data_ptr(), dx.numel(), *geometry,
+                                                  code, index_bits)
+    module.restructurize_unfold_backward_cpu(dy.data_ptr(), dy.numel(), expected.data_ptr(), expected.numel(),
+                                             *geometry, code, 2)
+    assert not torch.isnan(expected).all()
+    assert torch.equal(dx.view(_INT_VIEWS[elem]), expected.view(_INT_VIEWS[elem]))
 
 
 def test_emulated_cuda_rejects_bad_index_bits():
@@ -260,15 +368,251 @@ def test_native_entry_point_rejects_bad_geometry():
     module = native_module()
     x = torch.randn(1, 2, 3, 3)
     y = torch.empty(1, 9, 18)
-    args = dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0, threads=1)
+    args = dict(x=x.data_ptr(), x_extent=x.numel(), y=y.data_ptr(), y_extent=y.numel(), kernel=(3, 3),
+                stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0, threads=1)
     with pytest.raises(ValueError, match="positive"):
-        module.restructurize_unfold_forward_cpu(x.data_ptr(), y.data_ptr(), sizes=(1, 2, 0, 3), **args)
+        module.restructurize_unfold_forward_cpu(sizes=(1, 2, 0, 3), **args)
     with pytest.raises(ValueError, match="does not fit"):
-        module.restructurize_unfold_forward_cpu(x.data_ptr(), y.data_ptr(), sizes=(1, 2, 3, 3),
-                                                **{**args, "kernel": (9, 3)})
+        module.restructurize_unfold_forward_cpu(sizes=(1, 2, 3, 3), **{**args, "kernel": (9, 3)})
     with pytest.raises(ValueError, match="dtype"):
-        module.restructurize_unfold_forward_cpu(x.data_ptr(), y.data_ptr(), sizes=(1, 2, 3, 3),
-                                                **{**args, "dtype": 7})
+        module.restructurize_unfold_forward_cpu(sizes=(1, 2, 3, 3), **{**args, "dtype": 7})
+
+
+def test_native_entry_points_check_the_reach_of_the_geometry():
+    """The extension is told how many elements each buffer holds from its address (a tensor's storage past its
+    offset) and refuses a geometry that reaches further, or overflows int64, or writes dx through overlapping
+    strides."""
+    module = native_module()
+    x = torch.randn(1, 2, 3, 3)
+    y = torch.empty(1, 9, 18)
+    forward = dict(x=x.data_ptr(), x_extent=x.numel(), y=y.data_ptr(), y_extent=y.numel(), sizes=(1, 2, 3, 3),
+                   kernel=(3, 3), stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0)
+    module.restructurize_unfold_forward_cpu(**forward, threads=1)
+    assert torch.equal(y, restructurize_unfold_ref(x, None, 3, 1, 1))
+    for bad, match in [
+        (dict(sizes=(2, 2, 3, 3)), "x holds 18 elements but the geometry reaches 36"),
+        (dict(strides=(18, 9, 3, 2)), "x holds 18 elements but the geometry reaches 20"),
+        (dict(y_extent=y.numel() - 1), "y holds 161 elements but the geometry reaches 162"),
+        (dict(x=x.data_ptr() + 2), "not aligned"),
+        (dict(y=0), "null"),
+        (dict(sizes=(2**40, 2**40, 3, 3)), "overflow"),
+        (dict(padding=(2**62, 1)), "overflow"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            module.restructurize_unfold_forward_cpu(**{**forward, **bad}, threads=1)
+        with pytest.raises(ValueError, match=match):
+            module.restructurize_unfold_forward_emulated(**{**forward, **bad})
+    dy = torch.randn(1, 9, 18)
+    dx = torch.empty(1, 2, 3, 3)
+    backward = dict(dy=dy.data_ptr(), dy_extent=dy.numel(), dx=dx.data_ptr(), dx_extent=dx.numel(),
+                    sizes=(1, 2, 3, 3), kernel=(3, 3), stride=(1, 1), padding=(1, 1), strides=dx.stride(), dtype=0)
+    for bad, match in [
+        (dict(dy_extent=dy.numel() - 1), "dy holds 161 elements"),
+        (dict(dx_extent=dx.numel() - 1), "dx holds 17 elements"),
+        (dict(strides=(18, 4, 3, 1)), "overlap"),  # channel 1 written over row 1 of channel 0
+        (dict(strides=(0, 9, 3, 1), sizes=(2, 2, 3, 3), dy_extent=2 * dy.numel()), "overlap"),  # both images
+    ]:
+        with pytest.raises(ValueError, match=match):
+            module.restructurize_unfold_backward_cpu(**{**backward, **bad}, threads=1)
+        with pytest.raises(ValueError, match=match):
+            module.restructurize_unfold_backward_emulated(**{**backward, **bad})
+
+
+# Calls that crashed the process or read out of bounds before the custom ops checked their arguments, with the
+# error each must give now. Run in a subprocess, so that a crash fails these tests rather than the test run.
+REPRODUCERS = {
+    "fwd_grid_beyond_the_tokens": (
+        "torch.ops.t2t_fast.restructurize_unfold_fwd(torch.randn(2, 16, 3), 10000, 10000, [1, 1, 1000, 1000, 0, 0])",
+        "ValueError", r"N must equal H\*W"),
+    "bwd_dy_smaller_than_input_shape": (
+        "torch.ops.t2t_fast.restructurize_unfold_bwd(torch.zeros(1), [1, 2000 * 2000, 4], 2000, 2000, "
+        "[3, 3, 1, 1, 1, 1])", "ValueError", r"dy has shape \(1,\)"),
+    "fwd_grid_of_more_positions_than_tokens": (
+        "torch.ops.t2t_fast.restructurize_unfold_fwd(torch.randn(2, 16, 3), 5, 4, [3, 3, 1, 1, 1, 1])",
+        "ValueError", r"20 positions but tokens has 16 tokens"),
+    "fwd_short_window": (
+        "torch.ops.t2t_fast.restructurize_unfold_fwd(torch.randn(2, 16, 3), 4, 4, [3, 3, 1])",
+        "TypeError", r"window must be 6 ints"),
+    "fwd_int_dtype": (
+        "torch.ops.t2t_fast.restructurize_unfold_fwd(torch.randint(0, 9, (2, 16, 3)), 4, 4, [3, 3, 1, 1, 1, 1])",
+        "TypeError", r"dtype int64"),
+    "bwd_int_dtype": (
+        "torch.ops.t2t_fast.restructurize_unfold_bwd(torch.randint(0, 9, (2, 4, 27)), [2, 16, 3], 4, 4, "
+        "[3, 3, 2, 2, 1, 1])", "TypeError", r"dy has dtype int64"),
+    "native_entry_point_beyond_x": (
+        "t2t_fast._C.restructurize_unfold_forward_cpu(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), "
+        "(1, 1, 1000, 1000), (1, 1), (1, 1), (0, 0), (0, 1, 1000, 1), 0, 1)", "ValueError", r"x holds 96 elements"),
+}
+
+_REPRODUCER_SCRIPT = """
+import sys
+import torch
+import t2t_fast._C
+import t2t_fast.ops  # registers the custom ops
+x, y = torch.randn(2, 16, 3), torch.empty(10**6)
+for line in sys.stdin:
+    name, call = line.rstrip("\\n").split("\\t")
+    try:
+        eval(call)
+        outcome = "returned\\t"
+    except Exception as exc:
+        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
+    print(name + "\\t" + outcome, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def reproducer_outcomes(tmp_path_factory):
+    """{case: (exception type name, message)} of REPRODUCERS, run one after the other in one subprocess; a
+    case missing from it crashed the process (its output is then in the failing test's message)."""
+    calls = "".join(f"{name}\t{call}\n" for name, (call, _, _) in REPRODUCERS.items())
+    run = subprocess.run([sys.executable, "-c", _REPRODUCER_SCRIPT], input=calls, capture_output=True, text=True,
+                         cwd=tmp_path_factory.mktemp("reproducers"), timeout=300)
+    outcomes = {}
+    for line in run.stdout.splitlines():
+        name, kind, message = line.split("\t", 2)
+        outcomes[name] = (kind, message)
+    return outcomes, run
+
+
+@pytest.mark.parametrize("case", list(REPRODUCERS))
+def test_bad_direct_calls_raise_instead_of_crashing(case, reproducer_outcomes):
+    outcomes, run = reproducer_outcomes
+    assert case in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
+    _, kind, match = REPRODUCERS[case]
+    assert outcomes[case][0] == kind, outcomes[case]
+    assert re.search(match, outcomes[case][1]), outcomes[case]
+
+
+OP_ERRORS = (ValueError, TypeError)
+
+
+@st.composite
+def direct_op_calls(draw):
+    """Arguments of the registered forward and backward ops: a consistent geometry, then one to three of its
+    parts replaced by random values (some of which still agree)."""
+    g = draw(geometries())
+    pair = [(v, v) if isinstance(v, int) else v for v in (g["kernel"], g["stride"], g["padding"])]
+    window = [pair[0][0], pair[0][1], pair[1][0], pair[1][1], pair[2][0], pair[2][1]]
+    tokens = draw(st.booleans())
+    batch, channels, height, width = g["batch"], g["channels"], g["height"], g["width"]
+    shape = [batch, height * width, channels] if tokens else [batch, channels, height, width]
+    grid = [height, width] if tokens else [0, 0]
+    out_h = (height + 2 * window[4] - window[0]) // window[2] + 1
+    out_w = (width + 2 * window[5] - window[1]) // window[3] + 1
+    dy_shape = [batch, out_h * out_w, channels * window[0] * window[1]]
+    dtype = torch.float32
+    small = st.integers(-2, 12)
+    for change in draw(st.lists(st.sampled_from(["shape", "dims", "grid", "window", "window_length", "dtype",
+                                                 "dy_shape", "empty"]), min_size=1, max_size=3)):
+        if change == "shape":
+            shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 20))
+        elif change == "dims":
+            shape = draw(st.lists(st.integers(0, 6), min_size=1, max_size=5))
+        elif change == "grid":
+            grid[draw(st.integers(0, 1))] = draw(small)
+        elif change == "window" and window:
+            window[draw(st.integers(0, len(window) - 1))] = draw(small)
+        elif change == "window_length":
+            window = window[:draw(st.integers(0, 7))] + [1] * draw(st.integers(0, 2))
+        elif change == "dtype":
+            dtype = draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64,
+                                          torch.bool]))
+        elif change == "dy_shape":
+            dy_shape[draw(st.integers(0, 2))] = draw(st.integers(0, 40))
+        else:
+            shape[0] = dy_shape[0] = 0
+    return dict(shape=shape, grid=grid, window=window, dy_shape=dy_shape, dtype=dtype)
+
+
+def random_tensor(shape, dtype):
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=torch.float64).to(dtype)
+    return torch.randint(0, 9, shape).to(dtype)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=direct_op_calls())
+def test_registered_ops_raise_or_match_the_reference(call):
+    """torch.ops.t2t_fast.restructurize_unfold_fwd / _bwd called directly with arguments that mostly disagree
+    with each other: a clear ValueError / TypeError, or the reference's result (never a crash, never numbers
+    from a geometry the tensors do not have)."""
+    x = random_tensor(call["shape"], call["dtype"])
+    grid_h, grid_w = call["grid"]
+    window = call["window"]
+    try:
+        with poison_outputs():
+            y = torch.ops.t2t_fast.restructurize_unfold_fwd(x, grid_h, grid_w, window)
+    except OP_ERRORS as exc:
+        assert str(exc).startswith("restructurize_unfold: "), exc
+    else:
+        grid = (grid_h, grid_w) if x.dim() == 3 else None
+        expected = restructurize_unfold_ref(x, grid, window[0:2], window[2:4], window[4:6])
+        assert torch.equal(y, expected)
+
+    dy = random_tensor(call["dy_shape"], call["dtype"])
+    try:
+        with poison_outputs():
+            dx = torch.ops.t2t_fast.restructurize_unfold_bwd(dy, call["shape"], grid_h, grid_w, window)
+    except OP_ERRORS as exc:
+        assert str(exc).startswith("restructurize_unfold: "), exc
+    else:
+        x64 = torch.zeros(call["shape"], dtype=torch.float64, requires_grad=True)
+        grid = (grid_h, grid_w) if x64.dim() == 3 else None
+        reference = restructurize_unfold_ref(x64, grid, window[0:2], window[2:4], window[4:6])
+        (exact,) = torch.autograd.grad(reference, x64, dy.double())
+        assert dx.shape == exact.shape and dx.dtype == dy.dtype
+        # sums of a few taps, rounded once to dy's dtype
+        tolerance = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dy.dtype, 1e-2)
+        assert torch.allclose(dx.double(), exact, rtol=tolerance, atol=tolerance)
+
+
+def _pair_or_int(draw, low, high):
+    if draw(st.booleans()):
+        return draw(st.integers(low, high))
+    return (draw(st.integers(low, high)), draw(st.integers(low, high)))
+
+
+@st.composite
+def wrapper_calls(draw):
+    """restructurize_unfold arguments, valid or not: shapes with zeros, grids that may not match, windows
+    that may not fit, negative strides and paddings."""
+    tokens = draw(st.booleans())
+    shape = draw(st.lists(st.integers(0, 7), min_size=3, max_size=3)) if tokens else \
+        draw(st.lists(st.integers(0, 7), min_size=4, max_size=4))
+    grid = None
+    if tokens or draw(st.integers(0, 4)) == 0:
+        grid = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 6), st.integers(-1, 6))))
+    return dict(shape=shape, grid=grid, kernel=_pair_or_int(draw, 0, 5), stride=_pair_or_int(draw, -1, 3),
+                padding=_pair_or_int(draw, -1, 3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=wrapper_calls(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_torch_and_cpp_backends_agree_or_raise_alike(call, dtype):
+    """For any arguments, backends torch and cpp give the same forward and dx, or raise the same exception type
+    (the one check in front of both)."""
+    x = torch.randn(call["shape"], dtype=torch.float64).to(dtype)
+    outcomes = {}
+    for backend in ("torch", "cpp"):
+        xg = x.detach().requires_grad_()
+        try:
+            y = restructurize_unfold(xg, call["grid"], call["kernel"], call["stride"], call["padding"],
+                                     backend=backend)
+        except Exception as exc:  # noqa: BLE001 - the type is what is compared
+            outcomes[backend] = type(exc)
+            continue
+        torch.manual_seed(0)
+        dy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+        outcomes[backend] = (y, torch.autograd.grad(y, xg, dy)[0] if y.numel() else None)
+    torch_outcome, cpp_outcome = outcomes["torch"], outcomes["cpp"]
+    if isinstance(torch_outcome, type) or isinstance(cpp_outcome, type):
+        assert torch_outcome == cpp_outcome
+    else:
+        assert torch.equal(torch_outcome[0], cpp_outcome[0])
+        if torch_outcome[1] is not None:
+            assert_relative_close(cpp_outcome[1], torch_outcome[1], 1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                  what="dx")
 
 
 def _cuda_driver_loads():
@@ -287,12 +631,14 @@ def test_cuda_entry_point_without_a_driver_says_what_to_do():
     the error names the build's CUDA version and the way out, instead of CUDA's bare message. (A machine
     with no driver at all gives the same CUDA error.)"""
     module = native_module()
+    # host buffers of the right extents: the call fails at cudaSetDevice, before any launch
+    image, unfolded = torch.empty(32), torch.empty(72)
     args = dict(sizes=(1, 2, 4, 4), kernel=(3, 3), stride=(2, 2), padding=(1, 1), strides=(32, 16, 4, 1),
                 dtype=0, device=0, stream=0)
     with pytest.raises(RuntimeError, match=r"cudaSetDevice: .* built with CUDA \d+\.\d+.*backend='torch'"):
-        module.restructurize_unfold_forward_cuda(0, 0, **args)
+        module.restructurize_unfold_forward_cuda(image.data_ptr(), 32, unfolded.data_ptr(), 72, **args)
     with pytest.raises(RuntimeError, match=r"built with CUDA \d+\.\d+.*backend='torch'"):
-        module.restructurize_unfold_backward_cuda(0, 0, channels_last=False, **args)
+        module.restructurize_unfold_backward_cuda(unfolded.data_ptr(), 72, image.data_ptr(), 32, **args)
 
 
 @pytest.mark.parametrize("bad, error, match", [
@@ -304,6 +650,8 @@ def test_cuda_entry_point_without_a_driver_says_what_to_do():
     (dict(tokens=torch.randn(2, 3, 4, 4)), ValueError, "only for token input"),
     (dict(tokens=torch.randn(12, 3), grid_size=(3, 4)), ValueError, "2 dims"),
     (dict(tokens=torch.randn(2, 12, 0)), ValueError, "no channels"),
+    (dict(tokens=torch.randn(2, 3, 0, 4), grid_size=None), ValueError, "empty image \\(0x4\\)"),
+    (dict(tokens=torch.randn(2, 3, 4, 0), grid_size=None), ValueError, "empty image \\(4x0\\)"),
     (dict(kernel_size=9), ValueError, "does not fit"),
     (dict(kernel_size=(3, 3, 3)), TypeError, "pair of ints"),
     (dict(kernel_size=2.0), TypeError, "kernel_size"),
@@ -372,9 +720,10 @@ def test_cuda_matches_reference(case, dtype):
 def test_cuda_uses_current_stream_and_compiles():
     x = make_input(2, 16, 14, 14, True, torch.bfloat16, device="cuda").requires_grad_()
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # x was written on the current stream
     with torch.cuda.stream(stream):
         y = restructurize_unfold(x, (14, 14), 3, 2, 1, backend="cuda")
-    stream.synchronize()
+    torch.cuda.current_stream().wait_stream(stream)  # y is read on the current stream
     assert torch.equal(y, restructurize_unfold_ref(x, (14, 14), 3, 2, 1))
     compiled = torch.compile(lambda t: restructurize_unfold(t, (14, 14), 3, 2, 1).float().sum(), fullgraph=True)
     (grad,) = torch.autograd.grad(compiled(x), x)
