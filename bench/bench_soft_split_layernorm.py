@@ -1,12 +1,14 @@
 """Benchmark: fused soft split + LayerNorm against F.unfold -> F.layer_norm, eager and torch.compile'd.
 
-T2T-ViT-14 shapes at batch 256 in bf16 (LayerNorm parameters in fp32, as in the model):
-  image:  (256, 3, 224, 224), k7 s4 p2   -> (256, 3136, 147)
-  tokens: (256, 3136, 64) on 56x56, k3 s2 p1 -> (256, 784, 576)
+T2T-ViT-14 shapes at batch 256 (LayerNorm parameters in fp32, as in the model):
+  image-147:  (256, 3, 224, 224) bf16, k7 s4 p2   -> (256, 3136, 147) bf16
+  tokens-576: (256, 3136, 64) bf16 on 56x56, k3 s2 p1 -> (256, 784, 576) bf16
+  image-147-fp32-in-bf16-out: the first split as the model runs it under bf16 autocast: the fp32 image in,
+      bf16 rows out (``out_dtype``), and no gradient for the image
 Modes ``fwd`` and ``fwd_bwd``; providers ``reference`` (eager), ``compiled`` (torch.compile of the
 reference) and ``fused`` (the Triton kernels). ``extra_info`` holds the time from CUDA events, GB/s over the
-compulsory bytes (fwd: read x, write y; bwd: read x and dy, write dx), the fraction of the measured
-device-to-device copy bandwidth, and for ``fused`` the speedups over the other two providers.
+compulsory bytes (fwd: read x, write y; bwd: read x and dy, write dx where x needs a gradient), the fraction
+of the measured device-to-device copy bandwidth, and for ``fused`` the speedups over the other two providers.
 Timings are measured, never asserted.
 """
 import pytest
@@ -18,11 +20,11 @@ from t2t_fast.ops import soft_split_layernorm, soft_split_layernorm_ref
 pytestmark = pytest.mark.gpu  # skipped without CUDA by bench/conftest.py
 
 BATCH = 256
-DTYPE = torch.bfloat16
-# name -> (input shape, kernel, stride, padding, grid_size)
+# name -> (input shape, kernel, stride, padding, grid_size, input dtype, output dtype, input needs a gradient)
 SHAPES = {
-    "image-147": ((BATCH, 3, 224, 224), 7, 4, 2, None),
-    "tokens-576": ((BATCH, 56 * 56, 64), 3, 2, 1, (56, 56)),
+    "image-147": ((BATCH, 3, 224, 224), 7, 4, 2, None, torch.bfloat16, torch.bfloat16, True),
+    "tokens-576": ((BATCH, 56 * 56, 64), 3, 2, 1, (56, 56), torch.bfloat16, torch.bfloat16, True),
+    "image-147-fp32-in-bf16-out": ((BATCH, 3, 224, 224), 7, 4, 2, None, torch.float32, torch.bfloat16, False),
 }
 PROVIDERS = ("reference", "compiled", "fused")
 MODES = ("fwd", "fwd_bwd")
@@ -58,8 +60,8 @@ def copy_gbps():
 
 
 def _inputs(shape_name):
-    shape, kernel, stride, padding, grid = SHAPES[shape_name]
-    x = torch.randn(shape, device="cuda", dtype=DTYPE, requires_grad=True)
+    shape, kernel, stride, padding, grid, dtype, _, input_grad = SHAPES[shape_name]
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=input_grad)
     channels = shape[1] if grid is None else shape[2]
     features = channels * kernel * kernel
     weight = (1 + 0.1 * torch.randn(features, device="cuda")).requires_grad_()
@@ -68,15 +70,17 @@ def _inputs(shape_name):
 
 
 def _forward(provider, shape_name):
-    _, kernel, stride, padding, grid = SHAPES[shape_name]
+    _, kernel, stride, padding, grid, _, out_dtype, _ = SHAPES[shape_name]
     if provider == "fused":
         return lambda x, w, b: soft_split_layernorm(x, kernel, stride, padding, w, b, grid_size=grid,
-                                                    backend="triton")
+                                                    backend="triton", out_dtype=out_dtype)
     if provider == "reference":
-        return lambda x, w, b: soft_split_layernorm_ref(x, kernel, stride, padding, w, b, grid_size=grid)
+        return lambda x, w, b: soft_split_layernorm_ref(x, kernel, stride, padding, w, b, grid_size=grid,
+                                                        out_dtype=out_dtype)
     if shape_name not in _compiled:
         _compiled[shape_name] = torch.compile(
-            lambda x, w, b: soft_split_layernorm_ref(x, kernel, stride, padding, w, b, grid_size=grid))
+            lambda x, w, b: soft_split_layernorm_ref(x, kernel, stride, padding, w, b, grid_size=grid,
+                                                     out_dtype=out_dtype))
     return _compiled[shape_name]
 
 
@@ -90,17 +94,19 @@ def _step(provider, shape_name, mode):
                 return forward(x, weight, bias)
         return step, x, forward(x, weight, bias).detach()
     dy = torch.randn_like(forward(x, weight, bias))
+    leaves = tuple(t for t in (x, weight, bias) if t.requires_grad)
 
     def step():
         y = forward(x, weight, bias)
-        return torch.autograd.grad(y, (x, weight, bias), dy)
+        return torch.autograd.grad(y, leaves, dy)
     return step, x, dy
 
 
 def _compulsory_bytes(x, y, mode):
-    size = x.element_size()
-    fwd = (x.numel() + y.numel()) * size
-    return fwd if mode == "fwd" else fwd + (2 * x.numel() + y.numel()) * size
+    x_bytes, y_bytes = x.numel() * x.element_size(), y.numel() * y.element_size()
+    if mode == "fwd":
+        return x_bytes + y_bytes
+    return 2 * x_bytes + 2 * y_bytes + (x_bytes if x.requires_grad else 0)
 
 
 def _time(provider, shape_name, mode):
@@ -115,7 +121,7 @@ def _time(provider, shape_name, mode):
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_bench_soft_split_layernorm(benchmark, copy_gbps, provider, shape_name, mode):
-    benchmark.group = f"soft_split_layernorm-{shape_name}-{mode}-bf16"
+    benchmark.group = f"soft_split_layernorm-{shape_name}-{mode}"
     step, x, out = _step(provider, shape_name, mode)
     ms = _time(provider, shape_name, mode)
     gbps = _compulsory_bytes(x, out, mode) / ms / 1e6

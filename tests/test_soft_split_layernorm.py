@@ -6,14 +6,21 @@ TRITON_INTERPRET=1), so shapes stay small: both T2T configurations (k7 s4 p2 on 
 k3 s2 p1 on 64-channel tokens: 576 features) on small grids, plus odd geometries.
 """
 import functools
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from t2t_fast.backend import BackendUnavailableError
+from t2t_fast.kernels import soft_split_layernorm as kernels
 from t2t_fast.ops import soft_split_layernorm, soft_split_layernorm_ref
-from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
+                              poison_outputs)
 
 # CUDA tensors where there is a GPU, else CPU tensors in the Triton interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,6 +43,11 @@ CASES = [
     # non-contiguous inputs: a channels-last image and tokens that are a transposed (B, C, N) tensor
     ("image-channels-last", lambda: randn(2, 9, 11, 3).permute(0, 3, 1, 2), 7, 4, 2, None),
     ("tokens-transposed", lambda: randn(2, 64, 36).transpose(1, 2), 3, 2, 1, (6, 6)),
+    # token tiles: 32 channels with overlapping windows, padded channels (48 of 64), and channels sliced out
+    # of wider tokens (16-aligned, rows not contiguous)
+    ("tokens-k3s1p0-C32-overlap", lambda: randn(2, 30, 32), 3, 1, 0, (6, 5)),
+    ("tokens-k3s2p1-C48-padded", lambda: randn(1, 25, 48), 3, 2, 1, (5, 5)),
+    ("tokens-channel-slice", lambda: randn(2, 16, 128)[:, :, 32:96], 3, 2, 1, (4, 4)),
 ]
 CASE_IDS = [case[0] for case in CASES]
 # The three soft splits of T2T-ViT at 224x224, batch 1: 3136, 784 and 196 tokens.
@@ -168,7 +180,7 @@ def test_soft_split_layernorm_auto_backend():
     x64, w64, b64 = x.double(), w.double(), b.double()
     assert torch.equal(soft_split_layernorm(x64, 7, 4, 2, w64, b64, backend="auto"),
                        soft_split_layernorm_ref(x64, 7, 4, 2, w64, b64))
-    with pytest.raises(ValueError, match="float64"):
+    with pytest.raises(BackendUnavailableError, match="float64"):
         soft_split_layernorm(x64, 7, 4, 2, w64, b64, backend="triton")
 
 
@@ -190,14 +202,15 @@ def test_soft_split_layernorm_opcheck(native):
     x = randn(2, 12, 5)
     w, b = randn(45), randn(45)
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
-                          (x, w, b, 3, 2, 1, 1e-5, 4, 3, native))
-    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 3, 2, 1, 1e-5, 4, 3, native)
+                          (x, w, b, 3, 2, 1, 1e-5, 4, 3, x.dtype, native))
+    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 3, 2, 1, 1e-5, 4, 3, x.dtype, native)
     for input_grad in (True, False):
         torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_bwd.default,
                               (torch.randn_like(y), x, w, mean, rstd, 3, 2, 1, 4, 3, native, input_grad))
     image = randn(1, 3, 9, 10, requires_grad=True)
     torch.library.opcheck(torch.ops.t2t_fast.soft_split_layernorm_fwd.default,
-                          (image, randn(147, requires_grad=True), randn(147), 7, 4, 2, 1e-5, 0, 0, native))
+                          (image, randn(147, requires_grad=True), randn(147), 7, 4, 2, 1e-5, 0, 0, torch.bfloat16,
+                           native))
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["triton", "native"])
@@ -205,7 +218,7 @@ def test_soft_split_layernorm_backward_without_input_grad(native):
     """An input that needs no gradient (the image of the first split): the backward op skips dx and gives the
     same dweight, dbias; through autograd, x gets no gradient and the parameters the reference's."""
     x, w, b = randn(2, 3, 13, 11), randn(147), randn(147)
-    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 7, 4, 2, 1e-5, 0, 0, native)
+    y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, b, 7, 4, 2, 1e-5, 0, 0, x.dtype, native)
     dy = torch.randn_like(y)
     dx, dw, db = torch.ops.t2t_fast.soft_split_layernorm_bwd(dy, x, w, mean, rstd, 7, 4, 2, 0, 0, native, True)
     no_dx, dw_only, db_only = torch.ops.t2t_fast.soft_split_layernorm_bwd(dy, x, w, mean, rstd, 7, 4, 2, 0, 0,
@@ -308,3 +321,371 @@ def test_soft_split_layernorm_triton_needs_interpreter_or_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         soft_split_layernorm(torch.randn(1, 3, 8, 8), 7, 4, 2, torch.randn(147), torch.randn(147), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------- kernel tiles
+
+TILE_SHAPES = [  # (id, input, kernel size, takes the token tiles)
+    ("image-147", torch.empty(2, 3, 224, 224), 7, False),
+    ("tokens-576-56x56", torch.empty(2, 56 * 56, 64), 3, True),
+    ("tokens-576-28x28", torch.empty(2, 28 * 28, 64), 3, True),
+]
+
+
+@pytest.mark.parametrize("row_tile", [kernels.FWD_ROW_TILE, kernels.BWD_ROW_TILE], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("x, kernel, tokens", [case[1:] for case in TILE_SHAPES], ids=[c[0] for c in TILE_SHAPES])
+def test_t2t_shapes_take_dense_tiles(x, kernel, tokens, row_tile):
+    """The T2T splits: token input loads along its channels (the token tiles), and at most 15 % of the lanes
+    of a row's pieces are padding."""
+    assert kernels.token_layout(x, kernel) == tokens
+    channels = x.shape[2] if tokens else x.shape[1]
+    features = channels * kernel * kernel
+    constexprs, _ = kernels.row_config(row_tile, tokens, features, channels, kernel)
+    lanes = constexprs["U_A"] * constexprs["V_A"] + constexprs["U_B"] * constexprs["V_B"]
+    assert features <= lanes <= features / 0.85
+
+
+def test_token_tiles_need_aligned_contiguous_channels():
+    assert kernels.token_layout(torch.empty(2, 36, 64), 3)
+    assert not kernels.token_layout(torch.empty(2, 64, 36).transpose(1, 2), 3)  # channels strided
+    assert not kernels.token_layout(torch.empty(2, 36, 24), 3)  # C not a multiple of 16
+    assert not kernels.token_layout(torch.empty(2, 36, 64), 2)  # no 2x2 token configuration
+
+
+# ----------------------------------------------------------------------------------------- output dtype
+
+ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ("torch",))
+def test_soft_split_layernorm_out_dtype(case, out_dtype, backend):
+    """float32 input written at a lower precision (the first split under autocast): y is the float32 result
+    rounded once; dy arrives in that precision, dx keeps x's dtype, and the gradients are float32-accurate."""
+    _, _, kernel, stride, padding, grid = case
+    x64, w64, b64, x, w, b = _make(case, torch.float32, torch.float32)
+    expected_y = soft_split_layernorm_ref(x, kernel, stride, padding, w, b, grid_size=grid).to(out_dtype)
+    dy = torch.randn(expected_y.shape, device=DEVICE).to(out_dtype)
+    exact = _run(soft_split_layernorm_ref, x64, w64, b64, dy.double(), kernel, stride, padding, grid_size=grid)
+    ours = _run(soft_split_layernorm, x, w, b, dy, kernel, stride, padding, grid_size=grid, backend=backend,
+                out_dtype=out_dtype)
+    assert ours[0].dtype == out_dtype
+    assert all(grad.dtype == torch.float32 for grad in ours[1:])
+    torch.testing.assert_close(ours[0].float(), expected_y.float(), rtol=ULP[out_dtype], atol=1e-6)
+    for what, actual, expected in zip(("dx", "dweight", "dbias"), ours[1:], exact[1:]):
+        assert_relative_close(actual, expected, 1e-5, what=what)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ("torch",))
+def test_soft_split_layernorm_out_dtype_float32_from_bf16(backend):
+    """bf16 tokens written as float32 (a pair the kernels do not write directly): normalised in float32, no
+    bf16 rounding of y."""
+    x = randn(2, 36, 64).bfloat16()
+    w, b = randn(576), randn(576)
+    ours = _run(soft_split_layernorm, x, w, b, randn(2, 9, 576), 3, 2, 1, grid_size=(6, 6), backend=backend,
+                out_dtype=torch.float32)
+    exact = _run(soft_split_layernorm_ref, x.double(), w.double(), b.double(), randn(2, 9, 576).double(), 3, 2, 1,
+                 grid_size=(6, 6))
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.bfloat16
+    assert_relative_close(ours[0], exact[0], 1e-5, what="y")
+
+
+# ------------------------------------------------------------------------------------ dtypes and geometry
+
+@pytest.mark.parametrize("backend", [FUSED_BACKENDS[1], "torch", "auto"])
+def test_float64_input_with_float32_parameters(backend):
+    """float64 x with float32 LayerNorm parameters is computed in float64 on every backend that takes float64
+    (the parameters' gradients come back in float32); the Triton kernels refuse float64 alike."""
+    x = randn(2, 20, 6, dtype=torch.float64)
+    w, b = randn(54), randn(54)
+    dy = randn(2, 42, 54, dtype=torch.float64)
+    exact = _run(soft_split_layernorm_ref, x, w.double(), b.double(), dy, 3, 1, 2, grid_size=(5, 4))
+    ours = _run(soft_split_layernorm, x, w, b, dy, 3, 1, 2, grid_size=(5, 4), backend=backend)
+    assert ours[0].dtype == ours[1].dtype == torch.float64 and ours[2].dtype == ours[3].dtype == torch.float32
+    for what, actual, expected, rtol in zip(("y", "dx", "dweight", "dbias"), ours, exact, (1e-12, 1e-12, 1e-6, 1e-6)):
+        assert_relative_close(actual, expected, rtol, what=what)
+    with pytest.raises(BackendUnavailableError, match="float64"):
+        soft_split_layernorm(x, 3, 1, 2, w, b, grid_size=(5, 4), backend="triton")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS + ("torch",))
+@pytest.mark.parametrize("shape", [(1, 3, 0, 5), (2, 3, 4, 0)], ids=["H0", "W0"])
+def test_soft_split_layernorm_empty_image(shape, backend):
+    """A window of 1 with padding 1 fits an empty image, but there is nothing to normalise: a ValueError."""
+    with pytest.raises(ValueError, match="empty"):
+        soft_split_layernorm(randn(*shape), 1, 1, 1, randn(3), randn(3), backend=backend)
+
+
+def test_triton_refuses_indices_beyond_int32():
+    """2**31 rows (a stride-0 batch, so nothing is allocated) would overflow the kernels' int32 indices."""
+    x = torch.zeros(1, 1, 1, device=DEVICE).expand(2**31, 1, 1)
+    w = torch.ones(1, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="int32"):
+        soft_split_layernorm(x, 1, 1, 0, w, w, grid_size=(1, 1), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="int32"):
+        torch.ops.t2t_fast.soft_split_layernorm_fwd(x, w, w, 1, 1, 0, 1e-5, 1, 1, torch.float32, False)
+
+
+# ------------------------------------------------------------------------------- the registered ops' checks
+
+# Calls of the registered ops that crashed the process or read out of bounds before the ops checked their
+# arguments, with the error each must give now on both paths (native False / True). Run in a subprocess, so
+# that a crash fails these tests rather than the test run. ``N`` is the native flag.
+_FWD = "torch.ops.t2t_fast.soft_split_layernorm_fwd"
+_BWD = "torch.ops.t2t_fast.soft_split_layernorm_bwd"
+REPRODUCERS = {
+    "fwd_grid_beyond_the_tokens": (f"{_FWD}(tok, w27, w27, 3, 2, 1, 1e-5, 100, 100, torch.float32, N)",
+                                   "ValueError", r"10000 positions but x has 16 tokens"),
+    "fwd_grid_for_an_image": (f"{_FWD}(img, w147, w147, 7, 4, 2, 1e-5, 5, 5, torch.float32, N)",
+                              "ValueError", r"grid_size is only for token input"),
+    "fwd_tokens_without_grid": (f"{_FWD}(tok, w27, w27, 3, 2, 1, 1e-5, 0, 0, torch.float32, N)",
+                                "ValueError", r"two positive ints"),
+    "fwd_window_does_not_fit": (f"{_FWD}(img[:, :, :4, :4], w147, w147, 7, 1, 0, 1e-5, 0, 0, torch.float32, N)",
+                                "ValueError", r"does not fit"),
+    "fwd_weight_length": (f"{_FWD}(tok, w147, w27, 3, 2, 1, 1e-5, 4, 4, torch.float32, N)",
+                          "ValueError", r"weight must have shape \(27,\)"),
+    "fwd_kernel_0": (f"{_FWD}(tok, w27, w27, 0, 2, 1, 1e-5, 4, 4, torch.float32, N)",
+                     "ValueError", r"kernel_size must be >= 1"),
+    "fwd_stride_0": (f"{_FWD}(tok, w27, w27, 3, 0, 1, 1e-5, 4, 4, torch.float32, N)",
+                     "ValueError", r"stride must be >= 1"),
+    "fwd_padding_negative": (f"{_FWD}(tok, w27, w27, 3, 2, -5, 1e-5, 4, 4, torch.float32, N)",
+                             "ValueError", r"padding must be >= 0"),
+    "fwd_int_x": (f"{_FWD}(tok.long(), w27, w27, 3, 2, 1, 1e-5, 4, 4, torch.float32, N)",
+                  "TypeError", r"x has dtype int64"),
+    "fwd_int_out_dtype": (f"{_FWD}(tok, w27, w27, 3, 2, 1, 1e-5, 4, 4, torch.int32, N)",
+                          "TypeError", r"out_dtype"),
+    "fwd_eps_negative": (f"{_FWD}(tok, w27, w27, 3, 2, 1, -1.0, 4, 4, torch.float32, N)", "ValueError", r"eps"),
+    "fwd_empty_image": (f"{_FWD}(torch.randn(1, 3, 0, 5), w3, w3, 1, 1, 1, 1e-5, 0, 0, torch.float32, N)",
+                        "ValueError", r"empty"),
+    "fwd_weight_elsewhere": (f"{_FWD}(tok, w27.to('meta'), w27, 3, 2, 1, 1e-5, 4, 4, torch.float32, N)",
+                             "ValueError", r"weight is on meta"),
+    "bwd_dy_shape": (f"{_BWD}(torch.randn(1, 4, 27), tok, w27, stat, stat, 3, 2, 1, 4, 4, N, True)",
+                     "ValueError", r"dy must have shape \(2, 4, 27\)"),
+    "bwd_grid_beyond_the_tokens": (f"{_BWD}(dy, tok, w27, stat, stat, 3, 2, 1, 1000, 1000, N, True)",
+                                   "ValueError", r"N must equal H\*W"),
+    "bwd_mean_shape": (f"{_BWD}(dy, tok, w27, stat[:3], stat, 3, 2, 1, 4, 4, N, True)",
+                       "ValueError", r"mean must have shape \(8,\)"),
+    "bwd_rstd_dtype": (f"{_BWD}(dy, tok, w27, stat, stat.half(), 3, 2, 1, 4, 4, N, True)",
+                       "TypeError", r"rstd has dtype torch.float16"),
+    "bwd_weight_length": (f"{_BWD}(dy, tok, w147, stat, stat, 3, 2, 1, 4, 4, N, False)",
+                          "ValueError", r"weight must have shape \(27,\)"),
+    "bwd_int_dy": (f"{_BWD}(dy.int(), tok, w27, stat, stat, 3, 2, 1, 4, 4, N, True)",
+                   "TypeError", r"dy has dtype int32"),
+    "bwd_window_does_not_fit": (f"{_BWD}(dy, tok, w27, stat, stat, 3, 1, 0, 1, 16, N, True)",
+                                "ValueError", r"does not fit"),
+}
+
+_REPRODUCER_SCRIPT = """
+import sys
+import torch
+import t2t_fast.ops  # registers the custom ops
+tok, img = torch.randn(2, 16, 3), torch.randn(1, 3, 8, 8)
+w3, w27, w147 = torch.randn(3), torch.randn(27), torch.randn(147)
+dy, stat = torch.randn(2, 4, 27), torch.rand(8) + 0.5
+for line in sys.stdin:
+    name, call = line.rstrip("\\n").split("\\t")
+    try:
+        eval(call)
+        outcome = "returned\\t"
+    except Exception as exc:
+        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
+    print(name + "\\t" + outcome, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def reproducer_outcomes(tmp_path_factory):
+    """{(case, native): (exception type name, message)} of REPRODUCERS, run one after the other in one
+    subprocess (on CPU tensors: Triton in its interpreter); a case missing from it crashed the process."""
+    calls = "".join(f"{name},{native}\t{call.replace('N)', f'{native})').replace('N, ', f'{native}, ')}\n"
+                    for name, (call, _, _) in REPRODUCERS.items() for native in (False, True))
+    run = subprocess.run([sys.executable, "-c", _REPRODUCER_SCRIPT], input=calls, capture_output=True, text=True,
+                         cwd=tmp_path_factory.mktemp("reproducers"), timeout=600)
+    outcomes = {}
+    for line in run.stdout.splitlines():
+        name, kind, message = line.split("\t", 2)
+        outcomes[name] = (kind, message)
+    return outcomes, run
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["triton", "native"])
+@pytest.mark.parametrize("case", list(REPRODUCERS))
+def test_bad_direct_calls_raise_instead_of_crashing(case, native, reproducer_outcomes):
+    outcomes, run = reproducer_outcomes
+    key = f"{case},{native}"
+    assert key in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
+    _, kind, match = REPRODUCERS[case]
+    assert outcomes[key][0] == kind, outcomes[key]
+    assert re.search(match, outcomes[key][1]), outcomes[key]
+
+
+OP_ERRORS = (ValueError, TypeError)
+
+
+@st.composite
+def direct_op_calls(draw):
+    """Arguments of the registered ops: a consistent small geometry, then one to three of its parts replaced
+    by random values (some of which still agree)."""
+    tokens = draw(st.booleans())
+    batch, channels = draw(st.integers(0, 2)), draw(st.integers(1, 4))
+    height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    kernel, stride, padding = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    kernel = min(kernel, height + 2 * padding, width + 2 * padding)
+    shape = [batch, height * width, channels] if tokens else [batch, channels, height, width]
+    grid = [height, width] if tokens else [0, 0]
+    window = [kernel, stride, padding]
+    features = channels * kernel * kernel
+    out_h = (height + 2 * padding - kernel) // stride + 1
+    out_w = (width + 2 * padding - kernel) // stride + 1
+    shapes = dict(weight=[features], bias=[features], dy=[batch, out_h * out_w, features],
+                  mean=[batch * out_h * out_w], rstd=[batch * out_h * out_w])
+    dtypes = dict(x=torch.float32, weight=torch.float32, bias=torch.float32, dy=torch.float32,
+                  mean=torch.float32, rstd=torch.float32)
+    small = st.integers(-2, 8)
+    for change in draw(st.lists(st.sampled_from(["shape", "dims", "grid", "window", "tensor_shape", "dtype"]),
+                                min_size=1, max_size=3)):
+        if change == "shape":
+            shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 12))
+        elif change == "dims":
+            shape = draw(st.lists(st.integers(0, 5), min_size=1, max_size=5))
+        elif change == "grid":
+            grid[draw(st.integers(0, 1))] = draw(small)
+        elif change == "window":
+            window[draw(st.integers(0, 2))] = draw(small)
+        elif change == "tensor_shape":
+            name = draw(st.sampled_from(sorted(shapes)))
+            shapes[name] = draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
+        else:
+            dtypes[draw(st.sampled_from(sorted(dtypes)))] = draw(st.sampled_from(
+                [torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.bool]))
+    return dict(shape=shape, grid=grid, window=window, shapes=shapes, dtypes=dtypes)
+
+
+def _random(shape, dtype):
+    if dtype.is_floating_point:
+        return (torch.rand(shape, dtype=torch.float64) + 0.5).to(dtype)
+    return torch.randint(0, 2, shape).to(dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=direct_op_calls(), native=st.booleans())
+def test_registered_ops_raise_or_match_the_reference(call, native):
+    """torch.ops.t2t_fast.soft_split_layernorm_fwd / _bwd called directly with arguments that mostly disagree
+    with each other: a clear ValueError / TypeError (or, for Triton, BackendUnavailableError for a dtype it
+    does not take), or the reference's result (never a crash, never numbers of a geometry the tensors lack)."""
+    x = _random(call["shape"], call["dtypes"]["x"]).to(DEVICE)
+    t = {name: _random(shape, call["dtypes"][name]).to(DEVICE) for name, shape in call["shapes"].items()}
+    kernel, stride, padding = call["window"]
+    grid_h, grid_w = call["grid"]
+    errors = OP_ERRORS if native else OP_ERRORS + (BackendUnavailableError,)
+    grid = (grid_h, grid_w) if x.dim() == 3 else None
+    try:
+        with poison_outputs():
+            y, mean, rstd = torch.ops.t2t_fast.soft_split_layernorm_fwd(
+                x, t["weight"], t["bias"], kernel, stride, padding, 1e-5, grid_h, grid_w, torch.float32, native)
+    except errors as exc:
+        assert str(exc).startswith("soft_split_layernorm: "), exc
+    else:
+        expected = soft_split_layernorm_ref(x, kernel, stride, padding, t["weight"], t["bias"], grid_size=grid,
+                                            out_dtype=torch.float32)
+        _close(y, expected, RELATIVE_TOLERANCE[compute_dtype_of(x)], what="y")
+    try:
+        with poison_outputs():
+            dx, dw, db = torch.ops.t2t_fast.soft_split_layernorm_bwd(
+                t["dy"], x, t["weight"], t["mean"], t["rstd"], kernel, stride, padding, grid_h, grid_w, native, True)
+    except errors as exc:
+        assert str(exc).startswith("soft_split_layernorm: "), exc
+    else:
+        # the statistics were made up: check against the backward of LayerNorm with those statistics
+        assert dx.shape == x.shape and dw.shape == db.shape == t["weight"].shape
+        rows = F.unfold(x.double() if x.dim() == 4 else x.double().transpose(1, 2).reshape(
+            x.shape[0], x.shape[2], grid_h, grid_w), kernel, padding=padding, stride=stride).transpose(1, 2)
+        xhat = (rows - t["mean"].double().reshape(rows.shape[:2] + (1,))) * t["rstd"].double().reshape(
+            rows.shape[:2] + (1,))
+        _close(db, t["dy"].double().sum((0, 1)), 1e-5, what="dbias")
+        _close(dw, (t["dy"].double() * xhat).sum((0, 1)), 1e-5, what="dweight")
+
+
+def compute_dtype_of(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _close(actual, expected, rtol, what):
+    """assert_relative_close that also takes empty tensors (then only the shapes must agree)."""
+    if expected.numel() == 0:
+        assert actual.shape == expected.shape, what
+    else:
+        assert_relative_close(actual, expected, rtol, what=what)
+
+
+@st.composite
+def wrapper_calls(draw):
+    """soft_split_layernorm arguments, valid or not: shapes with zeros, grids that may not match, windows
+    that may not fit, zero strides and negative paddings."""
+    tokens = draw(st.booleans())
+    shape = draw(st.lists(st.integers(0, 6), min_size=3 if tokens else 4, max_size=3 if tokens else 4))
+    grid = None
+    if tokens or draw(st.integers(0, 4)) == 0:
+        grid = draw(st.one_of(st.none(), st.tuples(st.integers(-1, 6), st.integers(-1, 6))))
+    channels = shape[-1] if tokens else shape[1]
+    kernel = draw(st.integers(0, 3))
+    features = draw(st.sampled_from([channels * kernel * kernel, max(channels * kernel * kernel - 1, 0)]))
+    return dict(shape=shape, grid=grid, kernel=kernel, stride=draw(st.integers(0, 3)),
+                padding=draw(st.integers(-1, 2)), features=features)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=wrapper_calls(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       out_dtype=st.sampled_from([None, torch.bfloat16]))
+def test_backends_agree_or_raise_alike(call, dtype, out_dtype):
+    """For any arguments the wrapper is given, backends torch, cpp and triton (interpreter on CPU) give the same
+    forward and gradients within the output dtype's tolerance, or raise the same exception type."""
+    x = torch.randn(call["shape"], dtype=torch.float64).to(dtype)
+    w = torch.randn(call["features"], dtype=torch.float64).float()
+    b = torch.randn(call["features"], dtype=torch.float64).float()
+    backends = ("torch", "triton", "cuda" if DEVICE == "cuda" else "cpp")
+    outcomes = {}
+    for backend in backends:
+        leaves = [t.to(DEVICE).requires_grad_() for t in (x, w, b)]
+        try:
+            with poison_outputs():
+                y = soft_split_layernorm(leaves[0], call["kernel"], call["stride"], call["padding"], leaves[1],
+                                         leaves[2], grid_size=call["grid"], backend=backend, out_dtype=out_dtype)
+        except Exception as exc:  # noqa: BLE001 - the type is what is compared
+            outcomes[backend] = type(exc)
+            continue
+        torch.manual_seed(0)
+        dy = torch.randn(y.shape, dtype=torch.float64).to(y.dtype).to(DEVICE)
+        with poison_outputs():
+            grads = torch.autograd.grad(y, leaves, dy)
+        outcomes[backend] = (y.detach(), *grads)
+    first = outcomes["torch"]
+    for backend in backends[1:]:
+        if isinstance(first, type):
+            assert outcomes[backend] is first, (backend, outcomes[backend], first)
+            continue
+        assert not isinstance(outcomes[backend], type), (backend, outcomes[backend])
+        for what, ours, ref in zip(("y", "dx", "dweight", "dbias"), outcomes[backend], first):
+            assert ours.dtype == ref.dtype, what
+            _close(ours, ref, 2 * RELATIVE_TOLERANCE[ours.dtype], what=f"{backend} {what}")
+
+
+def test_persistent_programs_follow_occupancy(monkeypatch):
+    """The backward row kernel runs as many programs as fit on the GPU at once: registers are allocated per
+    warp in 256-register units, and threads and shared memory limit the blocks per SM too."""
+    import types
+
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                  shared_memory_per_multiprocessor=233472, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def compiled(n_regs, num_warps, shared):
+        return types.SimpleNamespace(n_regs=n_regs, metadata=types.SimpleNamespace(num_warps=num_warps,
+                                                                                   shared=shared))
+
+    assert kernels._blocks_per_sm(compiled(72, 4, 4096), "cuda") == 7  # 72 x 32 = 2304 registers per warp
+    assert kernels._blocks_per_sm(compiled(70, 4, 4096), "cuda") == 7  # rounded up to 2304 as well
+    assert kernels._blocks_per_sm(compiled(32, 4, 0), "cuda") == 16  # 2048 threads
+    assert kernels._blocks_per_sm(compiled(40, 4, 100_000), "cuda") == 2  # shared memory
+    assert kernels._blocks_per_sm(compiled(255, 16, 0), "cuda") == 1

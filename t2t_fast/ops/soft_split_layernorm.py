@@ -13,23 +13,21 @@ x and the per-row mean and rstd whichever implementation runs:
 
 The ``torch`` path is the reference itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-from t2t_fast._config import split_output_size
 from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import (as_image, check_float_tensor, compute_dtype, image_sizes, is_int,
-                                   new_output, split_geometry)
+from t2t_fast.geometry import split_output_size
+from t2t_fast.ops._common import (FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor, compute_dtype,
+                                   image_sizes, is_int)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
 
 _OP = "soft_split_layernorm"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INT32_LIMIT = 2**31
 
 
-def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None):
+def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None,
+                             out_dtype=None):
     """Reference: (tokens -> NCHW) -> ``F.unfold`` -> ``transpose(1, 2)`` -> ``F.layer_norm``.
 
     Args:
@@ -38,64 +36,109 @@ def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=
         weight, bias: LayerNorm affine parameters, shape (C*k*k,).
         eps: LayerNorm epsilon.
         grid_size: (H, W) of the token grid; only for token input.
+        out_dtype: dtype of the result (None: x's dtype).
 
     Returns:
-        (B, L, C*k*k) with L the number of windows (row-major over the output grid). fp16/bf16 rows with
-        float32 parameters are normalised in float32 and rounded once to x's dtype, on every device: torch's
-        CPU LayerNorm does that for such mixed dtypes, its CUDA kernel refuses them.
+        (B, L, C*k*k) with L the number of windows (row-major over the output grid). Parameters in another
+        dtype than x, or another output dtype, normalise the rows in the statistics dtype (float32; float64
+        for float64 x) and round once to the output dtype, on every device: torch's CPU LayerNorm does that
+        for fp16/bf16 rows with float32 parameters, its CUDA kernel refuses them, and neither mixes float64
+        rows with float32 parameters.
     """
     unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
     shape = (unfolded.shape[-1],)
+    result = unfolded.dtype if out_dtype is None else out_dtype
+    if unfolded.dtype == weight.dtype == bias.dtype == result:
+        return F.layer_norm(unfolded, shape, weight, bias, eps)
     stats = compute_dtype(unfolded.dtype)
-    if stats != unfolded.dtype and stats in (weight.dtype, bias.dtype):  # fp16/bf16 rows, fp32 parameters
-        return F.layer_norm(unfolded.to(stats), shape, weight.to(stats), bias.to(stats), eps).to(unfolded.dtype)
-    return F.layer_norm(unfolded, shape, weight, bias, eps)
+    return F.layer_norm(unfolded.to(stats), shape, weight.to(stats), bias.to(stats), eps).to(result)
 
 
-def _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size):
-    """Check the arguments of :func:`soft_split_layernorm`; returns (C, H, W, OH, OW)."""
+def _grid_size(x, grid_h, grid_w):
+    """The wrapper's ``grid_size`` for the custom ops' (grid_h, grid_w): (0, 0) stands for an image."""
+    return None if x.dim() != 3 and (grid_h, grid_w) == (0, 0) else (grid_h, grid_w)
+
+
+def _validate(x, kernel_size, stride, padding, grid_size, **params):
+    """Check the input, window and the LayerNorm parameter tensors ``params`` (name -> (C*k*k,) tensor in
+    float32 or x's dtype, on x's device), from metadata only (no device sync). The one check of the wrapper
+    and of the custom ops, so a wrong argument is a clear error before any kernel runs.
+
+    Returns (B, C, H, W, OH, OW)."""
     check_float_tensor("x", x, _OP)
-    check_float_tensor("weight", weight, _OP)
-    check_float_tensor("bias", bias, _OP)
+    for name, tensor in params.items():
+        check_float_tensor(name, tensor, _OP)
     for name, value, least in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
         if not is_int(value):
             raise TypeError(f"{_OP}: {name} must be an int, got {type(value).__name__}")
         if value < least:
             raise ValueError(f"{_OP}: {name} must be >= {least}, got {value}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
-    _, channels, height, width = image_sizes(_OP, "x", x, grid_size)
+    batch, channels, height, width = image_sizes(_OP, "x", x, grid_size)
+    if height == 0 or width == 0:
+        raise ValueError(f"{_OP}: x has an empty {height}x{width} image")
     out_h = split_output_size(height, kernel_size, stride, padding)
     out_w = split_output_size(width, kernel_size, stride, padding)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"{_OP}: a {kernel_size}x{kernel_size} window with padding {padding} does not fit the "
                          f"{height}x{width} input")
     features = channels * kernel_size * kernel_size
-    for name, tensor in (("weight", weight), ("bias", bias)):
+    for name, tensor in params.items():
         if tuple(tensor.shape) != (features,):
             raise ValueError(f"{_OP}: {name} must have shape ({features},) = C*k*k, got {tuple(tensor.shape)}")
         if tensor.dtype not in (torch.float32, x.dtype):
             raise TypeError(f"{_OP}: {name} has dtype {tensor.dtype}; expected float32 or x's dtype {x.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{_OP}: {name} is on {tensor.device} but x is on {x.device}")
-    return channels, height, width, out_h, out_w
+    return batch, channels, height, width, out_h, out_w
 
 
-def _triton_unsupported(x, features):
-    """Why the Triton kernels cannot take this input, or None."""
-    from t2t_fast.kernels.soft_split_layernorm import MAX_FEATURES
+def _validate_forward(x, kernel_size, stride, padding, weight, bias, eps, grid_size, out_dtype):
+    """:func:`_validate` plus eps and the output dtype; returns (B, C, H, W, OH, OW)."""
+    sizes = _validate(x, kernel_size, stride, padding, grid_size, weight=weight, bias=bias)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: out_dtype must be one of float32, float16, bfloat16, float64, got {out_dtype!r}")
+    return sizes
 
-    if x.dtype not in _TRITON_DTYPES:
-        return f"dtype {x.dtype} (the Triton kernels take float32, float16 and bfloat16)"
+
+def _validate_backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_size):
+    """:func:`_validate` plus the output gradient and the saved row statistics."""
+    batch, channels, _, _, out_h, out_w = _validate(x, kernel_size, stride, padding, grid_size, weight=weight)
+    check_float_tensor("dy", dy, _OP)
+    rows = batch * out_h * out_w
+    expected = {"dy": (batch, out_h * out_w, channels * kernel_size * kernel_size), "mean": (rows,), "rstd": (rows,)}
+    for name, tensor in (("dy", dy), ("mean", mean), ("rstd", rstd)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{_OP}: {name} must have shape {expected[name]}, got {tuple(tensor.shape)}")
+        if tensor.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {tensor.device} but x is on {x.device}")
+    stats = compute_dtype(x.dtype)
+    for name, tensor in (("mean", mean), ("rstd", rstd)):
+        if tensor.dtype != stats:
+            raise TypeError(f"{_OP}: {name} has dtype {tensor.dtype}; expected {stats} (the forward's statistics)")
+
+
+def _triton_unsupported(x, features, rows, *dtypes):
+    """Why the Triton kernels cannot take this input (x, and the output or output-gradient ``dtypes``), or None."""
+    from t2t_fast.kernels.soft_split_layernorm import INDEX_LIMIT, MAX_FEATURES
+
+    for dtype in (x.dtype, *dtypes):
+        if dtype not in _TRITON_DTYPES:
+            return f"dtype {dtype} (the Triton kernels take float32, float16 and bfloat16)"
     if features > MAX_FEATURES:
         return f"C*k*k = {features} features (the Triton kernels hold a row in registers, at most {MAX_FEATURES})"
     span = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1
-    if x.numel() >= _INT32_LIMIT or span >= _INT32_LIMIT:
-        return "inputs spanning 2**31 or more elements (the Triton kernels index the input with int32)"
+    if max(x.numel(), span, rows) >= INDEX_LIMIT:
+        return (f"inputs or outputs of {INDEX_LIMIT} or more elements or rows (the Triton kernels index them "
+                f"with int32)")
     return None
 
 
-def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None, backend=None):
+def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None, backend=None,
+                         out_dtype=None):
     """Soft split followed by LayerNorm: ``F.layer_norm(F.unfold(x).transpose(1, 2))``, fused.
 
     Args:
@@ -109,125 +152,44 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
         grid_size: (H, W) of the token grid; only for token input.
         backend: None/'auto', 'triton', 'cuda'/'cpp' (native gather + torch LayerNorm) or 'torch'
             (see :mod:`t2t_fast.backend`).
+        out_dtype: dtype of the result, None for x's dtype. Under autocast pass the autocast dtype: a float32
+            image is then normalised in float32 and written once at that precision (the Triton kernels write it
+            directly), with no float32 copy of the rows. The input gradient keeps x's dtype.
 
     Returns:
-        (B, L, C*k*k) in x's dtype, L = OH*OW windows row-major, feature order (c, ki, kj) as ``F.unfold``.
-        Statistics are computed in float32 (float64 for float64 x); backward keeps only x and the per-row
-        mean and rstd, and recomputes the unfolded rows.
+        (B, L, C*k*k) in ``out_dtype``, L = OH*OW windows row-major, feature order (c, ki, kj) as ``F.unfold``.
+        Statistics are computed in float32 (float64 for float64 x, whatever the parameters' dtype); backward
+        keeps only x and the per-row mean and rstd, and recomputes the unfolded rows.
     """
-    channels, height, width, _, _ = _validate(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
+    out_dtype = x.dtype if out_dtype is None and isinstance(x, torch.Tensor) else out_dtype
+    batch, channels, height, width, out_h, out_w = _validate_forward(x, kernel_size, stride, padding, weight, bias,
+                                                                     eps, grid_size, out_dtype)
     chosen = select_backend(_OP, x.device, ("triton", "cuda", "cpp", "torch"), backend)
     if chosen == "triton":
-        reason = _triton_unsupported(x, channels * kernel_size * kernel_size)
+        reason = _triton_unsupported(x, channels * kernel_size * kernel_size, batch * out_h * out_w, out_dtype)
         if reason is not None:
             if requested_backend(backend) != "auto":
-                raise ValueError(f"{_OP}: backend 'triton' does not support {reason}")
+                backend_cannot_take(_OP, "triton", reason)
             chosen = "torch"
     if chosen == "torch":
-        return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size)
+        return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size, out_dtype)
     grid_h, grid_w = (height, width) if x.dim() == 3 else (0, 0)
     return _fwd_op(x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h),
-                   int(grid_w), chosen != "triton")[0]
-
-
-def _geometry(x, kernel_size, stride, padding, grid_h, grid_w):
-    """Sizes and element strides (b, c, h, w) of the input, for NCHW images and (B, H*W, C) tokens alike."""
-    (batch, channels, height, width), strides = split_geometry(x, grid_h, grid_w)
-    out_h = split_output_size(height, kernel_size, stride, padding)
-    out_w = split_output_size(width, kernel_size, stride, padding)
-    return batch, channels, height, width, out_h, out_w, strides
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _device_guard(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _persistent_programs(device):
-    """Program count of the persistent backward row kernel (a few per SM; small under the interpreter).
-
-    dweight/dbias are summed from one partial per program in a fixed order: bit-reproducible on one GPU
-    model, but GPUs with another SM count round differently."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
-def soft_split_layernorm_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
-    """Launch the forward kernel: returns y (B, L, F) in x's dtype and the fp32 row mean and rstd (B*L,)."""
-    from t2t_fast.kernels.soft_split_layernorm import NUM_STAGES, _fwd_kernel, row_config
-
-    batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
-                                                                      grid_h, grid_w)
-    features = channels * kernel_size * kernel_size
-    rows = batch * out_h * out_w
-    y = new_output((batch, out_h * out_w, features), x.dtype, x.device)
-    mean = new_output((rows,), torch.float32, x.device)
-    rstd = new_output((rows,), torch.float32, x.device)
-    if rows == 0:
-        return y, mean, rstd
-    block_m, block_f, num_warps = row_config(features)
-    with _device_guard(x):
-        _fwd_kernel[(_cdiv(rows, block_m),)](
-            x, weight.float().contiguous(), bias.float().contiguous(), y, mean, rstd,
-            rows, out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides, eps,
-            BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps, num_stages=NUM_STAGES)
-    return y, mean, rstd
-
-
-def soft_split_layernorm_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, input_grad):
-    """Launch the backward kernels: returns dx (x's shape, contiguous; empty without ``input_grad``), dweight
-    and dbias (fp32)."""
-    from t2t_fast.kernels.soft_split_layernorm import (DX_BLOCK, NUM_STAGES, NUM_WARPS, PARTIALS_BLOCK_G,
-                                                       PARTIALS_BLOCK_N, _bwd_dx_kernel, _bwd_rows_kernel,
-                                                       _sum_partials_kernel, row_config)
-
-    batch, channels, height, width, out_h, out_w, strides = _geometry(x, kernel_size, stride, padding,
-                                                                      grid_h, grid_w)
-    features = channels * kernel_size * kernel_size
-    rows = batch * out_h * out_w
-    dy = dy.contiguous()
-    w = weight.float().contiguous()
-    block_m, block_f, num_warps = row_config(features)
-    programs = min(_cdiv(rows, block_m), _persistent_programs(x.device))
-    c1 = new_output((rows,), torch.float32, x.device)
-    c2 = new_output((rows,), torch.float32, x.device)
-    partials = new_output((programs, 2 * features), torch.float32, x.device)
-    dweight = new_output((features,), torch.float32, x.device)
-    dbias = new_output((features,), torch.float32, x.device)
-    dx = new_output(tuple(x.shape) if input_grad else (0,), x.dtype, x.device)
-    geometry = (out_h * out_w, out_w, height, width, features, kernel_size, stride, padding, *strides)
-    with _device_guard(x):
-        if programs > 0:
-            _bwd_rows_kernel[(programs,)](
-                x, w, dy, mean, rstd, c1, c2, partials, rows, *geometry,
-                BLOCK_M=block_m, BLOCK_F=block_f, num_warps=num_warps, num_stages=NUM_STAGES)
-        _sum_partials_kernel[(_cdiv(2 * features, PARTIALS_BLOCK_N),)](
-            partials, dweight, dbias, programs, features, BLOCK_G=PARTIALS_BLOCK_G, BLOCK_N=PARTIALS_BLOCK_N,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-        if input_grad and x.numel() > 0:
-            _bwd_dx_kernel[(_cdiv(x.numel(), DX_BLOCK),)](
-                x, w, dy, mean, rstd, c1, c2, dx, x.numel(), channels, height, width, out_h * out_w, out_h, out_w,
-                features, kernel_size, stride, padding, *strides,
-                CHANNELS_LAST=x.dim() == 3, BLOCK=DX_BLOCK, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    return dx, dweight, dbias
+                   int(grid_w), out_dtype, chosen != "triton")[0]
 
 
 def _native_window(kernel_size, stride, padding):
     return [kernel_size, kernel_size, stride, stride, padding, padding]
 
 
-def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w):
+def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype):
     """The native gather (CPU / CUDA extension) then torch's LayerNorm in the statistics dtype: returns y
-    (B, L, F) in x's dtype and the row mean and rstd (B*L,)."""
+    (B, L, F) in ``out_dtype`` and the row mean and rstd (B*L,)."""
     stats = compute_dtype(x.dtype)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, _native_window(kernel_size, stride, padding))
     y, mean, rstd = torch.native_layer_norm(unfolded.to(stats), (unfolded.shape[-1],), weight.to(stats),
                                             bias.to(stats), eps)
-    return y.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
+    return y.to(out_dtype), mean.reshape(-1), rstd.reshape(-1)
 
 
 def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w,
@@ -252,17 +214,28 @@ def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stri
 
 @torch.library.custom_op("t2t_fast::soft_split_layernorm_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kernel_size: int, stride: int,
-            padding: int, eps: float, grid_h: int, grid_w: int,
+            padding: int, eps: float, grid_h: int, grid_w: int, out_dtype: torch.dtype,
             native: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    forward = soft_split_layernorm_native_fwd if native else soft_split_layernorm_fwd
-    return forward(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w)
+    grid_size = _grid_size(x, grid_h, grid_w)
+    batch, channels, _, _, out_h, out_w = _validate_forward(x, kernel_size, stride, padding, weight, bias, eps,
+                                                            grid_size, out_dtype)
+    if native:
+        return soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w,
+                                               out_dtype)
+    reason = _triton_unsupported(x, channels * kernel_size * kernel_size, batch * out_h * out_w, out_dtype)
+    if reason is not None:
+        backend_cannot_take(_OP, "triton", reason)
+    from t2t_fast.kernels.soft_split_layernorm import forward
+
+    return forward(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype)
 
 
 @_fwd_op.register_fake
-def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, native):
-    batch, channels, _, _, out_h, out_w, _ = _geometry(x, kernel_size, stride, padding, grid_h, grid_w)
+def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype, native):
+    batch, channels, _, _, out_h, out_w = _validate_forward(x, kernel_size, stride, padding, weight, bias, eps,
+                                                            _grid_size(x, grid_h, grid_w), out_dtype)
     rows = batch * out_h * out_w
-    y = x.new_empty((batch, out_h * out_w, channels * kernel_size * kernel_size))
+    y = x.new_empty((batch, out_h * out_w, channels * kernel_size * kernel_size), dtype=out_dtype)
     stats = compute_dtype(x.dtype)
     return y, x.new_empty((rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
 
@@ -271,12 +244,21 @@ def _(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, native
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
             kernel_size: int, stride: int, padding: int, grid_h: int, grid_w: int, native: bool,
             input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backward = soft_split_layernorm_native_bwd if native else soft_split_layernorm_bwd
+    _validate_backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, _grid_size(x, grid_h, grid_w))
+    if native:
+        return soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h,
+                                               grid_w, input_grad)
+    reason = _triton_unsupported(x, weight.shape[0], mean.shape[0], dy.dtype)
+    if reason is not None:
+        backend_cannot_take(_OP, "triton", reason)
+    from t2t_fast.kernels.soft_split_layernorm import backward
+
     return backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, input_grad)
 
 
 @_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, native, input_grad):
+    _validate_backward(dy, x, weight, mean, rstd, kernel_size, stride, padding, _grid_size(x, grid_h, grid_w))
     features = weight.shape[0]
     stats = compute_dtype(x.dtype)
     dx = x.new_empty(x.shape if input_grad else (0,))
@@ -284,7 +266,7 @@ def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w, native = inputs
+    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w, _, native = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.geometry = (kernel_size, stride, padding, grid_h, grid_w, native)
@@ -299,7 +281,8 @@ def _backward(ctx, dy, _dmean, _drstd):
     input_grad = ctx.needs_input_grad[0]
     dx, dw, db = _bwd_op(dy, x, weight, mean, rstd, *ctx.geometry, input_grad)
     weight_dtype, bias_dtype = ctx.param_dtypes
-    return dx if input_grad else None, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None, None
+    return (dx if input_grad else None, dw.to(weight_dtype), db.to(bias_dtype), None, None, None, None, None, None,
+            None, None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
