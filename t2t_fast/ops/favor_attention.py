@@ -13,30 +13,45 @@ larger rows exp() itself overflows fp32; |u|^2 of fp16 inputs overflows above |u
 underflow every feature to 0.
 
 Stabilisation (the ``triton`` and ``torch`` backends; all feature maths in fp32, float64 stays float64).
-With a_t = k_t w^T - |k_t|^2/2 and b_t = q_t w^T - |q_t|^2/2 (norms taken in fp32), per image:
+With a_t = k_t w^T - |k_t|^2/2 and h_t = |q_t|^2/2 (norms taken in fp32), per image:
 
-    c_k,j = max_t a_tj            (per-image shift, one per feature)     K_t = exp(a_t - c_k)
-    c_q,t = max_j (b_tj + c_k,j)  (per-token shift)                      P_t = exp(b_t + c_k - c_q,t)
+    c_k,j = max_t a_tj             (per-image shift, one per feature)     K_t = exp(a_t - c_k)
+    c_q,t = max_j (q_t w_j + c_k,j) (per-token shift)                    P_t = exp(q_t w^T + c_k - c_q,t)
     S' = sum_t K_t^T v_t,  z' = sum_t K_t,  y_t = P_t S' / (P_t . z' + eps_t)
 
-Since kp_tj = K_tj e^{c_k,j}/sqrt(m) and qp_tj e^{c_k,j} = P_tj e^{c_q,t}/sqrt(m), the numerator and D of
-the reference are P_t S' and P_t . z' times e^{c_q,t}/m. Dividing its eps term by the same factor keeps y
-identical to the formula above:
+Since kp_tj = K_tj e^{c_k,j}/sqrt(m) and qp_tj e^{c_k,j} = P_tj e^{c_q,t - h_t}/sqrt(m), the numerator and D
+of the reference are P_t S' and P_t . z' times e^{c_q,t - h_t}/m. Dividing its eps term by the same factor
+keeps y identical to the formula above:
 
-    eps_t = eps * m * exp(-c_q,t) = exp(min(log(eps) + log(m) - c_q,t, 80))
+    eps_t = eps * m * exp(h_t - c_q,t) = exp(min(log(eps) + log(m) + h_t - c_q,t, EPS_LOG_CLAMP))
 
-computed in log space in fp32, so it neither overflows nor underflows to a wrong answer. Every K and P
-is <= 1, each feature's column of K reaches 1 (so z'_j >= 1) and each row of P reaches 1, hence
-P_t . z' >= 1: the denominator can neither overflow (<= m T) nor underflow to 0, and |y| <= max |v|.
-The clamp at 80 only acts when eps exceeds the unshifted D by e^80 / (m T) or more; y is then 0 to fp32
-precision either way (|P_t S'| <= m T max|v| against eps_t >= e^80). On realistic inputs (official w:
-orthogonal rows of norm sqrt(m), so logits <= m/2) eps_t is simply the reference's eps rescaled and
-fp32 results match the reference to rounding (with eps = 1e-8 it is far below the fp32 resolution of
-D' >= 1, exactly as 1e-8 is negligible against the reference's D). eps = 0 is allowed.
+computed in log space in fp32, so it neither overflows nor underflows to a wrong answer; h_t cancels from
+P_t exactly. Every K and P is <= 1, each feature's column of K reaches 1 (so z'_j >= 1) and each row of P
+reaches 1, hence P_t . z' >= 1: the denominator can neither overflow (<= m T) nor underflow to 0, and
+|y| <= max |v|. The clamp (EPS_LOG_CLAMP = 80) only acts when eps exceeds the unshifted D by e^80 / (m T)
+or more; y is then 0 to fp32 precision either way (|P_t S'| <= m T max|v| against eps_t >= e^80). On
+realistic inputs (official w: orthogonal rows of norm sqrt(m), so logits <= m/2) eps_t is simply the
+reference's eps rescaled and fp32 results match the reference to rounding (with eps = 1e-8 it is far below
+the fp32 resolution of D' >= 1, exactly as 1e-8 is negligible against the reference's D). eps = 0 is
+allowed.
 
-Backward (w is frozen: no gradient). y(k, q, v) does not depend on the shifts (it equals the unshifted
-formula for every value of c), so its derivative is that of the shifted formula with c_k, c_q held
-constant. Per token, with g_t = dL/dy_t, N_t = P_t S', D'_t = P_t . z' + eps_t:
+Finite inputs whose |u|^2/2 overflows (fp32 or bf16 rows with |u| above ~1.8e19, where the reference's
+features are exp(finite - inf) = 0) get the reference's limit, never inf - inf:
+
+- such a key adds nothing (a_t = -inf, K_t = 0). If no key of an image is finite, c_k = 0 and S' = z' = 0,
+  so the denominator is taken as max(P_t . z' + eps_t, 1) (a no-op otherwise, as P_t . z' >= 1): y = 0,
+  as the reference gives, for every eps.
+- such a query is scaled by 2^-64 (exactly) before its product with w, and P_t is evaluated as
+  exp((s q_t w^T + s c_k - s c_q,t) / s) with s = 2^-64 (s = 1 on every other row), the same P without
+  overflow; h_t enters eps_t capped at HALF_NORM_CAP = 2^100, which is past the clamp either way. So
+  y_t = 0 to fp32 precision for eps > 0 (the reference's 0), and the P-weighted limit for eps = 0.
+
+v is summed as given: values near the fp32 maximum can still overflow S'.
+
+Backward (w is frozen: a call that would need its gradient, w.requires_grad under grad mode, raises
+ValueError on every backend). y(k, q, v) does not depend on the shifts (it equals the unshifted formula for
+every value of c), so its derivative is that of the shifted formula with c_k, c_q held constant. Per token,
+with g_t = dL/dy_t, N_t = P_t S', D'_t = P_t . z' + eps_t:
 
     G_t  = g_t / D'_t                     (dL/dN_t, e)
     r_t  = -G_t . y_t                     (dL/dD'_t)
@@ -45,33 +60,37 @@ constant. Per token, with g_t = dL/dy_t, N_t = P_t S', D'_t = P_t . z' + eps_t:
     dK_t = dS' v_t + dz'                  (m)
     dv_t = K_t dS'                        (e)
 
-and since dP_tj/dq_t = P_tj (w_j - q_t) (likewise for K and k):
+and since dP_tj/dq_t = P_tj w_j, d eps_t/dq_t = eps_t q_t (0 where the clamp acts) and
+dK_tj/dk_t = K_tj (w_j - k_t):
 
-    dq_t = (dP_t * P_t) w - sum_j (dP_t * P_t)_j q_t
+    dq_t = (dP_t * P_t) w + r_t eps_t q_t
     dk_t = (dK_t * K_t) w - sum_j (dK_t * K_t)_j k_t
 
-The Triton backward runs this in three kernels: (1) per token chunk, recompute P, N, D', write dq and
-the chunk's partial dS', dz'; (2) per image, sum the partials in chunk order; (3) per token chunk,
-recompute K with the saved c_k, write dk and dv. The forward saves only S', z' and c_k (per image,
-float32) besides its inputs; kp and qp are never written to memory. No float atomics anywhere: the
-results are deterministic, run to run.
+(the q-term equals -sum_j (dP_t * P_t)_j q_t, without that sum's cancellation). The Triton backward runs
+this in three steps: (1) per token chunk, recompute P, N, D', write dq and the chunk's partial dS', dz' (for
+m > 32, a second pass per block of 32 features forms those partials from the per-token shift, D' and r that
+the first saved); (2) per image, sum the partials in chunk order; (3) per token chunk, recompute K with the
+saved c_k, write dk and dv. The forward saves only S', z' and c_k (per image, float32) besides its inputs; kp
+and qp are never written to memory. No float atomics anywhere: the results are deterministic, run to run.
 
 Backends: ``triton`` (the fused kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``;
-float32/float16/bfloat16) and ``torch`` (the same stabilised maths in plain torch ops, so ONNX export and
-``torch.export`` can trace it; the CPU path, and the only path for float64).
+float32/float16/bfloat16; m, e <= 64) and ``torch`` (the same stabilised maths in plain torch ops, so ONNX
+export and ``torch.export`` can trace it; the CPU path, and the only path for float64). The registered
+ops ``torch.ops.t2t_fast.favor_attention_fwd`` / ``_bwd`` (the Triton path) validate their arguments as
+the wrapper does before any kernel runs.
 """
-import contextlib
 import math
 
 import torch
 
-from t2t_fast.backend import requested_backend, select_backend
-from t2t_fast.ops._common import check_float_tensor, compute_dtype, new_output
+from t2t_fast.backend import requested_backend, select_backend, unavailable_reason
+from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, compute_dtype
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_EPS_LOG_CLAMP = 80.0
-_CHUNK = 256  # tokens per program of every token kernel; partial sums are per chunk (a multiple of BLOCK_T)
+EPS_LOG_CLAMP = 80.0  # largest log of the shifted eps term (see the module docstring)
+HALF_NORM_CAP = 2.0 ** 100  # |q|^2/2 enters eps_t capped here: finite, and past the clamp either way
+ROW_SCALE = 2.0 ** -64  # exact scale of the queries whose |q|^2/2 overflows
 
 
 def favor_attention_ref(k, q, v, w, eps=1e-8):
@@ -109,56 +128,117 @@ def _favor_attention_torch(k, q, v, w, eps):
     m = w.shape[0]
     compute = compute_dtype(k.dtype)
     kf, qf, vf, wf = k.to(compute), q.to(compute), v.to(compute), w.to(compute)
-    a = kf @ wf.t() - 0.5 * (kf * kf).sum(dim=-1, keepdim=True)                 # (B, T, m)
+    inf = float("inf")
+    half_k = 0.5 * (kf * kf).sum(dim=-1, keepdim=True)                           # (B, T, 1)
+    a = torch.where(half_k < inf, kf @ wf.t() - half_k, -inf)                     # (B, T, m)
     c_k = a.detach().amax(dim=1, keepdim=True)                                   # (B, 1, m)
-    b = qf @ wf.t() - 0.5 * (qf * qf).sum(dim=-1, keepdim=True) + c_k            # (B, T, m)
-    c_q = b.detach().amax(dim=2, keepdim=True)                                   # (B, T, 1)
+    c_k = torch.where(c_k > -inf, c_k, 0.0)                                      # no finite key: K = 0
     k_feat = torch.exp(a - c_k)
-    q_feat = torch.exp(b - c_q)
     s = k_feat.transpose(1, 2) @ vf                                              # (B, m, e)
     z = k_feat.sum(dim=1, keepdim=True)                                          # (B, 1, m)
-    eps_t = torch.exp(torch.clamp(_log_eps_m(eps, m) - c_q, max=_EPS_LOG_CLAMP))  # (B, T, 1)
+    half_q = 0.5 * (qf * qf).sum(dim=-1, keepdim=True)                           # (B, T, 1)
+    in_range = half_q < inf
+    scale = torch.where(in_range, 1.0, ROW_SCALE).to(compute)
+    u = (qf * scale) @ wf.t() + scale * c_k                                      # (B, T, m)
+    c_q = u.detach().amax(dim=2, keepdim=True)                                   # (B, T, 1)
+    q_feat = torch.exp((u - c_q) * torch.where(in_range, 1.0, 1.0 / ROW_SCALE).to(compute))
+    eps_log = log_eps_m(eps, m) + half_q.clamp(max=HALF_NORM_CAP) - c_q
+    eps_t = torch.exp(eps_log.clamp(max=EPS_LOG_CLAMP))                          # (B, T, 1)
     den = (q_feat * z).sum(dim=-1, keepdim=True) + eps_t
+    den = torch.where(den >= 1.0, den, 1.0)  # max(den, 1), with den's gradient where den = 1 (clamp gives 0)
     return ((q_feat @ s) / den).to(v.dtype)
 
 
-def _log_eps_m(eps, m):
+def log_eps_m(eps, m):
     """log(eps * m), the eps term of the shifted denominator before its shift (-inf for eps = 0)."""
     return math.log(eps) + math.log(m) if eps > 0 else float("-inf")
 
 
 def _validate(k, q, v, w, eps):
+    """Raise TypeError/ValueError unless k, q, v, w, eps are valid inputs of FAVOR+ on any backend (shared by
+    the wrapper and the registered ops; shapes, dtypes and devices only: no host sync)."""
+    op = _OP
     for name, tensor in (("k", k), ("q", q), ("v", v), ("w", w)):
-        check_float_tensor(name, tensor, _OP)
+        check_float_tensor(name, tensor, op)
     for name, tensor in (("k", k), ("q", q), ("v", v)):
         if tensor.dim() != 3:
-            raise ValueError(f"{_OP}: {name} must be (B, T, e), got shape {tuple(tensor.shape)}")
+            raise ValueError(f"{op}: {name} must be (B, T, e), got shape {tuple(tensor.shape)}")
     if not (k.shape == q.shape == v.shape):
-        raise ValueError(f"{_OP}: k, q, v must have the same shape, got {tuple(k.shape)}, {tuple(q.shape)}, "
+        raise ValueError(f"{op}: k, q, v must have the same shape, got {tuple(k.shape)}, {tuple(q.shape)}, "
                          f"{tuple(v.shape)}")
     if not (k.dtype == q.dtype == v.dtype):
-        raise TypeError(f"{_OP}: k, q, v must have the same dtype, got {k.dtype}, {q.dtype}, {v.dtype}")
+        raise TypeError(f"{op}: k, q, v must have the same dtype, got {k.dtype}, {q.dtype}, {v.dtype}")
     if w.dim() != 2 or w.shape[1] != k.shape[2] or w.shape[0] == 0:
-        raise ValueError(f"{_OP}: w must be (m, e) with e = {k.shape[2]} and m >= 1, got {tuple(w.shape)}")
+        raise ValueError(f"{op}: w must be (m, e) with e = {k.shape[2]} and m >= 1, got {tuple(w.shape)}")
     if k.shape[2] == 0:
-        raise ValueError(f"{_OP}: the width e must be >= 1")
+        raise ValueError(f"{op}: the width e must be >= 1")
     for name, tensor in (("q", q), ("v", v), ("w", w)):
         if tensor.device != k.device:
-            raise ValueError(f"{_OP}: {name} is on {tensor.device} but k is on {k.device}")
+            raise ValueError(f"{op}: {name} is on {tensor.device} but k is on {k.device}")
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{_OP}: eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 
-def _triton_unsupported(k, w):
-    """Why the Triton kernels cannot take these inputs, or None."""
-    from t2t_fast.kernels.favor_attention import MAX_DIM
+def _check_w_frozen(w, needs_grad):
+    """Raise ValueError when a gradient of w is needed: no backend computes one."""
+    if needs_grad:
+        raise ValueError(f"{_OP}: w is the frozen random feature matrix and gets no gradient, but it requires "
+                         "grad; register it as a buffer or nn.Parameter(..., requires_grad=False), or pass "
+                         "w.detach()")
+
+
+def _triton_unsupported(k, q, v, w, grad_y=None):
+    """Why the Triton kernels cannot take these (validated) inputs, or None."""
+    reason = unavailable_reason("triton", k.device.type)
+    if reason is not None:
+        return reason
+    from t2t_fast.kernels.favor_attention import MAX_DIM, index_limits
 
     if k.dtype not in _TRITON_DTYPES:
         return f"dtype {k.dtype} (the Triton kernels take float32, float16 and bfloat16)"
     m, e = w.shape
     if m > MAX_DIM or e > MAX_DIM:
         return f"m = {m}, e = {e} (the Triton kernels hold the (m, e) state in registers: at most {MAX_DIM} each)"
+    for name, tensor in (("k", k), ("q", q), ("v", v), ("grad_y", grad_y)):
+        if tensor is not None:
+            reason = index_limits(tuple(tensor.shape), tensor.stride())
+            if reason is not None:
+                return f"{name}: {reason}"
     return None
+
+
+def _validate_fwd_op(k, q, v, w, eps):
+    """The checks of ``t2t_fast::favor_attention_fwd`` (the Triton path): the wrapper's, then the kernels'
+    limits (as a forced 'triton' backend reports them)."""
+    _validate(k, q, v, w, eps)
+    reason = _triton_unsupported(k, q, v, w)
+    if reason is not None:
+        backend_cannot_take(_OP, "triton", reason)
+
+
+def _validate_bwd_op(grad_y, k, q, v, w, s, z, c_k, eps):
+    """The checks of ``t2t_fast::favor_attention_bwd``: those of the forward, grad_y like y, and the
+    forward's saved float32 state s (B, m, e), z (B, m), c_k (B, m)."""
+    _validate(k, q, v, w, eps)
+    check_float_tensor("grad_y", grad_y, _OP)
+    if grad_y.shape != k.shape:
+        raise ValueError(f"{_OP}: grad_y must have the shape of y {tuple(k.shape)}, got {tuple(grad_y.shape)}")
+    if grad_y.dtype != k.dtype:
+        raise TypeError(f"{_OP}: grad_y must have the dtype of y ({k.dtype}), got {grad_y.dtype}")
+    batch, _, width = k.shape
+    m = w.shape[0]
+    for name, tensor, shape in (("grad_y", grad_y, None), ("s", s, (batch, m, width)), ("z", z, (batch, m)),
+                                ("c_k", c_k, (batch, m))):
+        if shape is not None:
+            check_float_tensor(name, tensor, _OP, dtypes=(torch.float32,))
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{_OP}: {name} must be {shape} (the forward's saved state for these inputs), "
+                                 f"got {tuple(tensor.shape)}")
+        if tensor.device != k.device:
+            raise ValueError(f"{_OP}: {name} is on {tensor.device} but k is on {k.device}")
+    reason = _triton_unsupported(k, q, v, w, grad_y)
+    if reason is not None:
+        backend_cannot_take(_OP, "triton", reason)
 
 
 def favor_attention(k, q, v, w, eps=1e-8, backend=None):
@@ -166,24 +246,32 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
 
     Args:
         k, q, v: (B, T, e) float32/float16/bfloat16 (float64: torch backend), same dtype and shape. May be
-            strided views, e.g. ``kqv.split(e, dim=-1)`` of a (B, T, 3e) projection: read in place.
-        w: (m, e) frozen random feature matrix (gets no gradient). m, e <= 64 for the Triton kernels.
+            strided views, e.g. ``kqv.split(e, dim=-1)`` of a (B, T, 3e) projection: read in place (the
+            Triton kernels copy a view whose elements along e are not adjacent).
+        w: (m, e) frozen random feature matrix: gets no gradient, so it must not require grad while grad
+            mode is on (a buffer, or ``nn.Parameter(..., requires_grad=False)``). m, e <= 64 for the
+            Triton kernels.
         eps: added to the denominator, as in the reference (rescaled consistently with the overflow
             shifts; see the module docstring).
         backend: None/'auto', 'triton' or 'torch' (see :mod:`t2t_fast.backend`).
 
     Returns:
         y (B, T, e) in the input dtype. Differentiable with respect to k, q and v. All feature maths in
-        float32 with per-image (k) and per-token (q) shifts, so fp16/bf16 inputs that overflow the
-        reference give finite, correct results.
+        float32 with per-image (k) and per-token (q) shifts, so finite inputs that overflow the reference
+        give finite, correct results (its limit where its features overflow or underflow).
+
+    Raises:
+        TypeError, ValueError: invalid inputs, or w requiring grad under grad mode.
+        BackendUnavailableError: a forced backend that cannot run here or cannot take these inputs.
     """
     _validate(k, q, v, w, eps)
+    _check_w_frozen(w, w.requires_grad and torch.is_grad_enabled())
     chosen = select_backend(_OP, k.device, ("triton", "torch"), backend)
     if chosen == "triton":
-        reason = _triton_unsupported(k, w)
+        reason = _triton_unsupported(k, q, v, w)
         if reason is not None:
             if requested_backend(backend) != "auto":
-                raise ValueError(f"{_OP}: backend 'triton' does not support {reason}")
+                backend_cannot_take(_OP, "triton", reason)
             chosen = "torch"
     if chosen == "torch":
         if torch.is_autocast_enabled(k.device.type):
@@ -194,92 +282,18 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
     return _fwd_op(k, q, v, w, float(eps))[0]
 
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def _device_guard(x):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _kernel_out_dtype(dtype, device):
-    """Dtype of the buffers the kernels write. The Triton interpreter (CPU tensors) truncates fp32 -> bf16
-    instead of rounding to nearest as the GPU does, so there bf16 results are written in fp32 and rounded
-    by torch."""
-    return torch.float32 if device.type == "cpu" and dtype == torch.bfloat16 else dtype
-
-
-def favor_attention_fwd(k, q, v, w, eps):
-    """Launch the forward kernels: y (B, T, e) in v's dtype, and per image S' (B, m, e), z' (B, m) and the
-    per-feature shift c_k (B, m), float32, saved for the backward."""
-    from t2t_fast.kernels.favor_attention import (BLOCK_T, NUM_STAGES, NUM_WARPS, _fwd_kv_chunk, _fwd_kv_reduce,
-                                                  _fwd_out, tile_sizes)
-
-    batch, tokens, width = k.shape
-    m = w.shape[0]
-    dev = k.device
-    y = new_output((batch, tokens, width), _kernel_out_dtype(v.dtype, dev), dev)
-    s = new_output((batch, m, width), torch.float32, dev)
-    z = new_output((batch, m), torch.float32, dev)
-    c_k = new_output((batch, m), torch.float32, dev)
-    if batch * tokens == 0:
-        return y.to(v.dtype), s.zero_(), z.zero_(), c_k.zero_()
-    wf = w.detach().to(torch.float32).contiguous()
-    n_chunks = _cdiv(tokens, _CHUNK)
-    s_part = new_output((batch, n_chunks, m, width), torch.float32, dev)
-    z_part = new_output((batch, n_chunks, m), torch.float32, dev)
-    c_part = new_output((batch, n_chunks, m), torch.float32, dev)
-    block_m, block_e = tile_sizes(m, width)
-    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    grid = (batch * n_chunks,)
-    with _device_guard(k):
-        _fwd_kv_chunk[grid](k, v, wf, s_part, z_part, c_part, tokens, m, width, _CHUNK, n_chunks,
-                            *k.stride(), *v.stride(), BLOCK_T=BLOCK_T, **tiles)
-        _fwd_kv_reduce[(batch,)](s_part, z_part, c_part, s, z, c_k, m, width, n_chunks, **tiles)
-        _fwd_out[grid](q, wf, s, z, c_k, y, tokens, m, width, _CHUNK, n_chunks, _log_eps_m(eps, m),
-                       *q.stride(), BLOCK_T=BLOCK_T, **tiles)
-    return y.to(v.dtype), s, z, c_k
-
-
-def favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps):
-    """Launch the backward kernels: dk, dq, dv (B, T, e) contiguous, in the input dtype."""
-    from t2t_fast.kernels.favor_attention import (BLOCK_T, BWD_NUM_WARPS, NUM_STAGES, NUM_WARPS, _bwd_kv_chunk,
-                                                  _bwd_q_chunk, _bwd_reduce, tile_sizes)
-
-    batch, tokens, width = k.shape
-    m = w.shape[0]
-    dev = k.device
-    out_dtype = _kernel_out_dtype(k.dtype, dev)
-    dk, dq, dv = (new_output((batch, tokens, width), out_dtype, dev) for _ in range(3))
-    if batch * tokens == 0:
-        return dk.to(k.dtype), dq.to(k.dtype), dv.to(k.dtype)
-    wf = w.detach().to(torch.float32).contiguous()
-    n_chunks = _cdiv(tokens, _CHUNK)
-    ds_part = new_output((batch, n_chunks, m, width), torch.float32, dev)
-    dz_part = new_output((batch, n_chunks, m), torch.float32, dev)
-    ds = new_output((batch, m, width), torch.float32, dev)
-    dz = new_output((batch, m), torch.float32, dev)
-    block_m, block_e = tile_sizes(m, width)
-    tiles = dict(BLOCK_M=block_m, BLOCK_E=block_e, num_stages=NUM_STAGES)
-    grid = (batch * n_chunks,)
-    with _device_guard(k):
-        _bwd_q_chunk[grid](grad_y, q, wf, s, z, c_k, dq, ds_part, dz_part, tokens, m, width, _CHUNK, n_chunks,
-                           _log_eps_m(eps, m), *grad_y.stride(), *q.stride(), BLOCK_T=BLOCK_T,
-                           num_warps=BWD_NUM_WARPS, **tiles)
-        _bwd_reduce[(batch,)](ds_part, dz_part, ds, dz, m, width, n_chunks, num_warps=NUM_WARPS, **tiles)
-        _bwd_kv_chunk[grid](k, v, wf, c_k, ds, dz, dk, dv, tokens, m, width, _CHUNK, n_chunks,
-                            *k.stride(), *v.stride(), BLOCK_T=BLOCK_T, num_warps=BWD_NUM_WARPS, **tiles)
-    return dk.to(k.dtype), dq.to(k.dtype), dv.to(k.dtype)
-
-
 @torch.library.custom_op("t2t_fast::favor_attention_fwd", mutates_args=())
 def _fwd_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return favor_attention_fwd(k, q, v, w, eps)
+    from t2t_fast.kernels.favor_attention import forward
+
+    _validate_fwd_op(k, q, v, w, eps)
+    return forward(k, q, v, w, eps)
 
 
 @_fwd_op.register_fake
 def _(k, q, v, w, eps):
+    _validate_fwd_op(k, q, v, w, eps)
     batch, tokens, width = k.shape
     m = w.shape[0]
     return (v.new_empty((batch, tokens, width)), k.new_empty((batch, m, width), dtype=torch.float32),
@@ -290,16 +304,21 @@ def _(k, q, v, w, eps):
 def _bwd_op(grad_y: torch.Tensor, k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
             s: torch.Tensor, z: torch.Tensor, c_k: torch.Tensor,
             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return favor_attention_bwd(grad_y, k, q, v, w, s, z, c_k, eps)
+    from t2t_fast.kernels.favor_attention import backward
+
+    _validate_bwd_op(grad_y, k, q, v, w, s, z, c_k, eps)
+    return backward(grad_y, k, q, v, w, s.contiguous(), z.contiguous(), c_k.contiguous(), eps)
 
 
 @_bwd_op.register_fake
 def _(grad_y, k, q, v, w, s, z, c_k, eps):
+    _validate_bwd_op(grad_y, k, q, v, w, s, z, c_k, eps)
     return k.new_empty(k.shape), q.new_empty(q.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     k, q, v, w, eps = inputs
+    _check_w_frozen(w, ctx.needs_input_grad[3])
     _, s, z, c_k = output
     ctx.save_for_backward(k, q, v, w, s, z, c_k)
     ctx.eps = eps
