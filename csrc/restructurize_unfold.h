@@ -54,15 +54,6 @@ template <typename I> T2T_HD I window_elems(const Geometry<I>& g) { return g.ker
 template <typename I> T2T_HD I features(const Geometry<I>& g) { return g.channels * g.kernel_h * g.kernel_w; }
 template <typename I> T2T_HD I output_rows(const Geometry<I>& g) { return g.batch * g.out_h * g.out_w; }
 
-// Output row (b*L + oh*OW + ow) -> (b, oh, ow).
-template <typename I>
-T2T_HD void split_row(const Geometry<I>& g, I row, I& b, I& oh, I& ow) {
-  ow = row % g.out_w;
-  const I rest = row / g.out_w;
-  oh = rest % g.out_h;
-  b = rest / g.out_h;
-}
-
 // Token input (channels the innermost of the input's axes): the kernels work along channels. Images (x the
 // innermost axis) and single-channel tokens work along taps.
 template <typename I>
@@ -87,6 +78,12 @@ T2T_HD void split_digits(I n, I mid_n, I lo_n, I& hi, I& mid, I& lo) {
   const I rest = n / lo_n;
   mid = rest % mid_n;
   hi = rest / mid_n;
+}
+
+// Output row (b*L + oh*OW + ow) -> (b, oh, ow).
+template <typename I>
+T2T_HD void split_row(const Geometry<I>& g, I row, I& b, I& oh, I& ow) {
+  split_digits(row, g.out_h, g.out_w, b, oh, ow);
 }
 
 // Walks n = start, start + step, ... in that radix without dividing per step (the step is split once).
@@ -136,10 +133,7 @@ T2T_HD void covering_windows(I i, I kernel, I stride, I pad, I out, I& first, I&
 // Pixel index b*H*W + y*W + x -> (b, y, x).
 template <typename I>
 T2T_HD void split_pixel(const Geometry<I>& g, I pixel, I& b, I& y, I& x) {
-  x = pixel % g.width;
-  const I rest = pixel / g.width;
-  y = rest % g.height;
-  b = rest / g.height;
+  split_digits(pixel, g.height, g.width, b, y, x);
 }
 
 // Offset into dy (B, L, F) of tap (ki, kj), channel 0, of window (oh, ow) of image b.
@@ -533,17 +527,18 @@ inline StagedPlan<int64_t> staged_plan(const UnfoldGeometry& g, int64_t elem, ui
   return p;
 }
 
-// f(granule, store bytes), both std::integral_constant<int, ...>, for the plan of T elements.
-template <typename T, typename I, typename F>
-void dispatch_staged(const StagedPlan<I>& p, F&& f) {
+// f(granule, access bytes), both std::integral_constant<int, ...>: the kernel variant of a staged plan of T
+// elements (granule 2: pairs of 16-bit elements; access bytes 16: 16-byte global accesses, else one element).
+template <typename T, typename F>
+void dispatch_staged(int granule, int access_bytes, F&& f) {
   using G1 = std::integral_constant<int, 1>;
   using G2 = std::integral_constant<int, 2>;
   using Wide = std::integral_constant<int, 16>;
   using Narrow = std::integral_constant<int, int(sizeof(T))>;
   if constexpr (sizeof(T) == 2) {
-    if (p.granule == 2) return p.store_bytes == 16 ? f(G2{}, Wide{}) : f(G2{}, Narrow{});
+    if (granule == 2) return access_bytes == 16 ? f(G2{}, Wide{}) : f(G2{}, Narrow{});
   }
-  return p.store_bytes == 16 ? f(G1{}, Wide{}) : f(G1{}, Narrow{});
+  return access_bytes == 16 ? f(G1{}, Wide{}) : f(G1{}, Narrow{});
 }
 
 // ------------------------------------------------------------------------------- staged backward
@@ -798,18 +793,6 @@ inline BackwardPlan<int64_t> backward_plan(const UnfoldGeometry& g, int64_t elem
   return p;
 }
 
-// f(granule, load bytes), both std::integral_constant<int, ...>, for the plan of T elements.
-template <typename T, typename I, typename F>
-void dispatch_backward(const BackwardPlan<I>& p, F&& f) {
-  using G1 = std::integral_constant<int, 1>;
-  using G2 = std::integral_constant<int, 2>;
-  using Wide = std::integral_constant<int, 16>;
-  using Narrow = std::integral_constant<int, int(sizeof(T))>;
-  if constexpr (sizeof(T) == 2) {
-    if (p.granule == 2) return p.load_bytes == 16 ? f(G2{}, Wide{}) : f(G2{}, Narrow{});
-  }
-  return p.load_bytes == 16 ? f(G1{}, Wide{}) : f(G1{}, Narrow{});
-}
 
 // Backward without staging (windows too large for shared memory): thread `thread` of the `threads` at input
 // pixel b*H*W + y*W + x gathers dx for its channels.

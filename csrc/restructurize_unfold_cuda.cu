@@ -129,7 +129,7 @@ void launch_forward(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, cudaStrea
   T* out = reinterpret_cast<T*>(y);
   const StagedPlan<int64_t> plan = staged_plan(g, sizeof(T), x, y, sizeof(I));
   if (plan.tiles > 0) {
-    dispatch_staged<T>(plan, [&](auto granule, auto store_bytes) {
+    dispatch_staged<T>(plan.granule, plan.store_bytes, [&](auto granule, auto store_bytes) {
       staged_forward_kernel<T, I, decltype(granule)::value, decltype(store_bytes)::value>
           <<<unsigned(launch_blocks(plan.tiles)), unsigned(kThreadsPerBlock), plan.table_bytes + plan.stage_bytes,
              stream>>>(in, out, g.template as<I>(), plan.template as<I>());
@@ -147,7 +147,7 @@ void launch_backward(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, cudaSt
   T* grad_in = reinterpret_cast<T*>(dx);
   const BackwardPlan<int64_t> plan = backward_plan(g, sizeof(T), dy, dx, sizeof(I));
   if (plan.tiles > 0) {
-    dispatch_backward<T>(plan, [&](auto granule, auto load_bytes) {
+    dispatch_staged<T>(plan.granule, plan.load_bytes, [&](auto granule, auto load_bytes) {
       staged_backward_kernel<D, I, decltype(granule)::value, decltype(load_bytes)::value>
           <<<unsigned(launch_blocks(plan.tiles)), unsigned(kThreadsPerBlock), plan.table_bytes + plan.stage_bytes,
              stream>>>(grad_out, grad_in, g.template as<I>(), plan.template as<I>());

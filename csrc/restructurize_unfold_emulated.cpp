@@ -47,7 +47,7 @@ void forward_threads(const T* x, T* y, const UnfoldGeometry& g64) {
   const StagedPlan<int64_t> plan = staged_plan(g64, sizeof(T), reinterpret_cast<uintptr_t>(x),
                                                reinterpret_cast<uintptr_t>(y), sizeof(I));
   if (plan.tiles > 0) {
-    dispatch_staged<T>(plan, [&](auto granule, auto store_bytes) {
+    dispatch_staged<T>(plan.granule, plan.store_bytes, [&](auto granule, auto store_bytes) {
       staged_forward_blocks<T, I, decltype(granule)::value, decltype(store_bytes)::value>(x, y, g,
                                                                                          plan.template as<I>());
     });
@@ -91,7 +91,7 @@ void backward_threads(const typename Scalar<D>::storage* dy, typename Scalar<D>:
   const BackwardPlan<int64_t> plan = backward_plan(g64, sizeof(*dy), reinterpret_cast<uintptr_t>(dy),
                                                    reinterpret_cast<uintptr_t>(dx), sizeof(I));
   if (plan.tiles > 0) {
-    dispatch_backward<typename Scalar<D>::storage>(plan, [&](auto granule, auto load_bytes) {
+    dispatch_staged<typename Scalar<D>::storage>(plan.granule, plan.load_bytes, [&](auto granule, auto load_bytes) {
       staged_backward_blocks<D, I, decltype(granule)::value, decltype(load_bytes)::value>(dy, dx, g,
                                                                                           plan.template as<I>());
     });

@@ -264,6 +264,16 @@ def _sum_partials_kernel(
 
 
 @triton.jit
+def _unravel(idx, n0, n1, n2):
+    """(i0, i1, i2, i3) of the flat index ``idx`` of a contiguous array whose innermost sizes are n0, n1, n2."""
+    i0 = idx % n0
+    t = idx // n0
+    i1 = t % n1
+    t = t // n1
+    return i0, i1, t % n2, t // n2
+
+
+@triton.jit
 def _bwd_dx_kernel(
     x_ptr,  # input, strided as in _fwd_kernel
     w_ptr,  # [F] fp32
@@ -282,19 +292,9 @@ def _bwd_dx_kernel(
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # element of dx in memory order, [BLOCK]
     mask = idx < numel
     if CHANNELS_LAST:
-        c = idx % C
-        t = idx // C
-        w = t % W
-        t = t // W
-        h = t % H
-        b = t // H
+        c, w, h, b = _unravel(idx, C, W, H)
     else:
-        w = idx % W
-        t = idx // W
-        h = t % H
-        t = t // H
-        c = t % C
-        b = t // C
+        w, h, c, b = _unravel(idx, W, H, C)
     x_off = b.to(tl.int64) * sxb + c.to(tl.int64) * sxc + h.to(tl.int64) * sxh + w.to(tl.int64) * sxw
     xv = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     hp = h + P  # padded coordinates: window (oh, ki) reads row hp iff hp = oh*S + ki

@@ -48,3 +48,66 @@ def assert_official_layout(model, expected):
     assert ours == expected["state_dict"]
     assert sum(p.numel() for p in model.parameters()) == expected["params"]
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_params"]
+
+
+_CALL_LOOP = """
+for line in sys.stdin:
+    name, call = line.rstrip("\\n").split("\\t")
+    try:
+        eval(call)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a kernel's asynchronous error belongs to its call
+        outcome = "returned\\t"
+    except Exception as exc:
+        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
+    print(name + "\\t" + outcome, flush=True)
+"""
+
+
+def run_calls_in_subprocess(setup, calls, cwd, timeout=600):
+    """Evaluate ``calls`` (name -> Python expression) one after the other in one fresh Python process, after
+    ``setup`` (code run once; ``sys`` and ``torch`` are imported). Returns ``(outcomes, completed process)`` with
+    ``outcomes[name] = (exception type name, or 'returned', message)``: a name missing from it crashed the
+    process, whose output is then in ``completed process.stderr``."""
+    import subprocess
+    import sys
+
+    script = "import sys\nimport torch\n" + setup + _CALL_LOOP
+    run = subprocess.run([sys.executable, "-c", script], input="".join(f"{n}\t{c}\n" for n, c in calls.items()),
+                         capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    outcomes = {}
+    for line in run.stdout.splitlines():
+        name, kind, message = line.split("\t", 2)
+        outcomes[name] = (kind, message)
+    return outcomes, run
+
+
+def assert_call_raised(outcomes, run, name, kind, match):
+    """Assert call ``name`` of :func:`run_calls_in_subprocess` raised ``kind`` (a type name) with a message
+    matching the regex ``match`` (and did not crash the process or return)."""
+    import re
+
+    assert name in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
+    assert outcomes[name][0] == kind, outcomes[name]
+    assert re.search(match, outcomes[name][1]), outcomes[name]
+
+
+GEOMETRY_CHANGES = ("shape", "dims", "grid", "window")
+
+
+def change_split_geometry(draw, change, shape, grid, window, largest):
+    """One hypothesis-drawn change (one of :data:`GEOMETRY_CHANGES`) of a soft-split input's ``shape``, token
+    ``grid`` or ``window`` list, for fuzzing the registered ops; sizes up to ``largest``, windows and grid from
+    -2 (invalid values included on purpose). Returns the new (shape, grid, window)."""
+    from hypothesis import strategies as st
+
+    small = st.integers(-2, largest)
+    if change == "shape":
+        shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 2 * largest))
+    elif change == "dims":
+        shape = draw(st.lists(st.integers(0, 6), min_size=1, max_size=5))
+    elif change == "grid":
+        grid[draw(st.integers(0, 1))] = draw(small)
+    elif window:
+        window[draw(st.integers(0, len(window) - 1))] = draw(small)
+    return shape, grid, window

@@ -4,9 +4,6 @@ torch backend; overflow safety in fp16 and for finite rows whose |u|^2 overflows
 registration (opcheck, torch.compile); input validation of the wrapper and of the registered ops called
 directly; the frozen w."""
 import math
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,8 +12,8 @@ from hypothesis import strategies as st
 
 from t2t_fast.backend import BackendUnavailableError, unavailable_reason
 from t2t_fast.ops import favor_attention, favor_attention_ref
-from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
-                              poison_outputs, relative_error)
+from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_call_raised, assert_relative_close,
+                              assert_within_reference_error, poison_outputs, relative_error, run_calls_in_subprocess)
 
 BACKENDS = ("triton", "torch")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -542,47 +539,26 @@ REPRODUCERS = {
     "s_for_w_of_64_features": ("bwd(k, k, k, k, torch.randn(64, 16), s, z, c, 1e-8)", "ValueError", "s must be"),
 }
 
-_REPRODUCER_SCRIPT = """
-import sys
-import torch
+_REPRODUCER_SETUP = """
 import t2t_fast.ops  # registers the custom ops
 torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
 fwd, bwd = torch.ops.t2t_fast.favor_attention_fwd, torch.ops.t2t_fast.favor_attention_bwd
 k, w = torch.randn(2, 300, 16), torch.randn(8, 16)
 _, s, z, c = fwd(k, k, k, w, 1e-8)
-for line in sys.stdin:
-    name, call = line.rstrip("\\n").split("\\t")
-    try:
-        result = eval(call)
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        outcome = "returned\\t"
-    except Exception as exc:
-        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
-    print(name + "\\t" + outcome, flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def reproducer_outcomes(tmp_path_factory):
-    """{case: (exception type name, message)} of REPRODUCERS, run one after the other in one subprocess; a
-    case missing from it crashed the process (its output is then in the failing test's message)."""
-    calls = "".join(f"{name}\t{call}\n" for name, (call, _, _) in REPRODUCERS.items())
-    run = subprocess.run([sys.executable, "-c", _REPRODUCER_SCRIPT], input=calls, capture_output=True, text=True,
-                         cwd=tmp_path_factory.mktemp("reproducers"), timeout=600)
-    outcomes = {}
-    for line in run.stdout.splitlines():
-        name, kind, message = line.split("\t", 2)
-        outcomes[name] = (kind, message)
-    return outcomes, run
+    """REPRODUCERS run one after the other in one subprocess (see :func:`run_calls_in_subprocess`)."""
+    return run_calls_in_subprocess(_REPRODUCER_SETUP, {name: call for name, (call, _, _) in REPRODUCERS.items()},
+                                   cwd=tmp_path_factory.mktemp("reproducers"))
 
 
 @pytest.mark.parametrize("case", list(REPRODUCERS))
 def test_out_of_bounds_direct_calls_raise_instead(case, reproducer_outcomes):
-    outcomes, run = reproducer_outcomes
-    assert case in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
     _, kind, match = REPRODUCERS[case]
-    assert outcomes[case][0] == kind, outcomes[case]
-    assert re.search(match, outcomes[case][1]), outcomes[case]
+    assert_call_raised(*reproducer_outcomes, case, kind, match)
 
 
 OP_ERRORS = (ValueError, TypeError, BackendUnavailableError)

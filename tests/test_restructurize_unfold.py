@@ -2,7 +2,6 @@
 F.unfold + transpose): forward bit for bit, backward against autograd through the reference."""
 import ast
 import importlib
-import re
 import subprocess
 import sys
 
@@ -15,7 +14,9 @@ from t2t_fast._native import native_cuda_compiled, native_module
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import restructurize_unfold, restructurize_unfold_ref
 from t2t_fast.ops._common import split_geometry
-from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import (GEOMETRY_CHANGES, assert_call_raised, assert_relative_close,
+                              assert_within_reference_error, change_split_geometry, poison_outputs,
+                              run_calls_in_subprocess)
 
 # The op's module (t2t_fast.ops.restructurize_unfold is the function of that name).
 ru_module = importlib.import_module("t2t_fast.ops.restructurize_unfold")
@@ -444,44 +445,24 @@ REPRODUCERS = {
         "(1, 1, 1000, 1000), (1, 1), (1, 1), (0, 0), (0, 1, 1000, 1), 0, 1)", "ValueError", r"x holds 96 elements"),
 }
 
-_REPRODUCER_SCRIPT = """
-import sys
-import torch
+_REPRODUCER_SETUP = """
 import t2t_fast._C
 import t2t_fast.ops  # registers the custom ops
 x, y = torch.randn(2, 16, 3), torch.empty(10**6)
-for line in sys.stdin:
-    name, call = line.rstrip("\\n").split("\\t")
-    try:
-        eval(call)
-        outcome = "returned\\t"
-    except Exception as exc:
-        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
-    print(name + "\\t" + outcome, flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def reproducer_outcomes(tmp_path_factory):
-    """{case: (exception type name, message)} of REPRODUCERS, run one after the other in one subprocess; a
-    case missing from it crashed the process (its output is then in the failing test's message)."""
-    calls = "".join(f"{name}\t{call}\n" for name, (call, _, _) in REPRODUCERS.items())
-    run = subprocess.run([sys.executable, "-c", _REPRODUCER_SCRIPT], input=calls, capture_output=True, text=True,
-                         cwd=tmp_path_factory.mktemp("reproducers"), timeout=300)
-    outcomes = {}
-    for line in run.stdout.splitlines():
-        name, kind, message = line.split("\t", 2)
-        outcomes[name] = (kind, message)
-    return outcomes, run
+    """REPRODUCERS run one after the other in one subprocess (see :func:`run_calls_in_subprocess`)."""
+    return run_calls_in_subprocess(_REPRODUCER_SETUP, {name: call for name, (call, _, _) in REPRODUCERS.items()},
+                                   cwd=tmp_path_factory.mktemp("reproducers"), timeout=300)
 
 
 @pytest.mark.parametrize("case", list(REPRODUCERS))
 def test_bad_direct_calls_raise_instead_of_crashing(case, reproducer_outcomes):
-    outcomes, run = reproducer_outcomes
-    assert case in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
     _, kind, match = REPRODUCERS[case]
-    assert outcomes[case][0] == kind, outcomes[case]
-    assert re.search(match, outcomes[case][1]), outcomes[case]
+    assert_call_raised(*reproducer_outcomes, case, kind, match)
 
 
 OP_ERRORS = (ValueError, TypeError)
@@ -502,17 +483,10 @@ def direct_op_calls(draw):
     out_w = (width + 2 * window[5] - window[1]) // window[3] + 1
     dy_shape = [batch, out_h * out_w, channels * window[0] * window[1]]
     dtype = torch.float32
-    small = st.integers(-2, 12)
-    for change in draw(st.lists(st.sampled_from(["shape", "dims", "grid", "window", "window_length", "dtype",
-                                                 "dy_shape", "empty"]), min_size=1, max_size=3)):
-        if change == "shape":
-            shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 20))
-        elif change == "dims":
-            shape = draw(st.lists(st.integers(0, 6), min_size=1, max_size=5))
-        elif change == "grid":
-            grid[draw(st.integers(0, 1))] = draw(small)
-        elif change == "window" and window:
-            window[draw(st.integers(0, len(window) - 1))] = draw(small)
+    for change in draw(st.lists(st.sampled_from([*GEOMETRY_CHANGES, "window_length", "dtype", "dy_shape", "empty"]),
+                                min_size=1, max_size=3)):
+        if change in GEOMETRY_CHANGES:
+            shape, grid, window = change_split_geometry(draw, change, shape, grid, window, largest=10)
         elif change == "window_length":
             window = window[:draw(st.integers(0, 7))] + [1] * draw(st.integers(0, 2))
         elif change == "dtype":

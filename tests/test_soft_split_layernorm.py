@@ -6,9 +6,6 @@ TRITON_INTERPRET=1), so shapes stay small: both T2T configurations (k7 s4 p2 on 
 k3 s2 p1 on 64-channel tokens: 576 features) on small grids, plus odd geometries.
 """
 import functools
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,8 +16,9 @@ from hypothesis import strategies as st
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.kernels import soft_split_layernorm as kernels
 from t2t_fast.ops import soft_split_layernorm, soft_split_layernorm_ref
-from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
-                              poison_outputs)
+from t2t_fast.testing import (GEOMETRY_CHANGES, RELATIVE_TOLERANCE, assert_call_raised, assert_relative_close,
+                              assert_within_reference_error, change_split_geometry, poison_outputs,
+                              run_calls_in_subprocess)
 
 # CUDA tensors where there is a GPU, else CPU tensors in the Triton interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -476,48 +474,29 @@ REPRODUCERS = {
                                 "ValueError", r"does not fit"),
 }
 
-_REPRODUCER_SCRIPT = """
-import sys
-import torch
+_REPRODUCER_SETUP = """
 import t2t_fast.ops  # registers the custom ops
+torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: Triton in its interpreter
 tok, img = torch.randn(2, 16, 3), torch.randn(1, 3, 8, 8)
 w3, w27, w147 = torch.randn(3), torch.randn(27), torch.randn(147)
 dy, stat = torch.randn(2, 4, 27), torch.rand(8) + 0.5
-for line in sys.stdin:
-    name, call = line.rstrip("\\n").split("\\t")
-    try:
-        eval(call)
-        outcome = "returned\\t"
-    except Exception as exc:
-        outcome = type(exc).__name__ + "\\t" + " ".join(str(exc).split())
-    print(name + "\\t" + outcome, flush=True)
 """
 
 
 @pytest.fixture(scope="module")
 def reproducer_outcomes(tmp_path_factory):
-    """{(case, native): (exception type name, message)} of REPRODUCERS, run one after the other in one
-    subprocess (on CPU tensors: Triton in its interpreter); a case missing from it crashed the process."""
-    calls = "".join(f"{name},{native}\t{call.replace('N)', f'{native})').replace('N, ', f'{native}, ')}\n"
-                    for name, (call, _, _) in REPRODUCERS.items() for native in (False, True))
-    run = subprocess.run([sys.executable, "-c", _REPRODUCER_SCRIPT], input=calls, capture_output=True, text=True,
-                         cwd=tmp_path_factory.mktemp("reproducers"), timeout=600)
-    outcomes = {}
-    for line in run.stdout.splitlines():
-        name, kind, message = line.split("\t", 2)
-        outcomes[name] = (kind, message)
-    return outcomes, run
+    """REPRODUCERS on both paths (native False/True in place of N), run one after the other in one subprocess
+    (see :func:`run_calls_in_subprocess`)."""
+    calls = {f"{name},{native}": call.replace("N)", f"{native})").replace("N, ", f"{native}, ")
+             for name, (call, _, _) in REPRODUCERS.items() for native in (False, True)}
+    return run_calls_in_subprocess(_REPRODUCER_SETUP, calls, cwd=tmp_path_factory.mktemp("reproducers"))
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["triton", "native"])
 @pytest.mark.parametrize("case", list(REPRODUCERS))
 def test_bad_direct_calls_raise_instead_of_crashing(case, native, reproducer_outcomes):
-    outcomes, run = reproducer_outcomes
-    key = f"{case},{native}"
-    assert key in outcomes, f"the process died (exit status {run.returncode}): {run.stderr[-3000:]}"
     _, kind, match = REPRODUCERS[case]
-    assert outcomes[key][0] == kind, outcomes[key]
-    assert re.search(match, outcomes[key][1]), outcomes[key]
+    assert_call_raised(*reproducer_outcomes, f"{case},{native}", kind, match)
 
 
 OP_ERRORS = (ValueError, TypeError)
@@ -542,17 +521,10 @@ def direct_op_calls(draw):
                   mean=[batch * out_h * out_w], rstd=[batch * out_h * out_w])
     dtypes = dict(x=torch.float32, weight=torch.float32, bias=torch.float32, dy=torch.float32,
                   mean=torch.float32, rstd=torch.float32)
-    small = st.integers(-2, 8)
-    for change in draw(st.lists(st.sampled_from(["shape", "dims", "grid", "window", "tensor_shape", "dtype"]),
-                                min_size=1, max_size=3)):
-        if change == "shape":
-            shape[draw(st.integers(0, len(shape) - 1))] = draw(st.integers(0, 12))
-        elif change == "dims":
-            shape = draw(st.lists(st.integers(0, 5), min_size=1, max_size=5))
-        elif change == "grid":
-            grid[draw(st.integers(0, 1))] = draw(small)
-        elif change == "window":
-            window[draw(st.integers(0, 2))] = draw(small)
+    for change in draw(st.lists(st.sampled_from([*GEOMETRY_CHANGES, "tensor_shape", "dtype"]), min_size=1,
+                                max_size=3)):
+        if change in GEOMETRY_CHANGES:
+            shape, grid, window = change_split_geometry(draw, change, shape, grid, window, largest=8)
         elif change == "tensor_shape":
             name = draw(st.sampled_from(sorted(shapes)))
             shapes[name] = draw(st.lists(st.integers(0, 40), min_size=0, max_size=3))
@@ -612,9 +584,14 @@ def compute_dtype_of(x):
 
 
 def _close(actual, expected, rtol, what):
-    """assert_relative_close that also takes empty tensors (then only the shapes must agree)."""
+    """assert_relative_close that also takes empty tensors (then only the shapes must agree) and all-but-zero
+    ones: a row of one feature normalises to exactly 0, and its gradients are rounding residue (|x - mean| of
+    ~1e-8 times rstd ~ 300) that one backend cancels exactly and another does not, so differences are measured
+    against the O(1) scale of the unit-normal inputs there."""
     if expected.numel() == 0:
         assert actual.shape == expected.shape, what
+    elif expected.detach().abs().max() < 1e-3:
+        assert (actual.double() - expected.double()).abs().max() <= 1e-3, what
     else:
         assert_relative_close(actual, expected, rtol, what=what)
 
