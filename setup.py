@@ -14,7 +14,7 @@ T2T_FAST_CUDA_ARCHS overrides the targets (default "80;90a", plus PTX for comput
 T2T_FAST_SANITIZE=address builds the C++ sources with AddressSanitizer (-fsanitize=address, -O1 -g): for
 tests of the CPU kernels and the checks in front of them, run with gcc's libasan preloaded (the Python
 interpreter is not instrumented), e.g.
-  LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
+  bash tests/run_asan.sh (see there: libasan and libstdc++ preloaded, leak checks off)
 """
 import glob
 import os

@@ -1,9 +1,11 @@
 """Shared fixtures of the benchmark suite: ``pytest bench/ --benchmark-only``.
 
 Benchmarks measure, they never assert timings. Tests marked ``@pytest.mark.gpu`` are skipped (with the
-reason) when no CUDA device is available, so the command exits 0 on a CPU machine.
+reason) when no CUDA device is available, so the command exits 0 on a CPU machine. ``--tiny`` runs the
+model rows of the GPU check (``bench_models.py::test_check``) on CPU at tiny sizes instead of skipping them
+(``bash bench/gpu_check.sh --cpu``).
 
-Ceilings, measured once per session in the same run as the benchmarks (see :mod:`t2t_fast.bench`):
+Ceilings, measured once per pytest run, in the same run as the benchmarks (see :mod:`t2t_fast.bench`):
 
 * ``cuda_ceilings``: dict ``device``, ``copy_bytes_per_s`` (device-to-device copy, bytes read + written
   per second), ``matmul_flops_per_s`` (bf16 8192^3 matmul), ``matmul_dtype``. Skips the test without CUDA.
@@ -21,7 +23,7 @@ Helpers:
 * ``compare(seconds, provider)``: records the median (and the ``min_ms`` that ``timed`` put in ``extra_info``)
   under the test's ``benchmark.group`` and adds ``speedup_vs_reference`` / ``speedup_vs_compiled`` (medians)
   and ``..._of_min`` (best times: on a shared CPU, load only ever adds time) to ``extra_info`` when those
-  providers of the same group ran earlier in the session; the terminal summary prints every group's speedups.
+  providers of the same group ran earlier in the run; the terminal summary prints every group's speedups.
 
 The same functions are importable as ``t2t_fast.bench.{pedantic_timed, bandwidth_info, compute_info,
 measure_ceilings}`` (bench files cannot import this conftest).
@@ -31,10 +33,16 @@ import os
 import pytest
 import torch
 
+import t2t_fast
 from t2t_fast import bench
 
 _CEILINGS = {}          # device type -> measured ceilings, also written into the JSON's machine_info
 _GROUP_SECONDS = {}     # benchmark group -> {provider: median seconds}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--tiny", action="store_true",
+                     help="run the GPU check's model rows on CPU at tiny sizes (checks the code, measures nothing)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -52,8 +60,9 @@ def _load_average():
 
 def pytest_report_header(config):
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (GPU groups skipped)"
-    return [f"t2t_fast bench: torch {torch.__version__}, CUDA device: {cuda}, CPU: {bench.cpu_name()}, "
-            f"load average {_load_average()}, commit {bench.git_commit()}"]
+    return [f"t2t_fast bench: t2t_fast from {os.path.dirname(t2t_fast.__file__)}, torch {torch.__version__}, "
+            f"CUDA device: {cuda}, CPU: {bench.cpu_name()}, load average {_load_average()}, "
+            f"commit {bench.git_commit()}"]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -95,7 +104,7 @@ def cpu_threads():
 
 @pytest.fixture(scope="session")
 def cuda_ceilings():
-    """Copy bandwidth and bf16 matmul ceiling of the CUDA device, measured once per session."""
+    """Copy bandwidth and bf16 matmul ceiling of the CUDA device, measured once per run."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     if "cuda" not in _CEILINGS:

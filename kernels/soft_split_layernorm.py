@@ -346,8 +346,10 @@ def row_config(row_tile, tokens, features, channels, kernel_size):
         u_a = 1
     lanes = u_a * v_a + u_b * v_b
     block_m = max(1, min(MAX_ROWS, 1 << max(0, (row_tile // lanes).bit_length() - 1)))
-    # more warps once a row alone outgrows the tile, so the widest rows keep about as few elements per thread
-    num_warps = 4 * min(4, triton.next_power_of_2(triton.cdiv(lanes, row_tile)))
+    # more warps once a row alone outgrows the tile, so the widest rows keep about as few elements per thread; a
+    # row at most a quarter over the tile stays at 4 warps (its registers fit; at 8 warps Triton 3.8's ptxas
+    # capped them at 64 and spilled)
+    num_warps = 4 if lanes <= row_tile * 5 // 4 else 4 * min(4, triton.next_power_of_2(triton.cdiv(lanes, row_tile)))
     constexprs = {"BLOCK_M": block_m, "TOKENS": tokens, "U_A": u_a, "V_A": v_a, "U_B": u_b, "V_B": v_b}
     return constexprs, num_warps
 
