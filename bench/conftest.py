@@ -62,7 +62,7 @@ def pytest_report_header(config):
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (GPU groups skipped)"
     return [f"t2t_fast bench: t2t_fast from {os.path.dirname(t2t_fast.__file__)}, torch {torch.__version__}, "
             f"CUDA device: {cuda}, CPU: {bench.cpu_name()}, load average {_load_average()}, "
-            f"commit {bench.git_commit()}"]
+            f"commit {bench.git_commit(config.rootpath)}"]
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -8,7 +8,7 @@
 """
 from t2t_fast import reference, registry  # noqa: F401  (reference: the oracle, as t2t_fast.reference)
 from t2t_fast.backend import BackendUnavailableError
-from t2t_fast.checkpoint import CheckpointMismatchError, load_checkpoint
+from t2t_fast.checkpoint import CheckpointFileError, CheckpointMismatchError, load_checkpoint
 from t2t_fast.model import T2TViT
 from t2t_fast.variants import T2TViTDense, T2TViTGhost, T2TViTSE
 
@@ -30,5 +30,5 @@ def create_model(name, pretrained=False, checkpoint_path=None, **kwargs):
 list_models = registry.list_models
 
 __all__ = ["T2TViT", "T2TViTSE", "T2TViTDense", "T2TViTGhost", "create_model", "list_models", "load_checkpoint",
-           "CheckpointMismatchError", "BackendUnavailableError",
+           "CheckpointMismatchError", "CheckpointFileError", "BackendUnavailableError",
            *registry.register_factories(globals(), MODEL_CLASSES, __name__)]

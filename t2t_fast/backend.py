@@ -109,6 +109,11 @@ def unavailable_reason(backend, device_type):
     return _REASONS[backend](device_type)
 
 
+def autocast_enabled(device_type):
+    """True when autocast is on for ``device_type`` (False for device types autocast does not know, e.g. meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def is_exporting():
     """True while TorchScript, torch.export, ONNX export or FX tracing records the model."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -154,3 +159,76 @@ def select_backend(op, device, implemented, backend=None):
 def available_backends(device_type):
     """``{backend: reason or None}`` for every concrete backend on ``device_type``."""
     return {name: unavailable_reason(name, device_type) for name in BACKENDS if name != "auto"}
+
+
+# ------------------------------------------------------------------------------- CPU attention kernel
+
+CPU_ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+CPU_ATTENTION_ENV_VAR = "T2T_FAST_CPU_ATTENTION"
+CPU_CLASSES = ("amx", "avx512_bf16", "none")
+
+# The backbone's softmax attention on CPU tensors: ``'sdpa'`` (``F.scaled_dot_product_attention``, torch's
+# flash kernel on CPU) or ``'matmul'`` (q @ k^T, softmax, @ v, as the reference), per (CPU class, maths dtype):
+# (grad off, grad on). From the per-call times in bench/RESULTS.md ("CPU attention kernel"): the matmul
+# form wins only where bf16 matmuls run on bf16 hardware and the flash kernel's per-block overhead does not
+# pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
+# hardware, are many times slower than the flash kernel, which does its maths in fp32.
+_CPU_ATTENTION_TABLE = {
+    ("amx", torch.float32): ("sdpa", "sdpa"),
+    ("amx", torch.bfloat16): ("sdpa", "matmul"),
+    ("amx", torch.float16): ("sdpa", "sdpa"),
+    ("avx512_bf16", torch.float32): ("sdpa", "sdpa"),
+    ("avx512_bf16", torch.bfloat16): ("matmul", "matmul"),
+    ("avx512_bf16", torch.float16): ("sdpa", "sdpa"),
+    ("none", torch.float32): ("sdpa", "sdpa"),
+    ("none", torch.bfloat16): ("sdpa", "sdpa"),
+    ("none", torch.float16): ("sdpa", "sdpa"),
+}
+_cpu_attention_override = None
+
+
+def cpu_class():
+    """The CPU's class for kernel choices: ``'amx'`` (AMX-BF16 tiles), ``'avx512_bf16'`` (AVX-512 with bf16
+    dot products) or ``'none'`` (no bf16 matmul instructions: bf16 is converted to fp32 for the maths)."""
+    return _CPU_CLASS
+
+
+def _detect_cpu_class():
+    try:
+        features = torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):  # a torch without the query: assume nothing
+        return "none"
+    if features.get("amx_bf16") and features.get("amx_tile"):
+        return "amx"
+    if features.get("avx512_bf16"):
+        return "avx512_bf16"
+    return "none"
+
+
+_CPU_CLASS = _detect_cpu_class()
+
+
+def set_cpu_attention(kernel):
+    """Force the backbone's CPU attention kernel for this process: ``'sdpa'``, ``'matmul'``, or ``'auto'``/None
+    (the table per CPU class, dtype and grad mode). Wins over ``T2T_FAST_CPU_ATTENTION``."""
+    global _cpu_attention_override
+    if kernel is not None and kernel not in CPU_ATTENTION_KERNELS:
+        raise ValueError(f"unknown CPU attention kernel {kernel!r}; expected one of {', '.join(CPU_ATTENTION_KERNELS)}")
+    _cpu_attention_override = None if kernel == "auto" else kernel
+
+
+def cpu_attention(dtype, grad_enabled, cpu=None):
+    """The backbone attention kernel for CPU tensors whose maths run in ``dtype``: ``'sdpa'`` or ``'matmul'``.
+
+    Precedence: :func:`set_cpu_attention`, then ``T2T_FAST_CPU_ATTENTION`` (``sdpa``/``matmul``/``auto``), then
+    the measured table for ``cpu`` (default: this machine's :func:`cpu_class`) and the grad mode."""
+    if _cpu_attention_override is not None:
+        return _cpu_attention_override
+    requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
+    if requested not in CPU_ATTENTION_KERNELS:
+        raise ValueError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one of "
+                         f"{', '.join(CPU_ATTENTION_KERNELS)}")
+    if requested != "auto":
+        return requested
+    choices = _CPU_ATTENTION_TABLE.get((cpu or _CPU_CLASS, dtype), ("sdpa", "sdpa"))
+    return choices[1] if grad_enabled else choices[0]

@@ -13,6 +13,14 @@ Adaptations, each logged:
   frozen sinusoid of the token index, so regenerating gives exactly the table a model trained at that
   size has. ``pos_embed='interpolate'`` instead resamples the checkpoint's grid bicubically (for
   checkpoints whose table was learned), keeping the cls row.
+* ``in_chans``: a checkpoint of another input channel count (3 for the official ones) gets its first T2T layer
+  (the LayerNorm over the C*7*7 unfolded features and the projection after it) rewritten for the model's
+  channels. The LayerNorm's affine part is folded into the projection, whose per-channel blocks are then
+  summed (1 channel: exact, a grey image gives the 3-channel model's outputs for that image repeated 3x) or,
+  for other counts, repeated cyclically and scaled by old/new channels (timm's rule for a first conv); the new
+  LayerNorm is the identity affine. The transformer layers have no projection bias: their LayerNorm bias is
+  set to ones and the folded bias moved into the weight through the zero-mean of normalised rows, and their q
+  rows are rescaled for the attention scale of the new width.
 Anything else that does not fit raises :class:`CheckpointMismatchError` listing the offending keys.
 """
 import argparse
@@ -24,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from t2t_fast import registry
+from t2t_fast.geometry import SOFT_SPLITS
 
 _logger = logging.getLogger(__name__)
 
@@ -35,13 +44,30 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model; the message lists missing, unexpected and mis-shaped keys."""
 
 
+class CheckpointFileError(ValueError):
+    """A checkpoint path that is a folder or a file ``torch.load`` cannot read (empty, truncated, another kind
+    of file); the message is one line saying what to give instead."""
+
+
 def read_checkpoint(path):
     """``torch.load`` a checkpoint file on CPU without executing arbitrary pickled code (argparse
-    Namespaces, as timm saves them, are allowed)."""
-    if not os.path.isfile(path):
+    Namespaces, as timm saves them, are allowed). Raises FileNotFoundError for a missing path and
+    :class:`CheckpointFileError` for anything else that is not a readable checkpoint file."""
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pth.tar", ".pt")))
+        hint = f" (it holds {', '.join(found[:3])})" if found else ""
+        raise CheckpointFileError(f"{path} is a folder, not a checkpoint file: give the .pth file inside it{hint}")
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint; all mean that
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        raise CheckpointFileError(
+            f"{path} ({os.path.getsize(path)} bytes) is not a readable PyTorch checkpoint ({reason}): it is empty, "
+            f"truncated or another kind of file; give a .pth file written by t2t-fast or an official release"
+        ) from None
 
 
 def extract_state_dict(checkpoint, use_ema=True):
@@ -95,6 +121,49 @@ def _fit_pos_embed(model, table, mode):
     return torch.cat([table[:, :1], grid], dim=1)
 
 
+_FIRST_NORM = "tokens_to_token.attention1.norm1"
+
+
+def _adapt_in_chans(model, state):
+    """Rewrite the first T2T layer of ``state`` for ``model.in_chans`` channels (see the module docstring)."""
+    projection = registry.FIRST_LAYER.get(getattr(model, "tokens_type", None))
+    own = model.state_dict()
+    keys = (f"{_FIRST_NORM}.weight", f"{_FIRST_NORM}.bias", f"{projection}.weight")
+    if projection is None or not all(k in state and k in own for k in keys):
+        return state
+    taps = SOFT_SPLITS[0][0] ** 2
+    old_features, new_features = state[keys[0]].shape[0], own[keys[0]].shape[0]
+    weight = state[keys[2]]
+    if (old_features == new_features or old_features % taps or new_features % taps
+            or weight.shape != (own[keys[2]].shape[0], old_features)):
+        return state  # nothing to adapt, or a mismatch reported with the others
+    old_chans, new_chans = old_features // taps, new_features // taps
+    gamma, beta, w64 = (state[k].double() for k in keys)
+    folded = (w64 * gamma).view(-1, old_chans, taps)       # LayerNorm scale folded into the projection
+    shift = w64 @ beta                                      # and its bias: a constant added to every output
+    if new_chans == 1:
+        folded = folded.sum(dim=1, keepdim=True)
+    else:
+        folded = folded[:, [c % old_chans for c in range(new_chans)]] * (old_chans / new_chans)
+    folded = folded.reshape(-1, new_features)
+    state = dict(state)
+    state[keys[0]] = torch.ones(new_features, dtype=state[keys[0]].dtype)
+    bias_key = f"{projection}.bias"
+    if bias_key in state:
+        state[keys[1]] = torch.zeros(new_features, dtype=state[keys[1]].dtype)
+        state[bias_key] = (state[bias_key].double() + shift).to(state[bias_key].dtype)
+    else:
+        # normalised rows sum to 0, so a column term u 1^T acts on the bias alone: W' (n + 1) = W n + shift
+        state[keys[1]] = torch.ones(new_features, dtype=state[keys[1]].dtype)
+        folded = folded + ((shift - folded.sum(dim=1)) / new_features).unsqueeze(1)
+        # the attention scale is width^-0.5 of the layer's input: keep q.k * scale as it was
+        in_dim = folded.shape[0] // 3
+        folded[:in_dim] *= math.sqrt(new_features / old_features)
+    state[keys[2]] = folded.to(weight.dtype)
+    _logger.info("first T2T layer adapted from %d to %d input channels", old_chans, new_chans)
+    return state
+
+
 def load_checkpoint(model, path_or_dict, strict=True, use_ema=True, pos_embed="regenerate"):
     """Load a checkpoint (file path or already-loaded dict) into ``model``.
 
@@ -114,6 +183,7 @@ def load_checkpoint(model, path_or_dict, strict=True, use_ema=True, pos_embed="r
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     if "pos_embed" in state and "pos_embed" in own:
         state["pos_embed"] = _fit_pos_embed(model, state["pos_embed"], pos_embed)
+    state = _adapt_in_chans(model, state)
 
     if not any(k.startswith("head.") for k in state):
         # dropped above, or saved without one: the model keeps its own head

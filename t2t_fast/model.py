@@ -7,24 +7,119 @@ reading the previous stage's tokens in place, FAVOR+ reads k/q/v as strided view
 and in training the split+LN+projection is recomputed in backward instead of keeping the (B, L, 147/576)
 tensors alive. The backbone uses ``F.scaled_dot_product_attention``.
 Backends: see :mod:`t2t_fast.backend` (``backend=`` here sets the model's default).
+
+The fused steps are the module-level functions below: ``torch.fx`` keeps them as leaves (so a traced model
+still runs the fused kernels), and under ``torch.jit.script`` they run the ops' pure-torch references.
 """
+from typing import Optional, Tuple
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from t2t_fast import ops, reference
-from t2t_fast.backend import check_backend_name
-from t2t_fast.geometry import SOFT_SPLITS, token_grids
+from t2t_fast.backend import autocast_enabled, check_backend_name, cpu_attention
+from t2t_fast.geometry import image_token_grids
+from t2t_fast.ops.favor_attention import favor_attention_ref
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold_ref
+from t2t_fast.ops.soft_split_layernorm import soft_split_layernorm_ref
 from t2t_fast.reference import layers
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def autocast_dtype(x):
     """The dtype autocast gives the projection after a soft split of ``x`` (None outside autocast): the split
     writes its rows in it directly, instead of fp32 rows (the first split reads the fp32 image) and a cast."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and x.dtype == torch.float32:
+    if autocast_enabled(device) and x.dtype == torch.float32:
         return torch.get_autocast_dtype(device)
     return None
+
+
+def _split_norm_project(x, split, grid_size, norm_weight, norm_bias, eps, weight, bias, backend):
+    kernel, stride, padding = split
+    tokens = ops.soft_split_layernorm(x, kernel, stride, padding, norm_weight, norm_bias, eps, grid_size=grid_size,
+                                      backend=backend, out_dtype=autocast_dtype(x))
+    return F.linear(tokens, weight, bias)
+
+
+def split_norm_project(x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]],
+                       norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor], backend: Optional[str], recompute: bool) -> torch.Tensor:
+    """Soft split of ``x`` (an image, or tokens on ``grid_size``) + LayerNorm + the input projection of a T2T
+    layer. With ``recompute`` only ``x`` is kept for backward; the unfolded (B, L, C*k*k) rows are rebuilt."""
+    if torch.jit.is_scripting():
+        kernel, stride, padding = split
+        tokens = soft_split_layernorm_ref(x, kernel, stride, padding, norm_weight, norm_bias, eps, grid_size)
+        return F.linear(tokens, weight, bias)
+    else:
+        arguments = (x, split, grid_size, norm_weight, norm_bias, eps, weight, bias, backend)
+        if recompute:
+            return torch.utils.checkpoint.checkpoint(_split_norm_project, *arguments, use_reentrant=False)
+        return _split_norm_project(*arguments)
+
+
+def linear_attention(k, q, v, w, eps: float, backend: Optional[str]) -> torch.Tensor:
+    """FAVOR+ of the performer T2T layers (:func:`t2t_fast.ops.favor_attention`)."""
+    if torch.jit.is_scripting():
+        return favor_attention_ref(k, q, v, w, eps)
+    else:
+        return ops.favor_attention(k, q, v, w, eps=eps, backend=backend)
+
+
+def restructurize_split(x, grid_size: Tuple[int, int], split: Tuple[int, int, int],
+                        backend: Optional[str]) -> torch.Tensor:
+    """Tokens (B, H*W, C) on ``grid_size`` -> the unfolded rows of the last soft split."""
+    kernel, stride, padding = split
+    if torch.jit.is_scripting():
+        return restructurize_unfold_ref(x, grid_size, kernel, stride, padding)
+    else:
+        return ops.restructurize_unfold(x, grid_size, kernel, stride, padding, backend=backend)
+
+
+def cpu_maths_dtype(x):
+    """The dtype of the matmuls on CPU tensor ``x``: CPU autocast's fp16/bf16 when it is on, else ``x``'s."""
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in _LOW_PRECISION:
+        return torch.get_autocast_dtype("cpu")
+    return x.dtype
+
+
+def low_precision_on_cpu(x):
+    """True for fp16/bf16 maths on CPU: x in half precision, or CPU autocast to it."""
+    return x.device.type == "cpu" and cpu_maths_dtype(x) in _LOW_PRECISION
+
+
+def split_heads(qkv, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T, 3D) -> q, k, v as (B, H, T, D/H) views.
+
+    Unbinding the (B, T, 3, H, Dh) view makes the stack of dq, dk, dv in backward the qkv layout already
+    (permuting first would cost one more copy of the qkv gradient per block)."""
+    batch, tokens, _ = qkv.shape
+    q, k, v = qkv.view(batch, tokens, 3, num_heads, -1).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    """Softmax attention of (B, H, T, d) heads -> (B, T, H*d): ``F.scaled_dot_product_attention`` (flash /
+    memory-efficient kernels), except on CPU where :func:`t2t_fast.backend.cpu_attention` picks a plain matmul
+    + softmax (the attention matrix formed as in the reference) for this CPU class, maths dtype and grad mode:
+    torch's CPU flash kernel can be slower at the backbone's 197 tokens (see bench/RESULTS.md).
+    ``dropout_p``: the attention dropout, 0 outside training."""
+    if torch.jit.is_scripting():
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    elif q.device.type == "cpu" and cpu_attention(cpu_maths_dtype(q), torch.is_grad_enabled()) == "matmul":
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        y = F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    return y.transpose(1, 2).flatten(2)
+
+
+# Leaves for torch.fx: their arguments' shapes and devices steer them, and they run the fused kernels.
+for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "restructurize_split", "attend"):
+    torch.fx.wrap(_leaf)
 
 
 class _FusedSoftSplit:
@@ -33,32 +128,21 @@ class _FusedSoftSplit:
 
     backend = None
 
-    def _split_norm_project(self, x, split, grid_size):
-        kernel, stride, padding = split
-        tokens = ops.soft_split_layernorm(x, kernel, stride, padding, self.norm1.weight, self.norm1.bias,
-                                          self.norm1.eps, grid_size=grid_size, backend=self.backend,
-                                          out_dtype=autocast_dtype(x))
-        return self.input_projection()(tokens)
-
-    def split_norm_project(self, x, split, grid_size):
-        if self.training and torch.is_grad_enabled():
-            # Keep only the stage input for backward; the unfolded (B, L, C*k*k) rows are recomputed.
-            return torch.utils.checkpoint.checkpoint(self._split_norm_project, x, split, grid_size,
-                                                     use_reentrant=False)
-        return self._split_norm_project(x, split, grid_size)
+    def recompute(self):
+        """Recompute the unfolded rows in backward (training with grad) instead of keeping them."""
+        return self.training and torch.is_grad_enabled()
 
 
 class TokenPerformer(_FusedSoftSplit, layers.TokenPerformer):
     """Performer T2T layer: fused soft split + LN -> kqv -> FAVOR+ on strided k/q/v -> proj + v-skip -> MLP."""
 
-    def input_projection(self):
-        return self.kqv
-
-    def forward(self, x, split, grid_size=None):
+    def forward(self, x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]] = None):
         """``x``: the stage input, ``split``: its (kernel, stride, padding), ``grid_size``: its token grid when
         ``x`` holds tokens (None for an image)."""
-        k, q, v = self.split_norm_project(x, split, grid_size).split(self.emb, dim=-1)
-        y = ops.favor_attention(k, q, v, self.w, eps=self.eps, backend=self.backend)
+        kqv = split_norm_project(x, split, grid_size, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                 self.kqv.weight, self.kqv.bias, self.backend, self.recompute())
+        k, q, v = kqv.split(self.emb, dim=-1)
+        y = linear_attention(k, q, v, self.w, self.eps, self.backend)
         y = v + self.dp(self.proj(y))
         return y + self.mlp(self.norm2(y))
 
@@ -66,12 +150,11 @@ class TokenPerformer(_FusedSoftSplit, layers.TokenPerformer):
 class TokenTransformer(_FusedSoftSplit, layers.TokenTransformer):
     """Transformer T2T layer: fused soft split + LN -> qkv -> SDPA (one head) -> proj + v-skip -> MLP."""
 
-    def input_projection(self):
-        return self.attn.qkv
-
-    def forward(self, x, split, grid_size=None):
+    def forward(self, x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]] = None):
         """Arguments as :meth:`TokenPerformer.forward`."""
-        q, k, v = self.split_norm_project(x, split, grid_size).split(self.attn.in_dim, dim=-1)
+        qkv = split_norm_project(x, split, grid_size, self.norm1.weight, self.norm1.bias, self.norm1.eps,
+                                 self.attn.qkv.weight, self.attn.qkv.bias, self.backend, self.recompute())
+        q, k, v = qkv.split(self.attn.in_dim, dim=-1)
         y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                                            dropout_p=self.attn.attn_drop.p if self.training else 0.0,
                                            scale=self.attn.scale).squeeze(1)
@@ -87,44 +170,10 @@ class T2TModule(layers.T2TModule):
     backend = None
 
     def forward(self, x):
-        split0, split1, (kernel, stride, padding) = SOFT_SPLITS
-        grids = token_grids(tuple(x.shape[-2:]))
-        x = self.attention1(x, split0)                        # image -> (B, H1*W1, token_dim)
-        x = self.attention2(x, split1, grid_size=grids[0])    # tokens -> (B, H2*W2, token_dim)
-        x = ops.restructurize_unfold(x, grids[1], kernel, stride, padding, backend=self.backend)
-        return self.project(x)
-
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def low_precision_on_cpu(x):
-    """True for fp16/bf16 maths on CPU: x in half precision, or CPU autocast to it."""
-    if x.device.type != "cpu":
-        return False
-    return x.dtype in _LOW_PRECISION or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") in _LOW_PRECISION)
-
-
-def split_heads(qkv, num_heads):
-    """(B, T, 3D) -> q, k, v as (B, H, T, D/H) views.
-
-    Unbinding the (B, T, 3, H, Dh) view makes the stack of dq, dk, dv in backward the qkv layout already
-    (permuting first would cost one more copy of the qkv gradient per block)."""
-    batch, tokens, _ = qkv.shape
-    return (t.transpose(1, 2) for t in qkv.view(batch, tokens, 3, num_heads, -1).unbind(2))
-
-
-def attend(q, k, v, attn_drop, scale, training):
-    """Softmax attention of (B, H, T, d) heads -> (B, T, H*d): ``F.scaled_dot_product_attention`` (flash /
-    memory-efficient kernels), except in fp16/bf16 on CPU, where torch's flash kernel is slower than a plain
-    matmul + softmax at the backbone's 197 tokens (see bench/RESULTS.md), so the attention matrix is formed
-    as in the reference."""
-    if low_precision_on_cpu(q):
-        y = attn_drop(((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)) @ v
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop.p if training else 0.0, scale=scale)
-    return y.transpose(1, 2).flatten(2)
+        grids = image_token_grids(x, self.splits)
+        x = self.attention1(x, self.splits[0])                      # image -> (B, H1*W1, token_dim)
+        x = self.attention2(x, self.splits[1], grids[0])            # tokens -> (B, H2*W2, token_dim)
+        return self.project(restructurize_split(x, grids[1], self.splits[2], self.backend))
 
 
 class Attention(layers.Attention):
@@ -132,7 +181,8 @@ class Attention(layers.Attention):
 
     def forward(self, x):
         q, k, v = split_heads(self.qkv(x), self.num_heads)
-        return self.proj_drop(self.output(attend(q, k, v, self.attn_drop, self.scale, self.training)))
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        return self.proj_drop(self.output(attend(q, k, v, dropout_p, self.scale)))
 
 
 class T2TViT(reference.T2TViT):

@@ -3,6 +3,8 @@ checkpoint addresses, and the factories that build a variant by name (for the fa
 reference alike)."""
 import difflib
 import fnmatch
+import inspect
+import re
 
 DEFAULT_CFG = {
     "input_size": (3, 224, 224),
@@ -12,12 +14,15 @@ DEFAULT_CFG = {
     "interpolation": "bicubic",
     "mean": (0.485, 0.456, 0.406),
     "std": (0.229, 0.224, 0.225),
-    "first_conv": "tokens_to_token.attention1",
     "classifier": "head",
     "num_classes": 1000,
     "fixed_input_size": True,
     "license": "apache-2.0 (code); official weights: Clear BSD",
 }
+
+# timm's "first_conv": the first layer whose weights depend on in_chans (the projection after the first soft
+# split and its LayerNorm; see t2t_fast.checkpoint for how pretrained weights are adapted to other in_chans).
+FIRST_LAYER = {"performer": "tokens_to_token.attention1.kqv", "transformer": "tokens_to_token.attention1.attn.qkv"}
 
 _RELEASES = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
 
@@ -52,10 +57,15 @@ def checkpoint_url(name):
     return _RELEASES + file if file else ""
 
 
-def pretrained_cfg(name, in_chans, img_size, num_classes, fixed_input_size):
+def variant_cfg(name):
+    """The timm-style pretrained config registered for variant ``name``."""
+    return pretrained_cfg(name, 3, (224, 224), 1000, True, VARIANTS[name][1]["tokens_type"])
+
+
+def pretrained_cfg(name, in_chans, img_size, num_classes, fixed_input_size, tokens_type):
     """The timm-style pretrained config of a model built as variant ``name`` (None: not built by name)."""
     cfg = dict(DEFAULT_CFG, input_size=(in_chans, *img_size), num_classes=num_classes,
-               fixed_input_size=fixed_input_size)
+               fixed_input_size=fixed_input_size, first_conv=FIRST_LAYER[tokens_type])
     if name:
         cfg.update(architecture=name, url=checkpoint_url(name))
     return cfg
@@ -82,7 +92,7 @@ def build_model(classes, name, pretrained=False, checkpoint_path=None, **kwargs)
     try:
         model = classes[family](**{**defaults, **kwargs})
     except TypeError as exc:
-        raise TypeError(f"{name}: {exc}") from None
+        raise _keyword_error(name, classes[family], kwargs, exc) from None
     model.variant = name
     if checkpoint_path is not None:
         from t2t_fast.checkpoint import load_checkpoint
@@ -93,6 +103,32 @@ def build_model(classes, name, pretrained=False, checkpoint_path=None, **kwargs)
 
         load_pretrained(model, name)
     return model
+
+
+def _constructor_keywords(cls):
+    """The keyword arguments ``cls(...)`` takes: its ``__init__`` and, through ``**kwargs``, its bases'."""
+    names = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def _keyword_error(name, cls, kwargs, exc):
+    """The TypeError for a constructor call that failed: an unknown keyword of ``kwargs`` is named with the
+    closest valid names and the list of valid ones; any other TypeError keeps its text, prefixed by the variant."""
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if match is None or match.group(1) not in kwargs:
+        return TypeError(f"{name}: {exc}")
+    valid = _constructor_keywords(cls) + ["pretrained", "checkpoint_path"]
+    close = difflib.get_close_matches(match.group(1), valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return TypeError(f"{name}: unknown keyword argument {match.group(1)!r}.{hint} Valid: {', '.join(valid)}")
 
 
 def make_factory(classes, name, module_name):

@@ -40,14 +40,23 @@ def assert_within_reference_error(actual, reference_lowp, exact, factor=2.0, flo
         f"{what}: error vs float64 {ours:.3e} > {factor} x reference error {theirs:.3e} (+{floor:g})")
 
 
+def frozen_buffer_count(model):
+    """Elements of the frozen tensors the official models keep as parameters: ``pos_embed`` and every
+    performer ``w`` (persistent buffers here)."""
+    return sum(b.numel() for name, b in model.named_buffers() if name == "pos_embed" or name.endswith(".w"))
+
+
 def assert_official_layout(model, expected):
-    """Assert ``model``'s state_dict (keys, order, shapes, dtypes) and parameter counts (all, trainable) are those
-    of ``expected``, a model's entry of tests/data/official_state_dicts.json."""
+    """Assert ``model``'s state_dict (keys, order, shapes, dtypes) and parameter counts are those of ``expected``,
+    a model's entry of tests/data/official_state_dicts.json: the official count includes the frozen pos_embed
+    and w (buffers here), and every parameter here is trainable."""
     ours = [[key, list(value.shape), str(value.dtype).replace("torch.", "")]
             for key, value in model.state_dict().items()]
     assert ours == expected["state_dict"]
-    assert sum(p.numel() for p in model.parameters()) == expected["params"]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected["trainable_params"]
+    parameters = sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert parameters == expected["trainable_params"]
+    assert parameters + frozen_buffer_count(model) == expected["params"]
 
 
 _CALL_LOOP = """

@@ -4,18 +4,23 @@
     model = timm.create_model("t2t_vit_14", pretrained=True)                     # official weights (download)
     model = timm.create_model("t2t_vit_14", pretrained=True,
                               pretrained_cfg_overlay=dict(file="81.5_T2T_ViT_14.pth.tar"), num_classes=10)
+    backbone = timm.create_model("t2t_vit_14", features_only=True, out_indices=(3, 7, 13))  # NCHW, 1/16 grid
     timm.list_models("t2t*"), timm.list_pretrained("t2t*")
 
 The models are t2t_fast's fast models. Weights load through :func:`t2t_fast.load_checkpoint` (EMA weights
 preferred, ``module.`` prefixes stripped, the head dropped when ``num_classes`` differs, ``pos_embed``
-regenerated for another ``img_size``), from the pretrained config's ``state_dict``, ``file`` or ``url``
-(in that order, as timm resolves them). Also usable from timm's ``train.py`` via
+regenerated for another ``img_size``, the first T2T layer adapted to another ``in_chans``), from the pretrained
+config's ``state_dict``, ``file`` or ``url`` (in that order, as timm resolves them). ``device=`` builds the model
+there (``'meta'`` included), ``dtype=`` converts it. Also usable from timm's ``train.py`` via
 ``--device-modules t2t_fast.timm_models``.
 """
 import argparse
+import contextlib
 
 import torch
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._builder import pretrained_cfg_for_features
+from timm.models._features import FeatureGetterNet
 
 from t2t_fast import registry
 
@@ -24,12 +29,13 @@ __all__ = []
 # timm passes these to every entrypoint; they are about weights, not the model constructor.
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict",
                      "pretrained_model_args")
+# features_only=True takes these (as timm's ViTs do); out_indices defaults to the last 3 blocks.
+_FEATURE_KWARGS = ("out_indices", "feature_cls", "output_fmt", "norm")
 
 
 def _cfg(name):
-    cfg = dict(registry.DEFAULT_CFG)
-    cfg.pop("first_conv")  # the first op is a weightless unfold: timm's in_chans adaptation cannot apply
-    cfg["url"] = registry.checkpoint_url(name)
+    cfg = registry.variant_cfg(name)
+    cfg.pop("architecture")
     cfg["paper_ids"] = "arXiv:2101.11986"
     cfg["origin_url"] = "https://github.com/yitu-opensource/T2T-ViT"
     return cfg
@@ -64,16 +70,32 @@ def _create(name, pretrained=False, **kwargs):
     cache_dir = kwargs.pop("cache_dir", None)
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{name}: features_only=True is not supported by the T2T-ViT timm entrypoints; use "
-                         f"model.forward_features(x) for the (B, 1 + N, C) tokens")
+    features_only = kwargs.pop("features_only", False)
+    feature_kwargs = {key: kwargs.pop(key) for key in _FEATURE_KWARGS if key in kwargs}
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    model = t2t_fast.create_model(name, **kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = t2t_fast.create_model(name, **kwargs)
     if pretrained:
         _load_weights(model, name, cfg, cache_dir)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if features_only:
+        return _feature_model(model, **feature_kwargs)
+    if feature_kwargs:
+        raise TypeError(f"{name}: {', '.join(feature_kwargs)} only apply with features_only=True")
     return model
+
+
+def _feature_model(model, out_indices=3, feature_cls="getter", output_fmt="NCHW", norm=False):
+    """timm's features_only model: a ``FeatureGetterNet`` over :meth:`forward_intermediates` (the backbone
+    pruned after the last block taken), returning per-block maps on the 1/16 token grid."""
+    if feature_cls != "getter":
+        raise ValueError(f"T2T-ViT features come from forward_intermediates: feature_cls must be 'getter', "
+                         f"got {feature_cls!r}")
+    cfg = model.pretrained_cfg
+    features = FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt, norm=norm)
+    features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(cfg)
+    return features
 
 
 def _make_entrypoint(name):

@@ -7,11 +7,16 @@ per-channel "cheap operations" into the projections: q/k/v come from one GEMM wi
 ``[Wq; s_q*Wq; Wk; s_k*Wk; Wv; s_v*Wv]`` (rebuilt each call, so gradients reach both parameters), and the
 ghost MLP scales its hidden map with one broadcast multiply instead of two depthwise convolutions.
 """
+from typing import Optional
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from t2t_fast.model import Attention, T2TViT, attend, split_heads
 from t2t_fast.reference import variants as reference
+
+torch.fx.wrap("attend")  # a leaf for torch.fx, as in t2t_fast.model
 
 
 class SEAttention(Attention, reference.SEAttention):
@@ -32,20 +37,25 @@ class T2TViTDense(T2TViT, reference.T2TViTDense):
 class GhostAttention(reference.GhostAttention):
     """Ghost attention with q/k/v (each ``[p, s*p]`` of a half-width projection p) from one fused GEMM."""
 
-    def fused_qkv_params(self):
-        """(weight (3D, D), bias (3D) or None) of the q|k|v projection including the ghost halves."""
-        pairs = ((self.q, self.cheap_operation_q), (self.k, self.cheap_operation_k), (self.v, self.cheap_operation_v))
-        weights, biases = [], []
-        for linear, cheap in pairs:
-            scale = cheap.weight.view(-1)
-            weights += [linear.weight, linear.weight * scale.unsqueeze(1)]
-            if linear.bias is not None:
-                biases += [linear.bias, linear.bias * scale]
-        return torch.cat(weights), (torch.cat(biases) if biases else None)
+    def fused_qkv_weight(self):
+        """The (3D, D) weight of the q|k|v projection including the ghost halves."""
+        return torch.cat([self.q.weight, self.q.weight * self.cheap_operation_q.weight.view(-1, 1),
+                          self.k.weight, self.k.weight * self.cheap_operation_k.weight.view(-1, 1),
+                          self.v.weight, self.v.weight * self.cheap_operation_v.weight.view(-1, 1)])
+
+    def fused_qkv_bias(self) -> Optional[torch.Tensor]:
+        """The (3D,) bias of that projection (None without ``qkv_bias``)."""
+        q_bias, k_bias, v_bias = self.q.bias, self.k.bias, self.v.bias
+        if q_bias is None or k_bias is None or v_bias is None:
+            return None
+        return torch.cat([q_bias, q_bias * self.cheap_operation_q.weight.view(-1),
+                          k_bias, k_bias * self.cheap_operation_k.weight.view(-1),
+                          v_bias, v_bias * self.cheap_operation_v.weight.view(-1)])
 
     def forward(self, x):
-        q, k, v = split_heads(F.linear(x, *self.fused_qkv_params()), self.num_heads)
-        return self.proj_drop(self.proj(attend(q, k, v, self.attn_drop, self.scale, self.training)))
+        q, k, v = split_heads(F.linear(x, self.fused_qkv_weight(), self.fused_qkv_bias()), self.num_heads)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        return self.proj_drop(self.proj(attend(q, k, v, dropout_p, self.scale)))
 
 
 class GhostMlp(reference.GhostMlp):

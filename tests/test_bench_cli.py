@@ -80,7 +80,8 @@ def test_bench_cli_rejects_bad_arguments(tmp_path, argv, capsys):
         code = bench_cli.main(["--device", "cpu", "--output", str(tmp_path), *argv])
     except SystemExit as exc:  # argparse errors
         code = exc.code
-    assert code == 2
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "t2t-fast bench: error: " in err, err
     assert not (tmp_path / "t2t_fast_bench_cpu.json").exists()
 
 
@@ -91,3 +92,31 @@ def test_recorded_macs_match_the_reference_model(name):
     image = torch.randn(1, 3, 224, 224)
     assert bench.count_macs(model, image) == bench.MACS_224[name]
     assert bench.count_macs(model.tokens_to_token, image) == bench.T2T_MODULE_MACS_224[name]
+
+
+def test_plot_title_fits_the_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to measure it
+    title = ("t2t-fast bench: a CPU with a long model name (8 cores), fp32, torch 2.14.1, triton 3.8.0, "
+             "2026-01-01T00:00:00Z, commit abcdef0, load average 5.0 4.0 3.0")
+    results = [{"model": "t2t_vit_7", "mode": "infer", "provider": "fused", "batch": 1, "img_per_s": 10.0}]
+    bench.plot(results, str(tmp_path / "p.png"), title)
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+
+
+def test_commit_of_the_benchmarked_checkout(tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert bench.git_commit(tmp_path) == head
+    assert bench.git_commit(tmp_path / "nowhere") is None

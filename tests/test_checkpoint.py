@@ -118,3 +118,15 @@ def test_bad_checkpoint_inputs(tmp_path):
 def test_pretrained_without_release_raises():
     with pytest.raises(ValueError, match="no official checkpoint was released"):
         t2t_fast.create_model("t2t_vit_14_wide", pretrained=True)
+
+
+def test_unreadable_checkpoint_files_say_what_to_give(tmp_path):
+    model = ref.create_model(NAME)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pth").write_bytes(b"")
+    with pytest.raises(t2t_fast.CheckpointFileError, match=r"is a folder, not a checkpoint file.*last\.pth"):
+        load_checkpoint(model, tmp_path / "run")
+    (tmp_path / "notes.txt").write_text("epoch,top1\n1,50.0\n")
+    for path in (tmp_path / "run" / "last.pth", tmp_path / "notes.txt"):
+        with pytest.raises(t2t_fast.CheckpointFileError, match="is not a readable PyTorch checkpoint"):
+            load_checkpoint(model, path)

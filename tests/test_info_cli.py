@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from t2t_fast import cli
 from t2t_fast.cli import info
 
@@ -19,6 +21,38 @@ def test_info_reports_versions_and_backends(tmp_path):
     assert details["native CPU kernels"] == "compiled"
     assert details["backend torch on cpu"] == "available"
     assert details["backend cpp on cpu"] == "available"
+    from t2t_fast.training import requirements_problem
+
+    assert details["train extra (timm, torchvision, ...)"] == (requirements_problem() or "usable")
+    if details["cuda device"] == "none":  # no backend is "available" on a device that is not there
+        assert all(details[f"backend {name} on cuda"].startswith("unavailable")
+                   for name in ("triton", "cuda", "cpp", "torch"))
+
+
+def test_torchvision_pairs_with_torch(monkeypatch):
+    pytest.importorskip("timm")
+    import torch
+
+    from t2t_fast import training
+
+    assert training.expected_torchvision("2.13.0+cpu") == "0.28"
+    assert training.expected_torchvision("2.4.1") == "0.19"
+    assert training.requirements_problem() is None
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    problem = training.requirements_problem()
+    assert "was built for another torch than 2.9.1+cpu" in problem
+    assert 'pip install "torchvision==0.24.*" --index-url https://download.pytorch.org/whl/cpu' in problem
+    assert len(problem.splitlines()) == 1
+
+
+def test_help_columns_never_touch():
+    from t2t_fast.cli import train
+
+    table = train.build_parser().format_help().split("recipe defaults")[1]
+    rows = [line for line in table.splitlines() if line.startswith("  --")]
+    assert any(line.split()[:3] == ["--ratio", "0.75", "1.33333"] for line in rows)
+    for line in rows:  # the flag, then each of the two recipes' values, separated by at least two spaces
+        assert len(re.split(r" {2,}", line.strip())) == 3, line
 
 
 def test_cli_usage_and_unknown_command(capsys):

@@ -4,7 +4,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference as ref
-from t2t_fast.reference.model import sinusoid_table
+from t2t_fast.reference.model import add_position_embedding, sinusoid_table
 
 FACTORIES = {"reference": ref.create_model, "fast": t2t_fast.create_model}
 
@@ -89,15 +89,43 @@ def test_mismatched_size_error_and_dynamic_size(factory):
         torch.testing.assert_close(dynamic(same_size), model(same_size), rtol=0, atol=0)
 
 
-def test_position_tables_of_other_sizes_are_built_once(factory):
+def test_position_table_of_another_size_is_the_sinusoid_of_that_length(factory):
     model = factory("t2t_vit_7", dynamic_img_size=True).eval()
-    assert model.position_table(model.pos_embed.shape[1]) is model.pos_embed
-    table = model.position_table(151)  # 150 tokens (15x10 grid) + cls
-    assert table.shape == (1, 151, model.embed_dim)
-    torch.testing.assert_close(table, sinusoid_table(151, model.embed_dim), rtol=0, atol=0)
-    assert model.position_table(151) is table
+    tokens = torch.randn(2, 151, model.embed_dim)  # 150 tokens (15x10 grid) + cls
+    expected = tokens + sinusoid_table(151, model.embed_dim)
+    torch.testing.assert_close(add_position_embedding(tokens, model.pos_embed), expected, rtol=0, atol=0)
     model.double()
-    assert model.position_table(151).dtype == torch.float64
+    assert add_position_embedding(tokens.double(), model.pos_embed).dtype == torch.float64
+
+
+def test_frozen_tables_are_buffers(factory):
+    model = factory("t2t_vit_7")
+    buffers = dict(model.named_buffers())
+    assert set(buffers) == {"pos_embed", "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+    assert not any(b.requires_grad for b in buffers.values())
+    assert set(buffers) <= set(model.state_dict())
+    model.train()
+    model(torch.randn(1, 3, 224, 224)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_built_on_the_default_device(factory, device):
+    with torch.device(device):
+        model = factory("t2t_vit_7", img_size=64)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {device}
+    if device == "meta":
+        model.to(torch.bfloat16)
+        assert model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16, device="meta")).shape == (2, 1000)
+        model.reset_classifier(4)
+        assert model.head.weight.device.type == "meta" and model.head.weight.dtype == torch.bfloat16
+
+
+def test_reset_classifier_keeps_dtype_and_mode(factory):
+    model = factory("t2t_vit_7", img_size=64).to(torch.float64).eval()
+    model.reset_classifier(3)
+    assert model.head.weight.dtype == torch.float64 and not model.head.training
+    assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64)).shape == (1, 3)
 
 
 def test_bad_input(factory):
@@ -112,6 +140,11 @@ def test_bad_input(factory):
         model(torch.randn(0, 3, 224, 224))
     with pytest.raises(TypeError, match="image tensor"):
         model([1, 2, 3])
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(TypeError, match=rf"image is {dtype} but the model's weights are torch.float32: cast"):
+            model(torch.randn(1, 3, 224, 224, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast mixes dtypes on purpose
+        assert model(torch.randn(1, 3, 224, 224, dtype=torch.bfloat16)).shape == (1, 1000)
     with pytest.raises(ValueError, match="too small"):
         factory("t2t_vit_7", img_size=2)
 
@@ -119,7 +152,7 @@ def test_bad_input(factory):
 def test_bad_construction_arguments(factory):
     with pytest.raises(ValueError, match=r"unknown model 't2t_vit_13'.*Did you mean"):
         factory("t2t_vit_13")
-    with pytest.raises(TypeError, match="t2t_vit_7.*unexpected keyword argument 'colour'"):
+    with pytest.raises(TypeError, match="t2t_vit_7: unknown keyword argument 'colour'"):
         factory("t2t_vit_7", colour=1)
     with pytest.raises(ValueError, match="tokens_type"):
         factory("t2t_vit_7", tokens_type="convolution")

@@ -8,6 +8,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 import t2t_fast  # noqa: E402
+from t2t_fast.testing import assert_relative_close  # noqa: E402
 import t2t_fast.timm_models  # noqa: E402,F401  (registers the variants)
 
 
@@ -52,3 +53,75 @@ def test_clear_errors(tmp_path):
     _official_checkpoint(path, t2t_fast.create_model("t2t_vit_7", img_size=64))
     with pytest.raises(t2t_fast.CheckpointMismatchError, match="does not fit t2t_vit_10"):
         timm.create_model("t2t_vit_10", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=64)
+
+
+def test_features_only_gives_the_block_outputs():
+    torch.manual_seed(0)
+    model = timm.create_model("t2t_vit_7", img_size=80).eval()
+    x = torch.randn(2, 3, 80, 80)
+    outputs = []
+    hooks = [block.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for block in model.blocks]
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    torch.manual_seed(0)
+    features = timm.create_model("t2t_vit_7", img_size=80, features_only=True, out_indices=(1, 4, -1)).eval()
+    assert features.feature_info.channels() == [256] * 3 and features.feature_info.reduction() == [16] * 3
+    assert len(features.model.blocks) == 7 and features.default_cfg["input_size"] == (3, 80, 80)
+    with torch.no_grad():
+        maps = features(x)
+    for got, block in zip(maps, [outputs[1], outputs[4], outputs[6]]):
+        expected = block[:, 1:].reshape(2, 5, 5, 256).permute(0, 3, 1, 2)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    pruned = timm.create_model("t2t_vit_7", img_size=80, features_only=True, out_indices=2)
+    assert len(pruned.model.blocks) == 7 and pruned.feature_info.module_name() == ["blocks.5", "blocks.6"]
+    pruned = timm.create_model("t2t_vit_7", img_size=80, features_only=True, out_indices=(0, 2))
+    assert len(pruned.model.blocks) == 3
+    with pytest.raises(TypeError, match="only apply with features_only=True"):
+        timm.create_model("t2t_vit_7", out_indices=(1,))
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_pretrained_in_chans_1_is_the_3_channel_model_on_grey_images(tmp_path, name):
+    torch.manual_seed(0)
+    ours = t2t_fast.create_model(name, img_size=64).eval()
+    with torch.no_grad():  # a LayerNorm affine far from (1, 0), so the folding is exercised
+        for param in ours.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    path = tmp_path / "weights.pth.tar"
+    _official_checkpoint(path, ours)
+    grey = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=64,
+                             in_chans=1).eval()
+    assert grey.default_cfg["input_size"] == (1, 64, 64)
+    image = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = ours(image.repeat(1, 3, 1, 1))
+        assert_relative_close(grey(image), expected, 1e-5)  # fp32 rounding of the folded weights
+    four = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=64,
+                             in_chans=4, num_classes=5).eval()
+    with torch.no_grad():
+        out = four(torch.randn(2, 4, 64, 64))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    first = t2t_fast.registry.FIRST_LAYER[ours.tokens_type]
+    assert four.get_submodule(first).weight.shape[1] == 4 * 49
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_pretrained_loads_as_timm_tests_it_with_a_local_file(tmp_path, name):
+    # timm's test_model_load_pretrained / test_model_features_pretrained calls, on a local file
+    path = tmp_path / "weights.pth.tar"
+    _official_checkpoint(path, t2t_fast.create_model(name))
+    overlay = dict(file=str(path))
+    assert timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1,
+                             num_classes=5).num_classes == 5
+    assert timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, in_chans=1,
+                             num_classes=0).num_classes == 0
+    features = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True)
+    assert features.feature_info.channels() == [384] * 3 if "14" in name else [256] * 3
+
+
+def test_factory_device_and_dtype():
+    model = timm.create_model("t2t_vit_7", device="meta", dtype=torch.bfloat16)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+    assert {t.dtype for t in [*model.parameters(), *model.buffers()]} == {torch.bfloat16}

@@ -7,6 +7,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -62,19 +63,26 @@ def nvidia_driver():
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def git_commit():
-    """Short commit of the t2t_fast source checkout, or None when it is not a git checkout."""
+def git_commit(folder=None):
+    """Short commit of the checkout at ``folder`` (default: the installed t2t_fast's source folder, else the
+    working directory: a regular install lives in site-packages, outside any checkout), or None."""
     import t2t_fast
 
-    try:
-        out = subprocess.run(["git", "-C", os.path.dirname(os.path.realpath(t2t_fast.__file__)), "rev-parse",
-                              "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+    folders = [folder] if folder else [os.path.dirname(os.path.realpath(t2t_fast.__file__)), os.getcwd()]
+    for path in folders:
+        try:
+            out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
 
 
 _START = time.perf_counter()
+# characters of a 9 pt title line that fit the width of one 5-inch panel
+_TITLE_CHARS_PER_PANEL = 64
 
 
 def log(message):
@@ -196,7 +204,8 @@ def plot(results, path, title):
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["model"], r["mode"]) for r in results})
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False,
+                             layout="constrained")  # room for the (wrapped) suptitle, which tight_layout ignores
     for ax, (model, mode) in zip(axes[0], panels):
         for provider in PROVIDERS:
             points = sorted((r["batch"], r["img_per_s"]) for r in results
@@ -213,8 +222,7 @@ def plot(results, path, title):
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(textwrap.fill(title, width=_TITLE_CHARS_PER_PANEL * max(len(panels), 1)), fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,4 +1,4 @@
-"""The ``t2t-fast`` command: ``t2t-fast {train,eval,finetune,bench,info} [options]``.
+"""The ``t2t-fast`` command: ``t2t-fast {train,eval,predict,finetune,bench,info} [options]``.
 
 One module per command in this package, each with ``build_parser()`` / ``main(argv=None)``; the dispatcher
 imports only the command it runs."""
@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("t2t_fast.cli.train", "train a T2T-ViT (the paper's recipe; no --data: a built-in demo on 8x8 digits)"),
     "eval": ("t2t_fast.cli.evaluate", "top-1/top-5 of a checkpoint on an ImageFolder"),
+    "predict": ("t2t_fast.cli.predict", "classify image files or folders with a checkpoint (top-k classes)"),
     "finetune": ("t2t_fast.cli.finetune", "transfer a checkpoint to a new dataset (the official CIFAR recipe)"),
     "bench": ("t2t_fast.cli.bench", "throughput table, JSON and plot: fused vs reference vs torch.compile"),
     "info": ("t2t_fast.cli.info", "versions and which backends / kernels are available"),
@@ -30,5 +31,9 @@ def main(argv=None):
     if command not in COMMANDS:
         print(f"t2t-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest)
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+        return module.main(rest)
+    except KeyboardInterrupt:  # Ctrl-C before a command's own handler (run_command) is in place
+        print("t2t-fast: interrupted", file=sys.stderr)
+        return 130

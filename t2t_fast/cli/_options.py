@@ -1,7 +1,59 @@
-"""What the training commands share: their common options, the recipe table of ``--help``, and how a
-command's errors become exit codes."""
+"""What the commands share: the parser whose errors are one line, checked number types, the common options of
+``train`` and ``finetune``, the recipe table of ``--help``, and how a command's errors, Ctrl-C included,
+become one line and an exit code."""
 import argparse
+import copy
+import os
+import shlex
 import sys
+import time
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (the problem, then where the options are
+    listed) and exit code 2, instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _number(kind, low, high=None, low_open=False):
+    """An argparse type: ``kind`` (int/float) within [low, high] (``low_open``: above low)."""
+    if high is not None:
+        bounds = f"in [{low:g}, {high:g}]"
+    else:
+        bounds = f"{'>' if low_open else '>='} {low:g}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bounds}, got {text!r}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bounds}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0.0, low_open=True)
+NON_NEGATIVE = _number(float, 0.0)
+FRACTION = _number(float, 0.0, 1.0)
+
+
+def add_checkpoint_run_options(parser):
+    """``--device``, ``--threads``, ``--amp`` and ``--amp-dtype`` of the commands that run a saved checkpoint
+    (eval, predict): unset, they follow the run that wrote it."""
+    parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: the checkpoint's run setting)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="autocast (default: as the checkpoint's run validated, else off)")
+    parser.add_argument("--amp-dtype", choices=("bfloat16", "float16"),
+                        help="autocast dtype (default: the checkpoint's run, else bfloat16)")
 
 
 def add_common_arguments(parser):
@@ -9,104 +61,180 @@ def add_common_arguments(parser):
     g = parser.add_argument_group("data and model")
     g.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: built-in digits)")
     g.add_argument("--model", help="variant name (t2t_fast.list_models())")
-    g.add_argument("--img-size", type=int, help="input resolution (square)")
+    g.add_argument("--img-size", type=POSITIVE_INT, help="input resolution (square)")
     g.add_argument("--model-kwargs", nargs="*", default=[], metavar="K=V",
                    help="extra model constructor arguments, e.g. depth=2 backend=torch")
     g.add_argument("--backend", help="kernel backend of the model (auto/triton/cuda/cpp/torch)")
-    g.add_argument("--drop-path", type=float, help="stochastic depth rate")
-    g.add_argument("--drop", type=float, help="dropout rate")
-    g.add_argument("--workers", "-j", type=int, help="data loader processes per rank")
+    g.add_argument("--drop-path", type=FRACTION, help="stochastic depth rate")
+    g.add_argument("--drop", type=FRACTION, help="dropout rate")
+    g.add_argument("--workers", "-j", type=NON_NEGATIVE_INT, help="data loader processes per rank")
     _add_optimisation_arguments(parser.add_argument_group("optimisation"))
     _add_augmentation_arguments(parser.add_argument_group("augmentation and regularisation"))
 
     g = parser.add_argument_group("evaluation transform")
-    g.add_argument("--crop-pct", type=float)
+    g.add_argument("--crop-pct", type=_number(float, 0.0, 1.0, low_open=True))
     g.add_argument("--interpolation")
     g.add_argument("--mean", type=float, nargs=3)
-    g.add_argument("--std", type=float, nargs=3)
+    g.add_argument("--std", type=POSITIVE, nargs=3)
     _add_run_arguments(parser.add_argument_group("run"))
     return parser
 
 
 def _add_optimisation_arguments(g):
-    g.add_argument("--batch-size", "-b", type=int, help="images per step per process")
-    g.add_argument("--epochs", type=int, help="epochs of the schedule (cool-down epochs are added)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: --lr-base scaled to the global batch)")
-    g.add_argument("--lr-base", type=float, help="learning rate per --lr-base-size images of global batch")
-    g.add_argument("--lr-base-size", type=int)
+    g.add_argument("--batch-size", "-b", type=POSITIVE_INT, help="images per step per process")
+    g.add_argument("--epochs", type=POSITIVE_INT, help="epochs of the schedule (cool-down epochs are added)")
+    g.add_argument("--lr", type=POSITIVE, help="peak learning rate (default: --lr-base scaled to the global batch)")
+    g.add_argument("--lr-base", type=POSITIVE, help="learning rate per --lr-base-size images of global batch")
+    g.add_argument("--lr-base-size", type=POSITIVE_INT)
     g.add_argument("--opt", help="timm optimizer name")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--clip-grad", type=float)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE)
+    g.add_argument("--momentum", type=FRACTION)
+    g.add_argument("--clip-grad", type=POSITIVE)
     g.add_argument("--sched", help="timm scheduler name")
     g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=None,
                    help="step the schedule every optimizer update instead of every epoch")
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--warmup-lr", type=float)
-    g.add_argument("--min-lr", type=float)
-    g.add_argument("--cooldown-epochs", type=int)
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE_INT,
+                   help="linear warm-up epochs (a recipe's warm-up longer than --epochs is cut to --epochs)")
+    g.add_argument("--warmup-lr", type=NON_NEGATIVE)
+    g.add_argument("--min-lr", type=NON_NEGATIVE)
+    g.add_argument("--cooldown-epochs", type=NON_NEGATIVE_INT)
 
 
 def _add_augmentation_arguments(g):
     g.add_argument("--aa", help="timm auto-augment policy ('none' disables)")
-    g.add_argument("--scale", type=float, nargs=2, help="RandomResizedCrop scale range")
-    g.add_argument("--ratio", type=float, nargs=2, help="RandomResizedCrop aspect range")
-    g.add_argument("--hflip", type=float)
-    g.add_argument("--color-jitter", type=float)
+    g.add_argument("--scale", type=FRACTION, nargs=2, help="RandomResizedCrop scale range")
+    g.add_argument("--ratio", type=POSITIVE, nargs=2, help="RandomResizedCrop aspect range")
+    g.add_argument("--hflip", type=FRACTION)
+    g.add_argument("--color-jitter", type=NON_NEGATIVE)
     g.add_argument("--train-interpolation")
-    g.add_argument("--reprob", type=float, help="random erasing probability")
+    g.add_argument("--reprob", type=FRACTION, help="random erasing probability")
     g.add_argument("--remode")
-    g.add_argument("--recount", type=int)
-    g.add_argument("--mixup", type=float, help="mixup alpha (0 off)")
-    g.add_argument("--cutmix", type=float, help="cutmix alpha (0 off)")
-    g.add_argument("--mixup-prob", type=float)
-    g.add_argument("--mixup-switch-prob", type=float)
-    g.add_argument("--smoothing", type=float, help="label smoothing")
+    g.add_argument("--recount", type=POSITIVE_INT)
+    g.add_argument("--mixup", type=NON_NEGATIVE, help="mixup alpha (0 off)")
+    g.add_argument("--cutmix", type=NON_NEGATIVE, help="cutmix alpha (0 off)")
+    g.add_argument("--mixup-prob", type=FRACTION)
+    g.add_argument("--mixup-switch-prob", type=FRACTION)
+    g.add_argument("--smoothing", type=FRACTION, help="label smoothing")
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=None,
                    help="keep an EMA of the weights (validated every epoch; chooses best.pth)")
-    g.add_argument("--model-ema-decay", type=float)
+    g.add_argument("--model-ema-decay", type=FRACTION)
     g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=None)
 
 
 def _add_run_arguments(g):
     g.add_argument("--output", default=None, help="run folder (default: ./output/<model>-<data>)")
-    g.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pth")
+    g.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pth (options left out are the "
+                   "run's own; options that change what it computes must stay as they were)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", help="cpu / cuda (default: cuda when available); torchrun sets the index")
-    g.add_argument("--threads", type=int, help="CPU threads per process (torch.set_num_threads)")
+    g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads per process (torch.set_num_threads)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast (default: on for CUDA, off on CPU)")
     g.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
-    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--log-interval", type=POSITIVE_INT, default=50)
 
 
 def recipe_table(columns):
     """Help text: the recipe defaults side by side, ``columns`` = {title: recipe}."""
     keys = list(next(iter(columns.values())))
+    cells = {title: [_cell(recipe[key]) for key in keys] for title, recipe in columns.items()}
+    flags = ["--" + key.replace("_", "-") for key in keys]
+    # every column as wide as its widest cell plus two spaces, so that neighbouring values never touch
+    widths = {title: max(len(title), *map(len, column)) + 2 for title, column in cells.items()}
+    flag_width = max(map(len, flags)) + 2
     lines = ["recipe defaults (an option given on the command line wins):",
-             (f"  {'option':<22}" + "".join(f"{title:<26}" for title in columns)).rstrip()]
-    for key in keys:
-        cells = "".join(f"{str(recipe[key]):<26}" for recipe in columns.values())
-        lines.append(f"  --{key.replace('_', '-'):<20}{cells}".rstrip())
+             (f"  {'option':<{flag_width}}" + "".join(f"{title:<{widths[title]}}" for title in columns)).rstrip()]
+    for row, flag in enumerate(flags):
+        text = "".join(f"{cells[title][row]:<{widths[title]}}" for title in columns)
+        lines.append(f"  {flag:<{flag_width}}{text}".rstrip())
     return "\n".join(lines)
 
 
-def run_command(fn, args, **kwargs):
-    """Run ``fn(args, **kwargs)``: user errors (bad data, bad checkpoint, bad options, a diverged loss) become a
-    message and exit code 2, a run ended by a callback's StopTraining exit code 3."""
-    from t2t_fast.checkpoint import CheckpointMismatchError
+def _cell(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, tuple):
+        return " ".join(_cell(v) for v in value)  # as typed on the command line
+    return str(value)
+
+
+def check_schedule(args, explicit):
+    """Cross-option checks once the recipe is applied; ``explicit``: the option names given on the command line.
+    A recipe's warm-up longer than a shorter ``--epochs`` is shortened to it; an explicit one is an error
+    (``argparse.ArgumentTypeError``)."""
+    if args.warmup_epochs > args.epochs:
+        if "warmup_epochs" in explicit:
+            raise argparse.ArgumentTypeError(
+                f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: give "
+                f"--warmup-epochs at most {args.epochs}")
+        args.warmup_epochs = args.epochs
+    return args
+
+
+def given_options(parser, argv):
+    """Names (dests) of the options present in ``argv``, however spelt (``--epochs=3``, ``--epoch 3``, ``-b 8``)."""
+    unset = object()
+    probe = copy.deepcopy(parser)
+    probe.set_defaults(**{action.dest: unset for action in probe._actions if action.dest != "help"})
+    return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
+
+
+def run_command(fn, args, argv=None, command=None, **kwargs):
+    """Run ``fn(args, **kwargs)`` once the train extra is found usable beside this torch. User errors (bad data,
+    bad checkpoint, bad options, a diverged loss) become one line on stderr and exit code 2, a run ended by a
+    callback's StopTraining exit code 3, Ctrl-C one line saying where the last checkpoint is and how to resume
+    (``command`` and ``argv`` rebuild the command line) and exit code 130."""
+    from t2t_fast.training import requirements_problem
+
+    problem = requirements_problem()
+    if problem:
+        print(f"t2t-fast: error: {problem}", file=sys.stderr)
+        return 2
+    from t2t_fast.checkpoint import CheckpointFileError, CheckpointMismatchError
     from t2t_fast.training.data import DataError
     from t2t_fast.training.loop import StopTraining
     from t2t_fast.training.state import ResumeError
 
+    started = time.time()
     try:
         fn(args, **kwargs)
     except StopTraining as exc:
         print(f"t2t-fast: {exc}", file=sys.stderr)
         return 3
-    except (DataError, ResumeError, FileNotFoundError, CheckpointMismatchError, FloatingPointError) as exc:
+    except (DataError, ResumeError, CheckpointFileError, FileNotFoundError, CheckpointMismatchError,
+            FloatingPointError) as exc:
         print(f"t2t-fast: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout left (`t2t-fast predict ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 0
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(interrupted_message(args, argv, command, started), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_message(args, argv, command, started):
+    """The line Ctrl-C prints: for a training command, the last checkpoint and the command that resumes it.
+    ``started``: when the command started (a ``last.pth`` older than that, and not resumed from, is an earlier
+    run's)."""
+    output = getattr(args, "output", None)
+    if command is None or argv is None or output is None:
+        return "t2t-fast: interrupted"
+    last = os.path.join(output, "last.pth")
+    kept, skip = [], False
+    for item in argv:  # the same command without its --resume, which is added back pointing at last.pth
+        if skip:
+            skip = False
+        elif item == "--resume":
+            skip = True
+        elif not item.startswith("--resume="):
+            kept.append(item)
+    if not os.path.isfile(last) or (not args.resume and os.path.getmtime(last) < started):
+        return (f"t2t-fast: interrupted before the first epoch finished, so there is no checkpoint in {output} "
+                f"yet; start again with: {shlex.join(['t2t-fast', command, *kept])}")
+    return (f"t2t-fast: interrupted; the last checkpoint is {last}; resume with: "
+            f"{shlex.join(['t2t-fast', command, *kept, '--resume', last])}")

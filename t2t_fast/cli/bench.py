@@ -26,6 +26,7 @@ import torch
 
 from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, environment, format_table,
                             is_cuda, is_t2t, log, measure_ceilings, plot, run)
+from t2t_fast.cli._options import CommandParser
 
 
 def _csv(text):
@@ -44,7 +45,7 @@ def _batches(text):
 
 def parser():
     summary, examples = __doc__.split("\n\n")[:2]
-    p = argparse.ArgumentParser(prog="t2t-fast bench", description=summary.replace("``", ""),
+    p = CommandParser(prog="t2t-fast bench", description=summary.replace("``", ""),
                                 epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="model name(s), comma-separated or repeated "
                    "(default: t2t_vit_14 on CPU; t2t_vit_14,t2t_vit_t_14,t2t_vit_24 on CUDA); timm names too")
@@ -154,7 +155,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     plan = _plan(args)
     if isinstance(plan, str):
-        print(f"t2t-fast bench: {plan}", file=sys.stderr)
+        print(f"t2t-fast bench: error: {plan}", file=sys.stderr)
         return 2
     command = "t2t-fast bench " + " ".join(argv if argv is not None else sys.argv[1:])
     env, ceilings, results = _measure(args, plan, command)

@@ -9,7 +9,6 @@ ImageNet mean/std.
 
     t2t-fast eval --model t2t_vit_14 --checkpoint 81.5_T2T_ViT_14.pth.tar --data /data/imagenet
 """
-import argparse
 import contextlib
 import functools
 import json
@@ -20,14 +19,15 @@ import sys
 import torch
 
 from t2t_fast import registry
-from t2t_fast.cli._options import run_command
+from t2t_fast.cli._options import (NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, CommandParser,
+                                   add_checkpoint_run_options, run_command)
 from t2t_fast.training import data as data_lib
 
 _logger = logging.getLogger(__name__)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="t2t-fast eval", description="Top-1 / top-5 of a checkpoint (official files or ours) on an ImageFolder; "
         "checkpoints of t2t-fast runs are evaluated with their run's model and transform.")
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="checkpoint file (official or ours)")
@@ -36,30 +36,28 @@ def build_parser():
                         help="ImageFolder root: DIR/val when it exists, else DIR itself (one folder per class)")
     parser.add_argument("--dataset", choices=("imagefolder", "cifar10", "cifar100"),
                         help="dataset kind of --data (default: the checkpoint's, else imagefolder)")
-    parser.add_argument("--img-size", type=int, help="input resolution (default: the checkpoint's run, else 224)")
-    parser.add_argument("--num-classes", type=int, help="default: the checkpoint's head")
+    parser.add_argument("--img-size", type=POSITIVE_INT,
+                        help="input resolution (default: the checkpoint's run, else 224)")
+    parser.add_argument("--num-classes", type=POSITIVE_INT, help="default: the checkpoint's head")
     parser.add_argument("--model-kwargs", nargs="*", metavar="K=V", help="extra model constructor arguments")
     parser.add_argument("--backend", help="kernel backend (auto/triton/cuda/cpp/torch)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
-    parser.add_argument("--batch-size", "-b", type=int, help="default: the checkpoint's run, else 100")
-    parser.add_argument("--crop-pct", type=float)
+    parser.add_argument("--batch-size", "-b", type=POSITIVE_INT, help="default: the checkpoint's run, else 100")
+    parser.add_argument("--crop-pct", type=POSITIVE)
     parser.add_argument("--interpolation")
     parser.add_argument("--mean", type=float, nargs=3)
-    parser.add_argument("--std", type=float, nargs=3)
-    parser.add_argument("--workers", "-j", type=int, help="data loader processes (default: min(4, CPUs))")
-    parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: the checkpoint's run setting)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
-                        help="autocast (default: as the checkpoint's run validated, else off)")
-    parser.add_argument("--amp-dtype", choices=("bfloat16", "float16"),
-                        help="autocast dtype (default: the checkpoint's run, else bfloat16)")
+    parser.add_argument("--std", type=POSITIVE, nargs=3)
+    parser.add_argument("--workers", "-j", type=NON_NEGATIVE_INT, help="data loader processes (default: min(4, CPUs))")
+    add_checkpoint_run_options(parser)
     parser.add_argument("--results-file", help="also write the metrics as JSON here")
-    parser.add_argument("--log-interval", type=int, default=50)
+    parser.add_argument("--log-interval", type=POSITIVE_INT, default=50)
     return parser
 
 
-def _settings(args, checkpoint):
-    """Fill unset options: the training run's settings when the checkpoint has them, else the official ones."""
+def checkpoint_settings(args, checkpoint):
+    """Fill the unset model options of ``args`` (model, image size, model kwargs, evaluation transform, threads,
+    autocast; those ``args`` has) from the training run a checkpoint records; returns that run's options ({} for
+    files not written by ``t2t-fast train``/``finetune``)."""
     run = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
     if args.model is None:
         recorded = run.get("model") or checkpoint.get("arch")
@@ -69,14 +67,21 @@ def _settings(args, checkpoint):
         args.model = recorded
     if args.model not in registry.VARIANTS:
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
+    for key in ("img_size", "crop_pct", "interpolation", "mean", "std", "model_kwargs", "threads", "amp",
+                "amp_dtype"):
+        if hasattr(args, key) and getattr(args, key) is None and run.get(key) is not None:
+            setattr(args, key, run[key])
+    return run
+
+
+def _settings(args, checkpoint):
+    """Fill unset options: the training run's settings when the checkpoint has them, else the official ones."""
+    run = checkpoint_settings(args, checkpoint)
     cfg = registry.DEFAULT_CFG
-    defaults = dict(img_size=run.get("img_size", cfg["input_size"][-1]), batch_size=run.get("batch_size", 100),
-                    crop_pct=run.get("crop_pct", cfg["crop_pct"]),
-                    interpolation=run.get("interpolation", cfg["interpolation"]),
-                    mean=tuple(run.get("mean", cfg["mean"])), std=tuple(run.get("std", cfg["std"])),
-                    model_kwargs=run.get("model_kwargs", []), dataset=run.get("dataset", "imagefolder"),
-                    workers=min(4, os.cpu_count() or 1), threads=run.get("threads"),
-                    amp=bool(run.get("amp", False)), amp_dtype=run.get("amp_dtype", "bfloat16"))
+    defaults = dict(img_size=cfg["input_size"][-1], batch_size=run.get("batch_size", 100),
+                    crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"],
+                    model_kwargs=[], dataset=run.get("dataset", "imagefolder"),
+                    workers=min(4, os.cpu_count() or 1), amp=False, amp_dtype="bfloat16")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -101,7 +106,8 @@ def eval_dataset(args, transform):
 
 def _read(args):
     """The checkpoint with ``args`` completed from it, and whether its EMA weights are used."""
-    from t2t_fast.checkpoint import extract_state_dict, read_checkpoint
+    from t2t_fast.checkpoint import extract_state_dict
+    from t2t_fast.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(args.checkpoint)
     if not isinstance(checkpoint, dict):

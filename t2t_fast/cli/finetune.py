@@ -16,13 +16,14 @@ summaries and torchrun (``torchrun -m t2t_fast.cli.finetune``) work as for ``t2t
 import argparse
 import sys
 
-from t2t_fast.cli._options import add_common_arguments, recipe_table, run_command
+from t2t_fast.cli._options import (FRACTION, CommandParser, add_common_arguments, check_schedule, given_options,
+                                   recipe_table, run_command)
 from t2t_fast.training import data as data_lib
 from t2t_fast.training.recipes import FINETUNE_RECIPE, apply_recipe
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="t2t-fast finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune a checkpoint on a new dataset with the official transfer recipe (SGD, head lr 0.05, "
                     "backbone 0.01x, cosine over 60 epochs).",
@@ -31,14 +32,15 @@ def build_parser():
     g.add_argument("--checkpoint", metavar="FILE", help="weights to start from (official file or ours)")
     g.add_argument("--pretrained", action="store_true", help="start from the official ImageNet weights (download)")
     g.add_argument("--dataset", choices=("imagefolder", "cifar10", "cifar100"), default="imagefolder")
-    g.add_argument("--transfer-ratio", type=float, default=0.01,
+    g.add_argument("--transfer-ratio", type=FRACTION, default=0.01,
                    help="lr multiplier of the backbone and T2T module (the head gets the full lr)")
     add_common_arguments(parser)
     return parser
 
 
-def resolve(args):
-    """Check the transfer options; fill the model from the checkpoint's run and the rest from the recipe."""
+def resolve(args, explicit=()):
+    """Check the transfer options; fill the model from the checkpoint's run and the rest from the recipe.
+    ``explicit``: the option names given on the command line."""
     if args.data is None:
         raise data_lib.DataError("--data DIR is required (an ImageFolder root with train/ and val/, or the CIFAR "
                                  "folder with --dataset cifar10/cifar100)")
@@ -53,21 +55,27 @@ def resolve(args):
     recipe = dict(FINETUNE_RECIPE)
     if args.dataset in data_lib.CIFAR_MEAN:
         recipe.update(mean=data_lib.CIFAR_MEAN[args.dataset], std=data_lib.CIFAR_STD[args.dataset])
-    return apply_recipe(args, recipe)
+    return check_schedule(apply_recipe(args, recipe), explicit)
 
 
-def finetune(args, callbacks=()):
+def finetune(args, callbacks=(), explicit=None):
     """Fine-tune with the parsed ``args``; returns the last epoch's metrics (primary rank)."""
     from t2t_fast.training.recipes import FINETUNE
     from t2t_fast.training.run import train
 
-    return train(resolve(args), builders=FINETUNE, callbacks=callbacks)
+    try:
+        resolve(args, explicit or ())
+    except argparse.ArgumentTypeError as exc:
+        build_parser().error(str(exc))
+    return train(args, builders=FINETUNE, callbacks=callbacks, explicit=explicit)
 
 
 def main(argv=None, callbacks=()):
     """Entry point of ``t2t-fast finetune``; returns the process exit code."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    return run_command(finetune, args, callbacks=callbacks)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    return run_command(finetune, parser.parse_args(argv), argv=argv, command="finetune", callbacks=callbacks,
+                       explicit=given_options(parser, argv))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,25 @@ def collect():
     info["native CUDA kernels"] = "compiled" if native_cuda_compiled() else "not compiled"
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
     info[backend.ENV_VAR] = os.environ.get(backend.ENV_VAR, "") or "(unset: auto)"
+    from t2t_fast.training import requirements_problem
+
+    info["torchvision"] = _version("torchvision")
+    info["train extra (timm, torchvision, ...)"] = requirements_problem() or "usable"
     for device_type in ("cpu", "cuda"):
         for name, reason in backend.available_backends(device_type).items():
+            if reason is None and device_type == "cuda" and not torch.cuda.is_available():
+                reason = "no CUDA device is available"  # plain torch ops would run, but there is nothing to run on
             info[f"backend {name} on {device_type}"] = "available" if reason is None else f"unavailable: {reason}"
     return info
+
+
+def _version(module):
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # a torchvision built for another torch fails at import: say why
+        return f"not usable ({type(exc).__name__}: {exc})".splitlines()[0]
 
 
 def main(argv=None):

@@ -14,12 +14,13 @@ Outputs in ``--output``: ``last.pth`` (everything needed to resume, written atom
 import argparse
 import sys
 
-from t2t_fast.cli._options import add_common_arguments, recipe_table, run_command
+from t2t_fast.cli._options import (CommandParser, add_common_arguments, check_schedule, given_options, recipe_table,
+                                   run_command)
 from t2t_fast.training.recipes import DIGITS_RECIPE, OFFICIAL_RECIPE, apply_recipe
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="t2t-fast train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a T2T-ViT from scratch: the official recipe on an ImageFolder (--data), or without "
                     "--data the built-in demo (t2t_vit_7, 32 px, scikit-learn's digits; a few minutes on a CPU).",
@@ -29,8 +30,14 @@ def build_parser():
 
 def parse_args(argv=None):
     """The options of ``argv`` with the recipe's defaults filled in."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    return apply_recipe(args, DIGITS_RECIPE if args.data is None else OFFICIAL_RECIPE)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args = apply_recipe(args, DIGITS_RECIPE if args.data is None else OFFICIAL_RECIPE)
+    try:
+        return check_schedule(args, given_options(parser, argv))
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
 
 
 def main(argv=None, callbacks=()):
@@ -38,7 +45,9 @@ def main(argv=None, callbacks=()):
     :func:`t2t_fast.training.run.train`."""
     from t2t_fast.training.run import train
 
-    return run_command(train, parse_args(argv), callbacks=callbacks)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(train, parse_args(argv), argv=argv, command="train", callbacks=callbacks,
+                       explicit=given_options(build_parser(), argv))
 
 
 if __name__ == "__main__":

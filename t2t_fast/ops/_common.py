@@ -2,6 +2,7 @@
 helpers (``cdiv``, ``device_guard``) and the one error for a backend that cannot take an input."""
 import contextlib
 import numbers
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,7 +33,7 @@ def poison_outputs(enabled=True):
         _poison_outputs = previous
 
 
-def compute_dtype(dtype):
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops do their statistics and feature maths in: float64 stays float64, every other float
     dtype computes in float32."""
     return torch.promote_types(dtype, torch.float32)
@@ -87,7 +88,7 @@ def split_geometry(x, grid_h, grid_w):
     return tuple(x.shape), tuple(x.stride())
 
 
-def as_image(x, grid_size):
+def as_image(x: torch.Tensor, grid_size: Optional[Tuple[int, int]]) -> torch.Tensor:
     """The NCHW view of a soft-split input: tokens (B, H*W, C) are transposed and reshaped, images returned as-is."""
     if grid_size is None:
         return x

@@ -83,7 +83,7 @@ import math
 
 import torch
 
-from t2t_fast.backend import requested_backend, select_backend, unavailable_reason
+from t2t_fast.backend import autocast_enabled, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, compute_dtype
 
 _OP = "favor_attention"
@@ -93,7 +93,16 @@ HALF_NORM_CAP = 2.0 ** 100  # |q|^2/2 enters eps_t capped here: finite, and past
 ROW_SCALE = 2.0 ** -64  # exact scale of the queries whose |q|^2/2 overflows
 
 
-def favor_attention_ref(k, q, v, w, eps=1e-8):
+def _positive_features(u: torch.Tensor, w: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """phi(u) of :func:`favor_attention_ref`: |u|^2/2 in u's dtype, the projection in ``compute``."""
+    m = w.shape[0]
+    half_sq_norm = (u * u).sum(dim=-1, keepdim=True).repeat(1, 1, m) / 2
+    projected = torch.einsum("bti,mi->btm", u.to(compute), w.to(compute))
+    return torch.exp(projected - half_sq_norm) / math.sqrt(m)
+
+
+def favor_attention_ref(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                        eps: float = 1e-8) -> torch.Tensor:
     """The official FAVOR+ computation (upstream ``Token_performer.single_attn``), unstabilised.
 
     Args:
@@ -106,15 +115,9 @@ def favor_attention_ref(k, q, v, w, eps=1e-8):
         stays float64 so this can serve as the float64 oracle), |u|^2/2 is taken in the input dtype, the
         rest runs in float32. Overflows/underflows like the original (see the module docstring).
     """
-    m, e = w.shape
+    e = w.shape[1]
     compute = compute_dtype(k.dtype)
-
-    def features(u):
-        half_sq_norm = (u * u).sum(dim=-1, keepdim=True).repeat(1, 1, m) / 2
-        projected = torch.einsum("bti,mi->btm", u.to(compute), w.to(compute))
-        return torch.exp(projected - half_sq_norm) / math.sqrt(m)
-
-    kp, qp = features(k), features(q)                                            # (B, T, m)
+    kp, qp = _positive_features(k, w, compute), _positive_features(q, w, compute)  # (B, T, m)
     d = torch.einsum("btm,bm->bt", qp, kp.sum(dim=1)).unsqueeze(2)               # (B, T, 1)
     kptv = torch.einsum("bin,bim->bnm", v.to(compute), kp)                       # (B, e, m)
     y = torch.einsum("bti,bni->btn", qp, kptv) / (d.repeat(1, 1, e) + eps)
@@ -274,7 +277,7 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
                 backend_cannot_take(_OP, "triton", reason)
             chosen = "torch"
     if chosen == "torch":
-        if torch.is_autocast_enabled(k.device.type):
+        if autocast_enabled(k.device.type):
             # Autocast would run the feature matmuls in fp16/bf16: the maths must stay in fp32.
             with torch.autocast(k.device.type, enabled=False):
                 return _favor_attention_torch(k, q, v, w, float(eps))

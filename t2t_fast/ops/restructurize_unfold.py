@@ -18,6 +18,8 @@ plane of an image, adding its windows in that order), so both give the same bits
 ``libgomp.so.1``, so no second thread team competes with torch's). The ``torch`` path is the reference
 itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
+from typing import Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +48,8 @@ def _pair(name, value, least):
     return tuple(int(v) for v in pair)
 
 
-def restructurize_unfold_ref(tokens, grid_size, kernel_size, stride, padding):
+def restructurize_unfold_ref(tokens: torch.Tensor, grid_size: Tuple[int, int], kernel_size: int, stride: int,
+                             padding: int) -> torch.Tensor:
     """Reference: ``transpose`` + ``reshape`` to NCHW, ``F.unfold``, ``transpose(1, 2)``, ``contiguous``.
 
     Args and return value as :func:`restructurize_unfold`.

@@ -13,6 +13,8 @@ x and the per-row mean and rstd whichever implementation runs:
 
 The ``torch`` path is the reference itself (plain torch ops, traceable by ONNX export and ``torch.export``).
 """
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -26,8 +28,9 @@ _OP = "soft_split_layernorm"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=1e-5, grid_size=None,
-                             out_dtype=None):
+def soft_split_layernorm_ref(x: torch.Tensor, kernel_size: int, stride: int, padding: int, weight: torch.Tensor,
+                             bias: torch.Tensor, eps: float = 1e-5, grid_size: Optional[Tuple[int, int]] = None,
+                             out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Reference: (tokens -> NCHW) -> ``F.unfold`` -> ``transpose(1, 2)`` -> ``F.layer_norm``.
 
     Args:
@@ -46,9 +49,9 @@ def soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps=
         rows with float32 parameters.
     """
     unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
-    shape = (unfolded.shape[-1],)
+    shape = [unfolded.shape[-1]]
     result = unfolded.dtype if out_dtype is None else out_dtype
-    if unfolded.dtype == weight.dtype == bias.dtype == result:
+    if unfolded.dtype == weight.dtype and weight.dtype == bias.dtype and bias.dtype == result:
         return F.layer_norm(unfolded, shape, weight, bias, eps)
     stats = compute_dtype(unfolded.dtype)
     return F.layer_norm(unfolded.to(stats), shape, weight.to(stats), bias.to(stats), eps).to(result)

@@ -11,9 +11,12 @@ input-width attention scale of the transformer T2T layers.
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 
-from t2t_fast.geometry import SOFT_SPLITS, token_grids
+from t2t_fast.geometry import SOFT_SPLITS, image_token_grids
+
+torch.fx.wrap("image_token_grids")  # a leaf for torch.fx: the grids are computed from the input's shape
 
 
 def _at_least_fp32(t):
@@ -24,9 +27,9 @@ def _at_least_fp32(t):
 
 def performer_projection(m, emb):
     """The frozen random matrix w (m, emb) of a performer layer: orthogonal rows scaled to norm sqrt(m)
-    (draws from the global RNG)."""
-    w = torch.randn(m, emb)
-    return torch.nn.init.orthogonal_(w) * math.sqrt(m)
+    (draws from the global CPU RNG whatever the default device, then moves there)."""
+    w = torch.randn(m, emb, device="cpu")
+    return (torch.nn.init.orthogonal_(w) * math.sqrt(m)).to(torch.get_default_device())
 
 
 class DropPath(nn.Module):
@@ -40,7 +43,7 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self):
@@ -67,7 +70,7 @@ class TokenPerformer(nn.Module):
         self.emb = in_dim
         self.m = int(in_dim * kernel_ratio)
         self.eps = eps
-        self.w = nn.Parameter(performer_projection(self.m, self.emb), requires_grad=False)
+        self.register_buffer("w", performer_projection(self.m, self.emb))  # frozen: a buffer, not a parameter
         self.kqv = nn.Linear(dim, 3 * self.emb)
         self.dp = nn.Dropout(dropout)
         self.proj = nn.Linear(self.emb, self.emb)
@@ -142,6 +145,7 @@ class T2TModule(nn.Module):
 
     def __init__(self, in_chans, embed_dim, tokens_type, token_dim):
         super().__init__()
+        self.splits = SOFT_SPLITS  # an attribute, so that TorchScript can read it
         (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
         self.soft_split0 = nn.Unfold(kernel_size=k0, stride=s0, padding=p0)
         self.soft_split1 = nn.Unfold(kernel_size=k1, stride=s1, padding=p1)
@@ -152,11 +156,11 @@ class T2TModule(nn.Module):
         self.project = nn.Linear(token_dim * k2 * k2, embed_dim)
 
     def forward(self, x):
-        grids = token_grids(tuple(x.shape[-2:]))
+        grids = image_token_grids(x, self.splits)
         x = self.attention1(self.soft_split0(x).transpose(1, 2))
-        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grids[0])   # re-structurize
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grids[0][0], grids[0][1])   # re-structurize
         x = self.attention2(self.soft_split1(x).transpose(1, 2))
-        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grids[1])
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], grids[1][0], grids[1][1])
         return self.project(self.soft_split2(x).transpose(1, 2))
 
 
@@ -197,6 +201,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = mlp_layer(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x):
+    def update(self, x):
+        """The attention and MLP residual steps (the dense block appends a projection of their result)."""
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x):
+        return self.update(x)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from t2t_fast.reference.layers import Attention, Block
-from t2t_fast.reference.model import T2TViT
+from t2t_fast.reference.model import T2TViT, drop_path_rates
 
 SE_REDUCTION = 16          # squeeze-excite bottleneck: width // 16
 DENSE_RATE_TABLE_LEN = 12  # upstream spreads dense drop-path rates over its (otherwise unused) default depth 12
@@ -62,7 +62,7 @@ class DenseBlock(Block):
         self.dense_linear = nn.Linear(dim, growth_rate)
 
     def forward(self, x):
-        return torch.cat([x, self.dense_linear(super().forward(x))], dim=-1)
+        return torch.cat([x, self.dense_linear(self.update(x))], dim=-1)
 
 
 class Transition(nn.Module):
@@ -120,7 +120,7 @@ class T2TViTDense(T2TViT):
     def make_blocks(self, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
                     drop_path_rate):
         plan, width = dense_layout(embed_dim, depth, self.growth_rate, num_heads)
-        rates = torch.linspace(0, drop_path_rate, DENSE_RATE_TABLE_LEN).tolist()
+        rates = drop_path_rates(drop_path_rate, DENSE_RATE_TABLE_LEN)
         blocks = nn.ModuleList()
         for kind, stage, in_width, out_width in plan:
             if kind == "block":
@@ -129,6 +129,10 @@ class T2TViTDense(T2TViT):
             else:
                 blocks.append(Transition(in_width, out_width))
         return blocks, width
+
+    def block_output_widths(self):
+        return [block.linear.out_features if isinstance(block, Transition)
+                else block.dense_linear.in_features + block.dense_linear.out_features for block in self.blocks]
 
 
 # -------------------------------------------------------------------------------------------- ghost

@@ -84,7 +84,10 @@ def create_model(args, num_classes, **kwargs):
     kwargs = dict(num_classes=num_classes, img_size=args.img_size, **kwargs, **parse_model_kwargs(args.model_kwargs))
     if args.backend is not None:
         kwargs["backend"] = args.backend
-    return t2t_fast.create_model(args.model, **kwargs)
+    try:
+        return t2t_fast.create_model(args.model, **kwargs)
+    except (TypeError, ValueError) as exc:  # a --model-kwargs name or value the constructor refuses
+        raise data_lib.DataError(f"--model-kwargs / --backend: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------- from scratch
@@ -180,7 +183,9 @@ def finetune_model(args, num_classes):
     model = build_model(args, num_classes)
     if not args.resume:  # a resumed run gets every weight from its own checkpoint
         if args.checkpoint:
-            load_checkpoint(model, args.checkpoint)
+            from t2t_fast.checkpoint import read_checkpoint
+
+            load_checkpoint(model, read_checkpoint(args.checkpoint))
         else:
             load_pretrained(model, args.model)
         model.reset_classifier(num_classes)

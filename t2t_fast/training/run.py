@@ -1,10 +1,10 @@
 """One training run, from resolved options to the last epoch: :func:`train`.
 
-Setup, in order: the run folder and logging (:func:`_prepare`), the data and the learning rate
-(:func:`_data`), the model, optimizer, autocast and EMA (:func:`_build`), the loaders and the schedule
-(:func:`_schedule`), an optional resume, then compile / DDP wrapping, mixup and the loss (:func:`_wrap`).
-Then every epoch (:func:`_run_epoch`): train, step the schedule, validate the model and its EMA, write the
-checkpoint and the summary row.
+Setup, in order: checks, logging and seeds (:func:`_prepare`), the data and the learning rate (:func:`_data`),
+the model, optimizer, autocast and EMA (:func:`_build`), the run folder and its log (:func:`_open_output`), the
+loaders and the schedule (:func:`_schedule`), an optional resume, then compile / DDP wrapping, mixup and the loss
+(:func:`_wrap`). Then every epoch (:func:`_run_epoch`): train, step the schedule, validate the model and its EMA,
+write the checkpoint and the summary row.
 """
 import contextlib
 import dataclasses
@@ -35,6 +35,7 @@ class Run:
     dist: Distributed
     output: str
     num_classes: int = 0
+    classes: Any = ()
     model: Any = None
     network: Any = None
     optimizer: Any = None
@@ -53,15 +54,27 @@ class Run:
     best: Any = None
 
 
-def train(args, builders=recipes.FROM_SCRATCH, callbacks=()):
+def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
     """Train with the resolved ``args`` (see ``t2t-fast train --help``), building the pieces with ``builders``
     (:class:`~t2t_fast.training.recipes.Builders`). ``callbacks``: see :mod:`t2t_fast.training.loop`.
-    Returns the last epoch's metrics on the primary rank, else None."""
+    Returns the last epoch's metrics on the primary rank, else None (also when ``--resume`` names a finished
+    run: there is nothing left to do). ``explicit``: the options given on the command line; with ``--resume``, the
+    others are the resumed run's (see :func:`t2t_fast.training.state.read_resume_checkpoint`)."""
+    checkpoint = None
+    if args.resume:  # checked before anything is written
+        if args.output is None:
+            args.output = os.path.dirname(args.resume) or "."
+        checkpoint = state.read_resume_checkpoint(args.resume, args, explicit)
+        if state.finished(checkpoint):
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"t2t-fast: {args.resume} is the end of a finished run (all {checkpoint['epoch'] + 1} "
+                      f"epochs): nothing left to do; its checkpoints and summary are in {args.output}")
+            return None
     threads = torch.get_num_threads()
     dist = Distributed(args.device)
     try:
         started = time.perf_counter()
-        run = _setup(args, dist, builders)
+        run = _setup(args, dist, builders, checkpoint)
         metrics = None
         for epoch in range(run.epoch, run.num_epochs):
             run.epoch = epoch
@@ -74,13 +87,14 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=()):
         torch.set_num_threads(threads)  # train() is also called in-process (tests, notebooks)
 
 
-def _setup(args, dist, builders):
+def _setup(args, dist, builders, checkpoint):
     run = Run(args=args, dist=dist, output=_prepare(args, dist))
     train_set, val_set = _data(run, builders)
     _build(run, builders)
+    _open_output(run)
     _schedule(run, train_set, val_set)
-    if args.resume:
-        state.resume(run)
+    if checkpoint is not None:
+        state.resume(run, checkpoint)
     # Put the lr of this point of the schedule (and each group's lr_scale) in place before the first step.
     if args.sched_on_updates:
         run.scheduler.step_update(run.num_updates)
@@ -92,7 +106,7 @@ def _setup(args, dist, builders):
 
 
 def _prepare(args, dist):
-    """Check the model name, set threads, create the run folder and logging; returns the folder."""
+    """Check the model name, set threads, logging and seeds; returns the run folder (not created yet)."""
     if args.model not in registry.VARIANTS:
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
     if args.threads:
@@ -101,23 +115,31 @@ def _prepare(args, dist):
         data = "digits" if args.data is None else os.path.basename(os.path.normpath(args.data))
         args.output = os.path.join("output", f"{args.model}-{data}")
     output = args.output
-    if dist.primary:
-        os.makedirs(output, exist_ok=True)
-        if not args.resume and os.path.exists(os.path.join(output, "last.pth")):
-            print(f"t2t-fast: note: {output} holds an earlier run; it is overwritten epoch by epoch "
-                  f"(use --resume {os.path.join(output, 'last.pth')} to continue it instead)", file=sys.stderr)
-    setup_logging(dist.primary, os.path.join(output, "log.txt") if dist.primary else None)
+    setup_logging(dist.primary)  # the run folder and its log.txt come once the model is built (_open_output)
     if args.amp is None:
         args.amp = dist.device.type == "cuda"
     state.seed_everything(args.seed)  # the same initial weights (and EMA copy) on every rank
     return output
 
 
+def _open_output(run):
+    """Create the run folder and its log.txt: only once the data, options and model have been found usable, so a
+    run refused for bad input leaves nothing behind."""
+    output = run.output
+    if run.dist.primary:
+        os.makedirs(output, exist_ok=True)
+        if not run.args.resume and os.path.exists(os.path.join(output, "last.pth")):
+            print(f"t2t-fast: note: {output} holds an earlier run; it is overwritten epoch by epoch "
+                  f"(use --resume {os.path.join(output, 'last.pth')} to continue it instead)", file=sys.stderr)
+    setup_logging(run.dist.primary, os.path.join(output, "log.txt") if run.dist.primary else None)
+
+
 def _data(run, builders):
     """(train, val) datasets; sets the number of classes and the learning rate for the global batch."""
     args, dist = run.args, run.dist
     train_set, val_set = builders.datasets(args, builders.transforms(args))
-    run.num_classes = len(train_set.classes)
+    run.classes = list(train_set.classes)
+    run.num_classes = len(run.classes)
     if args.lr is None:
         args.lr = args.lr_base * (args.batch_size * dist.world_size) / args.lr_base_size
     per_rank = len(train_set) // dist.world_size

@@ -11,6 +11,8 @@ import tempfile
 import numpy as np
 import torch
 
+from t2t_fast.checkpoint import read_checkpoint
+
 _logger = logging.getLogger(__name__)
 
 
@@ -117,7 +119,8 @@ def _checkpoint_args(args):
 def save_epoch(run, rng, row, is_best):
     """Write ``last.pth`` (everything needed to resume) and, for a new best, copy it to ``best.pth``."""
     checkpoint = {
-        "arch": run.args.model, "epoch": run.epoch, "step": run.num_updates, "state_dict": run.model.state_dict(),
+        "arch": run.args.model, "classes": list(run.classes), "epoch": run.epoch, "step": run.num_updates,
+        "state_dict": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler is not None else None, "rng": rng, "best": run.best,
         "metrics": row, "num_classes": run.model.num_classes, "args": _checkpoint_args(run.args),
@@ -132,27 +135,61 @@ def save_epoch(run, rng, row, is_best):
         os.replace(tmp, os.path.join(run.output, "best.pth"))
 
 
-def read_resume_checkpoint(path, args):
-    """The ``last.pth`` of an earlier run with the same model and image size (ResumeError otherwise)."""
-    from t2t_fast.checkpoint import read_checkpoint
+# Options a resumed run may change: where it runs and reads, and how fast; not what it computes. Every other option
+# must be as the checkpoint's run had it (given again or left out).
+RESUME_MAY_CHANGE = ("data", "output", "resume", "workers", "threads", "device", "backend", "compile",
+                     "grad_checkpointing", "log_interval")
 
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def read_resume_checkpoint(path, args, explicit=None):
+    """The ``last.pth`` of an earlier run with the same options (ResumeError otherwise, listing every option that
+    differs). ``explicit``: the options given on the command line (None: every option set in ``args``); only these
+    are compared, the others are taken from the checkpoint's run. Options of :data:`RESUME_MAY_CHANGE` may differ,
+    and are logged when they do."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "epoch" not in checkpoint:
         raise ResumeError(f"{path} is not a training checkpoint written by t2t-fast (it has no optimizer/epoch "
                           f"state); to start from its weights use `t2t-fast finetune --checkpoint {path}`")
     saved = checkpoint.get("args", {})
-    for key in ("model", "img_size"):
-        if saved.get(key) != getattr(args, key):
-            raise ResumeError(f"{path} was written by a run with --{key.replace('_', '-')} {saved.get(key)}, "
-                              f"but this run has {getattr(args, key)}; resume with the same options")
+    now = _checkpoint_args(args)
+    if explicit is None:  # None: left out (or resolved later, as --lr is from --lr-base): the saved value holds
+        explicit = [k for k, v in now.items() if v is not None]
+    changed = {k: (saved[k], v) for k, v in now.items() if k in explicit and k in saved and saved[k] != v}
+    refused = [f"{_flag(k)} {_shown(old)} -> {_shown(new)}" for k, (old, new) in changed.items()
+               if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ResumeError(f"{path} was written by a run with other options ({', '.join(refused)}); resume with the "
+                          f"same options (only {', '.join(map(_flag, RESUME_MAY_CHANGE[3:]))} and --data may "
+                          f"change), or start a new run in another --output")
+    for key, (old, new) in changed.items():
+        if key not in ("resume", "output"):
+            _logger.info("resuming with %s %s (the run had %s)", _flag(key), _shown(new), _shown(old))
+    for key, value in saved.items():  # the options left out are the run's own, not the recipe's defaults
+        if key not in explicit and key not in ("resume", "output"):
+            setattr(args, key, tuple(value) if isinstance(value, list) and key != "model_kwargs" else value)
     return checkpoint
 
 
-def resume(run):
-    """Load ``run.args.resume`` into the run: weights, EMA, optimizer, schedule, loss scaler, position, RNGs."""
+def finished(checkpoint):
+    """Whether the run of a ``last.pth`` trained every epoch of its schedule (cool-down included)."""
+    saved = checkpoint.get("args", {})
+    total = saved.get("epochs", 0) + (saved.get("cooldown_epochs") or 0)
+    return checkpoint["epoch"] + 1 >= total
+
+
+def resume(run, checkpoint):
+    """Load ``checkpoint`` (from :func:`read_resume_checkpoint`) into the run: weights, EMA, optimizer, schedule,
+    loss scaler, position, RNGs."""
     from t2t_fast.checkpoint import load_checkpoint
 
-    checkpoint = read_resume_checkpoint(run.args.resume, run.args)
     load_checkpoint(run.model, checkpoint, use_ema=False)
     if run.ema is not None and "state_dict_ema" in checkpoint:
         run.ema.module.load_state_dict(checkpoint["state_dict_ema"])

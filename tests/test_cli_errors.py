@@ -1,0 +1,187 @@
+"""Every bad input a user gives the t2t-fast commands is one line on stderr naming the problem and the fix, exit
+code 2, no traceback, nothing written and no checkpoint changed; Ctrl-C during `t2t-fast train` (a real SIGINT)
+says where the last checkpoint is and the exact command that resumes it; resuming a finished run does nothing."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+import t2t_fast  # noqa: E402
+from t2t_fast import cli  # noqa: E402
+
+# a ~20k-parameter T2T-ViT-7 on the built-in digits: the real code paths, little compute
+TINY = ["--model", "t2t_vit_7", "--img-size", "32", "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
+        "token_dim=8", "--workers", "0", "--threads", "1", "--device", "cpu", "--batch-size", "256"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A finished one-epoch digits run, and files that are not checkpoints."""
+    root = tmp_path_factory.mktemp("files")
+    run = root / "run"
+    assert cli.main(["train", "--output", str(run), "--epochs", "1", "--no-model-ema", *TINY]) == 0
+    last = (run / "last.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(last[: len(last) // 2])
+    (root / "empty.pth").write_bytes(b"")
+    (root / "notes.txt").write_text("these are not weights\n")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "red.png")
+    return root
+
+
+def _cases():
+    run = "{root}/run"
+    train = [
+        ("epochs -1", ["train", "--epochs", "-1"], "--epochs: expected an integer >= 1, got -1"),
+        ("epochs 0", ["train", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        ("lr -1", ["train", "--lr", "-1"], "--lr: expected a number > 0, got -1"),
+        ("warmup > epochs", ["train", "--epochs", "2", "--warmup-epochs", "3"],
+         "--warmup-epochs 3 is longer than --epochs 2: give --warmup-epochs at most 2"),
+        ("batch 0", ["train", "--batch-size", "0"], "--batch-size/-b: expected an integer >= 1, got 0"),
+        ("workers -1", ["train", "--workers", "-1"], "--workers/-j: expected an integer >= 0, got -1"),
+        ("epochs text", ["train", "--epochs", "ten"], "--epochs: expected an integer >= 1, got 'ten'"),
+        ("unknown model", ["train", "--model", "t2t_vit_77"], "Did you mean t2t_vit_7"),
+        ("unknown model kwarg", ["train", *TINY, "--model-kwargs", "dept=1"], "Did you mean depth?"),
+        ("resume csv", ["train", "--resume", run + "/summary.csv"], "is not a readable PyTorch checkpoint"),
+        ("resume folder", ["train", "--resume", run], "is a folder, not a checkpoint file"),
+        ("resume other batch", ["train", *TINY, "--epochs", "1", "--no-model-ema", "--resume", run + "/last.pth",
+                                "--batch-size", "32"], "(--batch-size 256 -> 32); resume with the same options"),
+        ("finetune epochs 0", ["finetune", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+    ]
+    evaluate = [(f"eval {name}", ["eval", "--checkpoint", path], expected) for name, path, expected in [
+        ("truncated", "{root}/truncated.pth", "truncated.pth"),
+        ("empty", "{root}/empty.pth", "empty.pth (0 bytes) is not a readable PyTorch checkpoint"),
+        ("text", "{root}/notes.txt", "notes.txt"),
+        ("csv", run + "/summary.csv", "summary.csv"),
+        ("folder", run, "is a folder, not a checkpoint file: give the .pth file inside it (it holds best.pth"),
+        ("missing", "{root}/nope.pth", "checkpoint file not found"),
+    ]]
+    evaluate.append(("eval batch 0", ["eval", "--checkpoint", run + "/last.pth", "--batch-size", "0"],
+                     "--batch-size/-b: expected an integer >= 1"))
+    predict = [
+        ("predict missing image", ["predict", "{root}/nope.png", "--checkpoint", run + "/last.pth"],
+         "nope.png: no such file or folder"),
+        ("predict topk 0", ["predict", "x.png", "--checkpoint", run + "/last.pth", "--topk", "0"],
+         "--topk: expected an integer >= 1"),
+        ("predict csv checkpoint", ["predict", "{root}/red.png", "--checkpoint", run + "/summary.csv"],
+         "is not a readable PyTorch checkpoint"),
+    ]
+    return train + evaluate + predict
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("argv, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_and_exit_code_2(argv, expected, files, tmp_path, capsys):
+    last = files / "run" / "last.pth"
+    before = (last.read_bytes(), os.path.getmtime(last))
+    argv = [item.format(root=files) for item in argv]
+    out = tmp_path / "out"
+    if argv[0] in ("train", "finetune") and "--output" not in argv and "--resume" not in argv:
+        argv += ["--output", str(out)]
+    capsys.readouterr()
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err and "Traceback" not in err, err
+    assert not out.exists()
+    assert (last.read_bytes(), os.path.getmtime(last)) == before
+    assert sorted(os.listdir(files / "run")) == ["best.pth", "last.pth", "log.txt", "summary.csv", "summary.json"]
+
+
+def test_unknown_model_kwarg_names_the_closest_valid_ones():
+    with pytest.raises(TypeError) as info:
+        t2t_fast.create_model("t2t_vit_7", num_class=10)
+    message = str(info.value)
+    assert "unknown keyword argument 'num_class'. Did you mean num_classes" in message
+    assert "Valid: " in message and "drop_path_rate" in message and "img_size" in message
+
+
+def _t2t_fast_command():
+    script = os.path.join(os.path.dirname(sys.executable), "t2t-fast")
+    if not os.path.exists(script):
+        pytest.skip("the t2t-fast script is not installed beside this Python")
+    return script
+
+
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(tmp_path):
+    script = _t2t_fast_command()
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--epochs", "8", *TINY]
+    proc = subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a guard against a hung run, not a timing assertion
+    while not (out / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    last = out / "last.pth"
+    epoch = torch.load(last, weights_only=False)["epoch"]
+    assert epoch < 7
+    assert f"the last checkpoint is {last}; resume with: " in stderr
+    command = shlex.split(stderr.split("resume with: ")[1])
+    assert command == ["t2t-fast", *argv, "--resume", str(last)]
+
+    # the printed command finishes the run; resuming the finished run then has nothing left to do
+    done = subprocess.run([script, *command[1:]], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"resumed {last} at epoch {epoch + 1}" in done.stdout
+    final = torch.load(last, weights_only=False)
+    assert final["epoch"] == 7
+    before = (last.read_bytes(), os.path.getmtime(last))
+    again = subprocess.run([script, "train", "--resume", str(last)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "is the end of a finished run (all 8 epochs): nothing left to do" in again.stdout
+    assert (last.read_bytes(), os.path.getmtime(last)) == before
+
+
+def test_ctrl_c_before_the_first_checkpoint(tmp_path):
+    """Interrupted before its first epoch ended, a run has no checkpoint to resume, even when its folder holds an
+    earlier run's last.pth: the line says to start again, with the same command."""
+    from types import SimpleNamespace
+
+    from t2t_fast.cli._options import interrupted_message
+
+    (tmp_path / "last.pth").write_bytes(b"an earlier run's")
+    started = os.path.getmtime(tmp_path / "last.pth") + 1
+    args = SimpleNamespace(output=str(tmp_path), resume=None)
+    line = interrupted_message(args, ["--epochs", "3", "--output", str(tmp_path)], "train", started)
+    assert line == (f"t2t-fast: interrupted before the first epoch finished, so there is no checkpoint in {tmp_path} "
+                    f"yet; start again with: t2t-fast train --epochs 3 --output {tmp_path}")
+    resumed = SimpleNamespace(output=str(tmp_path), resume=str(tmp_path / "last.pth"))
+    line = interrupted_message(resumed, ["--resume", str(tmp_path / "last.pth")], "train", started)
+    assert line.endswith(f"resume with: t2t-fast train --resume {tmp_path / 'last.pth'}")
+
+
+def test_resume_may_change_how_it_runs_and_says_so(files, caplog):
+    """Options that change what a run computes are refused (the table above); those that change only how it runs
+    are taken and logged; options left out are the run's, not the recipe's."""
+    from t2t_fast.cli import train as train_cli
+    from t2t_fast.training import state
+
+    argv = ["--resume", str(files / "run" / "last.pth"), "--workers", "1", "--log-interval", "7"]
+    args = train_cli.parse_args(argv)
+    with caplog.at_level("INFO", logger=state.__name__):
+        checkpoint = state.read_resume_checkpoint(args.resume, args,
+                                                  train_cli.given_options(train_cli.build_parser(), argv))
+    assert caplog.messages == ["resuming with --workers 1 (the run had 0)",
+                               "resuming with --log-interval 7 (the run had 50)"]
+    assert (args.workers, args.log_interval) == (1, 7)
+    assert args.model_kwargs == ["depth=1", "embed_dim=32", "num_heads=2", "token_dim=8"]
+    assert (args.batch_size, args.epochs, args.model_ema) == (256, 1, False)
+    assert state.finished(checkpoint)

@@ -1,0 +1,58 @@
+"""The fast model under torch.fx symbolic tracing (and torchvision's feature extractor built on it) and under
+torch.jit.script: the traced graph keeps the fused steps as leaves; the scripted model runs the ops'
+references. Both reproduce the eager logits."""
+import pytest
+import torch
+
+import t2t_fast
+import t2t_fast.model as fast
+
+NAMES = ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_se", "t2t_vit_dense", "t2t_vit_16_ghost"]
+SIZE = 64
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return t2t_fast.create_model(name, img_size=SIZE).eval()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fx_trace_matches_eager(name):
+    model = _model(name)
+    graph = torch.fx.symbolic_trace(model)
+    leaves = {node.target for node in graph.graph.nodes if node.op == "call_function"}
+    assert fast.split_norm_project in leaves and fast.restructurize_split in leaves
+    assert (fast.linear_attention in leaves) == ("_t_" not in name)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+    # the gradients of the traced graph are the model's (the graph shares the model's parameters)
+    graph(x).square().sum().backward()
+    traced = {n: p.grad.clone() for n, p in graph.named_parameters()}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(traced[n], p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_torchvision_feature_extractor():
+    feature_extraction = pytest.importorskip("torchvision.models.feature_extraction")
+    model = _model("t2t_vit_7")
+    extractor = feature_extraction.create_feature_extractor(model, return_nodes={"blocks.3": "mid", "norm": "out"})
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        got = extractor(x)
+        _, (mid,) = model.forward_intermediates(x, indices=[3], output_fmt="NLC")
+        torch.testing.assert_close(got["out"], model.forward_features(x), rtol=0, atol=0)
+    torch.testing.assert_close(got["mid"][:, 1:], mid, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torchscript_matches_eager(name):
+    model = _model(name)
+    scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(scripted(x), expected, rtol=1e-4, atol=1e-5)
+    assert scripted.code  # compiled, not traced: TorchScript holds the whole forward
