@@ -172,7 +172,8 @@ CPU_CLASSES = ("amx", "avx512_bf16", "none")
 # (grad off, grad on). From the per-call times in bench/RESULTS.md ("CPU attention kernel"): the matmul
 # form wins only where bf16 matmuls run on bf16 hardware and the flash kernel's per-block overhead does not
 # pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
-# hardware, are many times slower than the flash kernel, which does its maths in fp32.
+# hardware, are many times slower than the flash kernel, which does its maths in fp32. RESULTS.md says which
+# CPU each row was measured on; the AMX fp16 row was not measured and follows the other classes.
 _CPU_ATTENTION_TABLE = {
     ("amx", torch.float32): ("sdpa", "sdpa"),
     ("amx", torch.bfloat16): ("sdpa", "matmul"),
@@ -206,6 +207,20 @@ def _detect_cpu_class():
 
 
 _CPU_CLASS = _detect_cpu_class()
+
+
+def cpu_has_fast_matmul(dtype):
+    """Whether this CPU has matmul instructions for ``dtype``: bf16 on AMX / AVX512-BF16 CPUs, fp16 with
+    AMX-FP16 or AVX512-FP16; fp32 always. Without them torch's bf16/fp16 matmuls run many times slower than fp32."""
+    if dtype == torch.bfloat16:
+        return _CPU_CLASS != "none"
+    if dtype == torch.float16:
+        try:
+            features = torch._C._cpu._get_cpu_capability()
+        except (AttributeError, RuntimeError):
+            return False
+        return bool(features.get("amx_fp16") or features.get("avx512_fp16"))
+    return True
 
 
 def set_cpu_attention(kernel):

@@ -22,7 +22,8 @@ T2T_MODULE_MACS_224 = {
 }
 PROVIDERS = ("reference", "compiled", "fused")
 TIMM_MODELS = ("deit_small_patch16_224", "resnet50")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("infer", "train")
 NUM_INPUT_SETS = 3
 
@@ -118,6 +119,14 @@ def inference_step(model, device, dtype):
         with torch.inference_mode(), autocast(device, dtype):
             return model(images)
     return step
+
+
+def optimized_inference_step(model, dtype):
+    """A callable ``step(images)``: ``model`` as :func:`t2t_fast.optimize_for_inference` converts it to ``dtype``
+    (low-precision weights, no autocast) on fp32 images."""
+    from t2t_fast.inference import optimize_for_inference
+
+    return optimize_for_inference(model, dtype)
 
 
 def training_step(model, device, dtype, optimizer=None):

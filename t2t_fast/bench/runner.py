@@ -13,7 +13,8 @@ import time
 import torch
 
 from t2t_fast.bench.providers import (PROVIDERS, build_provider, build_reference, inference_step, is_t2t,
-                                      make_inputs, model_macs, step_memory, training_step)
+                                      make_inputs, model_macs, optimized_inference_step, step_memory,
+                                      training_step)
 from t2t_fast.bench.timing import compute_info, is_cuda, time_calls
 
 
@@ -131,6 +132,8 @@ def run_case(name, mode, batch, built, errors, macs, device, dtype, img_size, wa
         if mode == "train":
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             steps[provider] = training_step(model, device, dtype, optimizer)
+        elif provider == "fused":
+            steps[provider] = optimized_inference_step(model, dtype)
         else:
             steps[provider] = inference_step(model, device, dtype)
     times = {p: [] for p in steps}

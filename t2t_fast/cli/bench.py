@@ -4,10 +4,16 @@
     t2t-fast bench --device cuda --model t2t_vit_14,t2t_vit_24 --batch 64,256 --mode both
     t2t-fast bench --device cpu --model t2t_vit_14 --batch 8 --part tokens_to_token --mode both
     t2t-fast bench --device cpu --no-compile --output /tmp/bench
+    t2t-fast bench --device cpu --model t2t_vit_14 --batch 1,8 --openvino --reps 7   # beside OpenVINO
 
 Providers: ``reference`` (``t2t_fast.reference``, eager), ``compiled`` (``torch.compile`` of that same
-reference module) and ``fused`` (``t2t_fast.create_model`` with the reference's state_dict). timm model
+reference module) and ``fused`` (``t2t_fast.create_model`` with the reference's state_dict). ``--dtype``
+bf16/fp16: the reference and compiled providers run under autocast, the fused one for inference as
+``t2t_fast.optimize_for_inference`` converts it (bf16/fp16 weights), for training under autocast. timm model
 names (e.g. ``deit_small_patch16_224``, ``resnet50``) run as ``reference`` (eager) and ``compiled``.
+``--openvino`` (CPU, needs ``openvino``: the ``bench`` extra) also times ``optimize_for_inference`` at fp32 and
+bf16 (and compiled, unless ``--no-compile``) against OpenVINO at fp32 and bf16 on the ONNX export of the same
+weights, interleaved, in a second table (see :mod:`t2t_fast.bench.openvino`).
 
 Writes a table to stdout and ``<output>/t2t_fast_bench_<cpu|cuda>.{json,png}`` (default ``bench/out``): the
 results with the environment (device, versions, commit, load average, command), and images/s vs batch size
@@ -26,6 +32,8 @@ import torch
 
 from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, environment, format_table,
                             is_cuda, is_t2t, log, measure_ceilings, plot, run)
+from t2t_fast.bench.openvino import compare as compare_openvino
+from t2t_fast.bench.openvino import format_comparison, openvino_version
 from t2t_fast.cli._options import CommandParser
 
 
@@ -51,8 +59,11 @@ def parser():
                    "(default: t2t_vit_14 on CPU; t2t_vit_14,t2t_vit_t_14,t2t_vit_24 on CUDA); timm names too")
     p.add_argument("--batch", type=_batches, help="batch sizes, comma-separated (default: 1,4,8 on CPU; "
                    "64,128,256 on CUDA)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="fp32, or bf16/fp16 autocast (default: fp32 on CPU, "
-                   "bf16 on CUDA)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="float32 (fp32), bfloat16 (bf16) or float16 (fp16): "
+                   "autocast, and low-precision weights for the fused model's inference (default: float32 on CPU, "
+                   "bfloat16 on CUDA)")
+    p.add_argument("--openvino", action="store_true", help="CPU: also compare with OpenVINO at fp32 and bf16 "
+                   "(the T2T-ViT models; needs openvino)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default: cuda when available)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of "
                    f"{','.join(PROVIDERS)} (default: all)")
@@ -90,6 +101,10 @@ def _plan(args):
         return f"unknown provider(s) {unknown}; choose from {', '.join(PROVIDERS)}"
     if args.no_compile:
         providers = [p for p in providers if p != "compiled"]
+    if args.openvino and (cuda or args.part != "model" or not all(is_t2t(m) for m in models)):
+        return "--openvino compares whole T2T-ViT models on CPU (--device cpu, --part model)"
+    if args.openvino and openvino_version() is None:
+        return "--openvino needs openvino (pip install 't2t_fast[bench]')"
     return argparse.Namespace(
         device=device, cuda=cuda, models=models, providers=providers,
         dtype=DTYPES[args.dtype or ("bf16" if cuda else "fp32")],
@@ -112,13 +127,21 @@ def _measure(args, plan, command):
             ceilings = measure_ceilings(plan.device, torch.bfloat16 if plan.cuda else plan.dtype)
             log(_ceilings_text(ceilings))
         begin = time.perf_counter()
+        comparison = []
         results = run(plan.models, plan.batches, plan.providers, plan.modes, plan.device, plan.dtype,
                       img_size=args.img_size, warmup=plan.warmup, reps=plan.reps, backend=args.backend,
                       ceilings=ceilings, part=args.part)
+        if args.openvino:
+            env["openvino"] = openvino_version()
+            low = plan.dtype if plan.dtype != torch.float32 else torch.bfloat16
+            for name in plan.models:
+                comparison += compare_openvino(name, plan.batches, img_size=args.img_size, threads=args.threads,
+                                               warmup=max(plan.warmup, 1), reps=plan.reps,
+                                               dtypes=(torch.float32, low), compile=not args.no_compile, log=log)
         env["wall_seconds"] = round(time.perf_counter() - begin, 1)
         if hasattr(os, "getloadavg"):
             env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    return env, ceilings, results
+    return env, ceilings, results, comparison
 
 
 def _dtype_name(dtype):
@@ -130,17 +153,23 @@ def _ceilings_text(ceilings):
             f"{ceilings['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s")
 
 
-def _report(args, plan, env, ceilings, results):
-    """The table on stdout, the JSON and the plot in ``--output``."""
+def _report(args, plan, env, ceilings, results, comparison):
+    """The tables on stdout, the JSON and the plot in ``--output``."""
     print(f"t2t-fast bench: {env['device']}, torch {env['torch']}, {_dtype_name(plan.dtype)}"
           + (f", {env.get('threads')} threads" if not plan.cuda else "") + f", {args.img_size} px")
     if ceilings:
         print(f"ceilings: {_ceilings_text(ceilings)}")
     print(format_table(results))
+    if comparison:
+        print(f"\nbeside OpenVINO {env['openvino']} (ONNX export of the same weights), {args.threads} threads; "
+              f"vs openvino = its time / ours at the same dtype; at matmul ceil = 2 x MACs at the measured matmul "
+              f"ceiling of the row's dtype / time")
+        print(format_comparison(comparison))
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, f"t2t_fast_bench_{plan.device.type}")
     with open(stem + ".json", "w") as f:
-        json.dump({"environment": env, "ceilings": ceilings, "results": results}, f, indent=2)
+        json.dump({"environment": env, "ceilings": ceilings, "results": results,
+                   **({"openvino": comparison} if comparison else {})}, f, indent=2)
     print(f"wrote {stem}.json")
     try:
         plot(results, stem + ".png", f"t2t-fast bench: {env['device']}, {_dtype_name(plan.dtype)}, "
@@ -158,8 +187,8 @@ def main(argv=None):
         print(f"t2t-fast bench: error: {plan}", file=sys.stderr)
         return 2
     command = "t2t-fast bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    env, ceilings, results = _measure(args, plan, command)
-    _report(args, plan, env, ceilings, results)
+    env, ceilings, results, comparison = _measure(args, plan, command)
+    _report(args, plan, env, ceilings, results, comparison)
     return 1 if any("error" in r for r in results) else 0
 
 

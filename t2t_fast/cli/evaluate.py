@@ -41,6 +41,9 @@ def build_parser():
     parser.add_argument("--num-classes", type=POSITIVE_INT, help="default: the checkpoint's head")
     parser.add_argument("--model-kwargs", nargs="*", metavar="K=V", help="extra model constructor arguments")
     parser.add_argument("--backend", help="kernel backend (auto/triton/cuda/cpp/torch)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="run the model as t2t_fast.optimize_for_inference converts it to this dtype, without "
+                        "autocast (default: the checkpoint's fp32 weights, autocast as --amp)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--batch-size", "-b", type=POSITIVE_INT, help="default: the checkpoint's run, else 100")
     parser.add_argument("--crop-pct", type=POSITIVE)
@@ -133,6 +136,10 @@ def _validate(args, checkpoint, use_ema, dist_info):
     model = recipes.create_model(args, args.num_classes)
     load_checkpoint(model, checkpoint, use_ema=use_ema)
     model.to(dist_info.device)
+    if getattr(args, "dtype", None):
+        from t2t_fast.inference import optimize_for_inference
+
+        model, args.amp = optimize_for_inference(model, args.dtype), False
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, num_workers=args.workers,
         sampler=ShardSampler(len(dataset), dist_info.rank, dist_info.world_size),
@@ -160,7 +167,7 @@ def evaluate(args):
         torch.set_num_threads(threads)
     weights = "EMA" if use_ema and "state_dict_ema" in checkpoint else "model"
     metrics = {"model": args.model, "checkpoint": args.checkpoint, "weights": weights, "img_size": args.img_size,
-               **metrics}
+               **({"dtype": args.dtype} if getattr(args, "dtype", None) else {}), **metrics}
     _logger.info("top-1 %.3f%%  top-5 %.3f%%  loss %.4f  (%d images%s)", metrics["top1"], metrics["top5"],
                  metrics["loss"], metrics["count"],
                  f", {metrics['skipped']} unreadable skipped" if metrics["skipped"] else "")

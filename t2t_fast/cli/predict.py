@@ -46,6 +46,9 @@ def build_parser():
     parser.add_argument("--backend", help="kernel backend of the fused model (auto/triton/cuda/cpp/torch)")
     parser.add_argument("--reference", action="store_true", help="run the pure-PyTorch reference model instead "
                         "of the fused one")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="run the model as t2t_fast.optimize_for_inference converts it to this dtype, without "
+                        "autocast (default: the checkpoint's fp32 weights, autocast as --amp)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights exist")
     parser.add_argument("--batch-size", "-b", type=POSITIVE_INT, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", "-j", type=NON_NEGATIVE_INT, default=0,
@@ -170,9 +173,14 @@ def predict(args, out=None):
     names = class_names(checkpoint, num_classes)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _model(args, checkpoint, use_ema, num_classes).to(device)
+    transform = _transform(args, model)
+    if getattr(args, "dtype", None):
+        from t2t_fast.inference import optimize_for_inference
+
+        model, args.amp = optimize_for_inference(model, args.dtype), False
     autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype
                 or "bfloat16")) if args.amp else contextlib.nullcontext)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, _transform(args, model)), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(files, transform), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=_collate)
     topk = min(args.topk, num_classes)
     results = [None] * len(files)

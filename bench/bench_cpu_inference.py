@@ -1,0 +1,96 @@
+"""CPU inference benchmarks: the backbone attention kernels behind :func:`t2t_fast.backend.cpu_attention`, and
+:func:`t2t_fast.optimize_for_inference` beside OpenVINO.
+
+* ``test_cpu_attention``: one backbone attention of T2T-ViT-14 (6 heads of 64, 197 tokens) as torch's CPU flash
+  kernel (``sdpa``) and as matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward without grad (``infer``)
+  and forward + backward (``train``), batch 1 and 8, 2 threads: the measurements the choice table is made of.
+* ``test_cpu_inference``: T2T-ViT-14 at 224 px, 2 threads, batch 1 and 8: ``optimize_for_inference`` at fp32 and
+  bf16 and OpenVINO at f32 and bf16 on the ONNX export of the same weights (skipped without ``openvino``).
+  Providers run one after another here; ``t2t-fast bench --device cpu --openvino`` times them interleaved.
+"""
+import functools
+import itertools
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2t_fast
+from t2t_fast import bench
+from t2t_fast.bench import openvino as ov_bench
+
+IMG, MODEL, ROUNDS = 224, "t2t_vit_14", 7
+HEADS, TOKENS, HEAD_DIM = 6, 197, 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _matmul_attention(q, k, v):
+    return ((q @ k.transpose(-2, -1)) * HEAD_DIM ** -0.5).softmax(dim=-1) @ v
+
+
+def _sdpa_attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5)
+
+
+KERNELS = {"sdpa": _sdpa_attention, "matmul": _matmul_attention}
+
+
+@pytest.mark.parametrize("dtype,mode,batch,kernel", list(itertools.product(DTYPES, ("infer", "train"), (1, 8),
+                                                                           KERNELS)))
+def test_cpu_attention(benchmark, cpu_threads, timed, dtype, mode, batch, kernel):
+    benchmark.group = f"cpu attention {dtype} {mode} B={batch} ({t2t_fast.backend.cpu_class()})"
+    grad = mode == "train"
+    inputs = [tuple(torch.randn(batch, HEADS, TOKENS, HEAD_DIM, dtype=DTYPES[dtype], requires_grad=grad)
+                    for _ in range(3)) for _ in range(3)]
+    dy = torch.randn(batch, HEADS, TOKENS, HEAD_DIM, dtype=DTYPES[dtype])
+    fn = KERNELS[kernel]
+
+    def step(q, k, v):
+        if grad:
+            fn(q, k, v).backward(dy)
+        else:
+            with torch.inference_mode():
+                fn(q, k, v)
+
+    timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
+    benchmark.extra_info.update(kernel=kernel, chosen=t2t_fast.backend.cpu_attention(DTYPES[dtype], grad))
+
+
+@pytest.fixture(scope="module")
+def models():
+    """The fused T2T-ViT-14 (reference weights, seeded) and its ONNX export, built once."""
+    reference = bench.build_reference(MODEL, IMG, "cpu")
+    fused = bench.build_fused(MODEL, reference, IMG, "cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        onnx_path = None
+        if ov_bench.openvino_version() is not None:
+            onnx_path = ov_bench.export_onnx(fused, IMG, os.path.join(folder, f"{MODEL}.onnx"))
+        yield fused, onnx_path
+
+
+@functools.lru_cache(maxsize=None)
+def _optimized(fused, dtype):
+    return t2t_fast.optimize_for_inference(fused, dtype)
+
+
+@pytest.mark.parametrize("batch,provider,dtype", list(itertools.product((1, 8), ("t2t_fast", "openvino"),
+                                                                        ("fp32", "bf16"))))
+def test_cpu_inference(benchmark, models, cpu_threads, timed, batch, provider, dtype):
+    benchmark.group = f"cpu {MODEL} inference B={batch} {cpu_threads} threads"
+    fused, onnx_path = models
+    if provider == "openvino":
+        if onnx_path is None:
+            pytest.skip("openvino is not installed (pip install 't2t_fast[bench]')")
+        model = ov_bench.OpenVINOModel(onnx_path, batch, IMG, DTYPES[dtype], cpu_threads)
+        benchmark.extra_info.update(openvino=ov_bench.openvino_version(), openvino_precision=model.precision)
+    else:
+        model = _optimized(fused, DTYPES[dtype])
+    seconds = timed(model, bench.make_inputs("infer", batch, IMG, "cpu"), rounds=ROUNDS, warmup_rounds=2)
+    if seconds is not None:
+        ceiling = bench.measure_matmul_ceiling("cpu", DTYPES[dtype])
+        floor = 2 * bench.MACS_224[MODEL] * batch / ceiling
+        benchmark.extra_info.update(batch=batch, provider=provider, dtype=dtype,
+                                    matmul_ceiling_tflop_per_s=round(ceiling / 1e12, 3),
+                                    fraction_at_matmul_ceiling=round(floor / seconds, 3))

@@ -1,0 +1,285 @@
+"""optimize_for_inference (low-precision weights, fp32 LayerNorm parameters, input casting, no autograd, optional
+torch.compile with freezing), the --dtype of the commands, and the CPU attention kernel choice of the backbone."""
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t2t_fast
+import t2t_fast.reference as ref
+from t2t_fast import backend
+from t2t_fast.testing import assert_within_reference_error, relative_error
+
+
+def _trained_like(name, img_size, seed=0):
+    """A fast model and its reference twin with LayerNorm affines away from their (bf16-exact) init of 1 and 0,
+    as in a trained model, so that rounding them to bf16 would show."""
+    torch.manual_seed(seed)
+    reference = ref.create_model(name, img_size=img_size).eval()
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn_like(module.weight))
+                module.bias.copy_(0.2 * torch.randn_like(module.bias))
+    fast = t2t_fast.create_model(name, img_size=img_size).eval()
+    fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def _exact_and_reference_lowp(name, img_size, reference, x, dtype):
+    """Logits of the float64 reference and of the reference converted to ``dtype`` (image cast the same way)."""
+    exact = ref.create_model(name, img_size=img_size).double().eval()
+    exact.load_state_dict(reference.state_dict())
+    lowp = ref.create_model(name, img_size=img_size).eval()
+    lowp.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        return exact(x.double()), lowp.to(dtype)(x.to(dtype)).float()
+
+
+@pytest.mark.parametrize("name, dtype", [("t2t_vit_7", torch.bfloat16), ("t2t_vit_t_14", torch.bfloat16),
+                                         ("t2t_vit_7", torch.float16)])  # fp16 matmuls are slow on most CPUs
+def test_logits_within_twice_the_reference_error(name, dtype):
+    """bf16/fp16 weights: the logits' error against float64 is at most twice that of the reference converted to
+    the same dtype."""
+    reference, fast = _trained_like(name, 64)
+    x = torch.randn(2, 3, 64, 64)
+    expected, theirs = _exact_and_reference_lowp(name, 64, reference, x, dtype)
+    assert torch.isfinite(theirs).all()
+    logits = t2t_fast.optimize_for_inference(fast, dtype=dtype)(x)
+    assert logits.dtype == torch.float32
+    assert_within_reference_error(logits, theirs, expected, factor=2.0, what=f"{dtype} logits")
+
+
+def test_layernorm_parameters_stay_float32():
+    """LayerNorm parameters keep their fp32 values (not the bf16 rounding of them), everything else is bf16,
+    and that is closer to float64 than all-bf16 weights."""
+    reference, fast = _trained_like("t2t_vit_7", 96)
+    model = t2t_fast.optimize_for_inference(fast).model
+    for (name, param), original in zip(model.named_parameters(), fast.parameters()):
+        if "norm" in name:
+            assert param.dtype == torch.float32 and torch.equal(param, original), name
+        else:
+            assert param.dtype == torch.bfloat16, name
+    assert all(b.dtype == torch.bfloat16 for b in model.buffers() if b.is_floating_point())
+    x = torch.randn(3, 3, 96, 96)
+    expected, _ = _exact_and_reference_lowp("t2t_vit_7", 96, reference, x, torch.float32)
+    all_bf16 = fast.to(torch.bfloat16)
+    with torch.no_grad():
+        rounded = all_bf16(x.bfloat16())
+    assert relative_error(model(x.bfloat16()), expected) < relative_error(rounded, expected)
+
+
+def test_float32_is_the_eval_model():
+    _, fast = _trained_like("t2t_vit_7", 64)
+    fast.train()
+    x = torch.randn(2, 3, 64, 64)
+    optimized = t2t_fast.optimize_for_inference(fast, dtype=torch.float32)
+    with torch.no_grad():
+        expected = fast.eval()(x)
+    torch.testing.assert_close(optimized(x), expected, rtol=0, atol=0)
+
+
+def test_input_dtypes_and_original_left_alone():
+    """fp32 (and fp64) images are cast to the weights' dtype and the logits come back in the image's dtype;
+    a non-float image gets the model's own error; the original model keeps its weights, mode and grads."""
+    _, fast = _trained_like("t2t_vit_7", 64)
+    fast.train()
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    optimized = t2t_fast.optimize_for_inference(fast)
+    x = torch.randn(2, 3, 64, 64)
+    assert optimized(x).dtype == torch.float32
+    assert optimized(x.double()).dtype == torch.float64
+    assert optimized(x.bfloat16()).dtype == torch.bfloat16
+    torch.testing.assert_close(optimized(x.double()).float(), optimized(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="floating-point image"):
+        optimized((x * 100).to(torch.uint8))
+    assert fast.training and all(p.requires_grad and p.dtype == torch.float32 for p in fast.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
+
+
+def test_eval_mode_and_no_grad():
+    """Dropout and drop-path off (two calls agree), no autograd graph even for an input that requires grad,
+    no training mode; the model's attributes stay readable."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=10, drop_rate=0.5, attn_drop_rate=0.5,
+                                  drop_path_rate=0.5)
+    optimized = t2t_fast.optimize_for_inference(model)
+    assert not optimized.training and not optimized.model.training
+    assert not any(p.requires_grad for p in optimized.parameters())
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    first, second = optimized(x), optimized(x)
+    assert not first.requires_grad and first.grad_fn is None
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert optimized.num_classes == 10 and optimized.pretrained_cfg["input_size"] == model.pretrained_cfg["input_size"]
+    with pytest.raises(RuntimeError, match="cannot train"):
+        optimized.train()
+    with pytest.raises(TypeError, match="already"):
+        t2t_fast.optimize_for_inference(optimized)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        t2t_fast.optimize_for_inference(model, dtype=torch.int8)
+
+
+def test_compile_with_freezing_matches_eager():
+    """compile=True: torch.compile (inductor, freezing) of the converted model gives the eager bf16 logits."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=32, depth=1, num_classes=10)
+    compiled = t2t_fast.optimize_for_inference(model, compile=True)
+    eager = t2t_fast.optimize_for_inference(model)
+    assert compiled.compiled and not eager.compiled
+    x = torch.randn(2, 3, 32, 32)
+    logits = compiled(x)
+    assert logits.dtype == torch.float32 and not logits.requires_grad
+    # bf16 rounding in other places (inductor fuses the elementwise work in fp32): a few bf16 ulps of the logits
+    assert relative_error(logits, eager(x)) < 3e-2
+    assert len(compiled.state_dict()) == len(model.state_dict())
+
+
+# ----------------------------------------------------------------------- the CPU attention kernel choice
+
+@pytest.mark.parametrize("cpu, dtype, infer, train", [
+    ("avx512_bf16", torch.bfloat16, "matmul", "matmul"),
+    ("avx512_bf16", torch.float16, "sdpa", "sdpa"),
+    ("avx512_bf16", torch.float32, "sdpa", "sdpa"),
+    ("amx", torch.bfloat16, "sdpa", "matmul"),
+    ("amx", torch.float32, "sdpa", "sdpa"),
+    ("none", torch.bfloat16, "sdpa", "sdpa"),
+    ("none", torch.float16, "sdpa", "sdpa"),
+])
+def test_cpu_attention_table(cpu, dtype, infer, train, monkeypatch):
+    monkeypatch.delenv(backend.CPU_ATTENTION_ENV_VAR, raising=False)
+    assert backend.cpu_attention(dtype, grad_enabled=False, cpu=cpu) == infer
+    assert backend.cpu_attention(dtype, grad_enabled=True, cpu=cpu) == train
+
+
+def test_cpu_class_is_one_of_the_classes():
+    assert backend.cpu_class() in backend.CPU_CLASSES
+
+
+def test_cpu_attention_overrides(monkeypatch):
+    """set_cpu_attention wins over T2T_FAST_CPU_ATTENTION, which wins over the table; bad names raise."""
+    monkeypatch.setenv(backend.CPU_ATTENTION_ENV_VAR, "sdpa")
+    assert backend.cpu_attention(torch.bfloat16, False, cpu="avx512_bf16") == "sdpa"
+    monkeypatch.setenv(backend.CPU_ATTENTION_ENV_VAR, "matmul")
+    assert backend.cpu_attention(torch.float32, False, cpu="none") == "matmul"
+    try:
+        backend.set_cpu_attention("sdpa")
+        assert backend.cpu_attention(torch.bfloat16, True, cpu="avx512_bf16") == "sdpa"
+        backend.set_cpu_attention("auto")
+        assert backend.cpu_attention(torch.float32, False) == "matmul"
+        with pytest.raises(ValueError, match="unknown CPU attention kernel"):
+            backend.set_cpu_attention("flash")
+    finally:
+        backend.set_cpu_attention(None)
+    monkeypatch.setenv(backend.CPU_ATTENTION_ENV_VAR, "flash")
+    with pytest.raises(ValueError, match="T2T_FAST_CPU_ATTENTION"):
+        backend.cpu_attention(torch.float32, False)
+
+
+@pytest.mark.parametrize("cpu", ["amx", "avx512_bf16"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_attend_follows_the_choice(cpu, grad, monkeypatch):
+    """The backbone attention of a bf16 model calls SDPA exactly when the table says so for the CPU class and
+    grad mode, and both kernels give the same attention."""
+    monkeypatch.delenv(backend.CPU_ATTENTION_ENV_VAR, raising=False)
+    monkeypatch.setattr(backend, "_CPU_CLASS", cpu)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 32, dtype=torch.bfloat16) for _ in range(3))
+    with torch.set_grad_enabled(grad):
+        y = t2t_fast.model.attend(q, k, v, 0.0, 32 ** -0.5)
+    expected_kernel = backend.cpu_attention(torch.bfloat16, grad)
+    assert len(calls) == (expected_kernel == "sdpa")
+    monkeypatch.setenv(backend.CPU_ATTENTION_ENV_VAR, "matmul" if expected_kernel == "sdpa" else "sdpa")
+    other = t2t_fast.model.attend(q, k, v, 0.0, 32 ** -0.5)
+    assert y.shape == (2, 50, 128)
+    torch.testing.assert_close(y.float(), other.float(), rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------------------ --dtype of the commands
+
+def _digits_checkpoint(path):
+    """A checkpoint as ``t2t-fast train`` writes it for the digits demo (run args, class names), tiny model with a
+    head scaled up so that the classes are well apart."""
+    torch.manual_seed(0)
+    kwargs = dict(depth=1, embed_dim=32, num_heads=2, token_dim=8)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=32, num_classes=10, **kwargs)
+    torch.nn.init.normal_(model.head.weight, std=2.0)
+    run = {"model": "t2t_vit_7", "img_size": 32, "data": None, "model_kwargs": [f"{k}={v}" for k, v in kwargs.items()],
+           "batch_size": 64}
+    torch.save({"args": run, "classes": [str(d) for d in range(10)], "state_dict": model.state_dict()}, path)
+    return model
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_commands_run_the_optimized_model(command, tmp_path, monkeypatch, capsys):
+    """``--dtype bfloat16`` runs optimize_for_inference's model (and no autocast); the scores or probabilities stay
+    close to fp32's."""
+    pytest.importorskip("timm")
+    pytest.importorskip("sklearn")
+    from t2t_fast import cli, inference
+
+    checkpoint = tmp_path / "run.pth"
+    _digits_checkpoint(checkpoint)
+    converted = []
+    original = inference.optimize_for_inference
+
+    def recording(model, dtype=torch.bfloat16, compile=False):
+        converted.append(inference.inference_dtype(dtype))
+        return original(model, dtype, compile)
+
+    monkeypatch.setattr(inference, "optimize_for_inference", recording)
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        if command == "eval":
+            results = tmp_path / f"{dtype}.json"
+            argv = ["eval", "--checkpoint", str(checkpoint), "--workers", "0", "--device", "cpu", "--amp",
+                    "--dtype", dtype, "--results-file", str(results)]
+            assert cli.main(argv) == 0
+            outputs[dtype] = json.loads(results.read_text())
+        else:
+            from t2t_fast.training.data import DigitsDataset
+
+            (tmp_path / "images").mkdir(exist_ok=True)
+            for i, image in enumerate(DigitsDataset("val", 32).images[:6]):
+                image.save(tmp_path / "images" / f"{i}.png")
+            capsys.readouterr()
+            assert cli.main(["predict", str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--json",
+                             "--device", "cpu", "--dtype", dtype]) == 0
+            outputs[dtype] = json.loads(capsys.readouterr().out)
+    assert converted == [torch.float32, torch.bfloat16]
+    if command == "eval":
+        assert outputs["bfloat16"]["dtype"] == "bfloat16" and outputs["bfloat16"]["count"] == 360
+        assert outputs["bfloat16"]["loss"] == pytest.approx(outputs["float32"]["loss"], rel=2e-2)
+    else:
+        for ours, theirs in zip(outputs["bfloat16"], outputs["float32"]):
+            assert ours["top"][0]["prob"] == pytest.approx(theirs["top"][0]["prob"], abs=2e-2)
+
+
+def test_warns_where_the_cpu_has_no_matmul_for_the_dtype(monkeypatch):
+    model = t2t_fast.create_model("t2t_vit_7", img_size=32, depth=1)
+    monkeypatch.setattr(backend, "_CPU_CLASS", "none")
+    with pytest.warns(UserWarning, match="no torch.bfloat16 matmul instructions"):
+        t2t_fast.optimize_for_inference(model)
+    monkeypatch.setattr(backend, "_CPU_CLASS", "avx512_bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t2t_fast.optimize_for_inference(model)
+        t2t_fast.optimize_for_inference(model, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("argv", [["--openvino", "--part", "tokens_to_token"], ["--openvino", "--model", "resnet50"]])
+def test_bench_openvino_needs_whole_t2t_models(argv, tmp_path, capsys):
+    from t2t_fast.cli import bench as bench_cli
+
+    assert bench_cli.main(["--device", "cpu", "--output", str(tmp_path), *argv]) == 2
+    assert "--openvino compares whole T2T-ViT models on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "t2t_fast_bench_cpu.json").exists()
