@@ -90,7 +90,5 @@ def test_cpu_inference(benchmark, models, cpu_threads, timed, batch, provider, d
     seconds = timed(model, bench.make_inputs("infer", batch, IMG, "cpu"), rounds=ROUNDS, warmup_rounds=2)
     if seconds is not None:
         ceiling = bench.measure_matmul_ceiling("cpu", DTYPES[dtype])
-        floor = 2 * bench.MACS_224[MODEL] * batch / ceiling
         benchmark.extra_info.update(batch=batch, provider=provider, dtype=dtype,
-                                    matmul_ceiling_tflop_per_s=round(ceiling / 1e12, 3),
-                                    fraction_at_matmul_ceiling=round(floor / seconds, 3))
+                                    **bench.compute_info(2 * bench.MACS_224[MODEL] * batch, seconds, ceiling))

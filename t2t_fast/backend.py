@@ -194,11 +194,15 @@ def cpu_class():
     return _CPU_CLASS
 
 
-def _detect_cpu_class():
+def _cpu_features():
+    """torch's CPU feature flags (empty for a torch without the query: assume nothing)."""
     try:
-        features = torch._C._cpu._get_cpu_capability()
-    except (AttributeError, RuntimeError):  # a torch without the query: assume nothing
-        return "none"
+        return torch._C._cpu._get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        return {}
+
+
+def _detect_cpu_class(features):
     if features.get("amx_bf16") and features.get("amx_tile"):
         return "amx"
     if features.get("avx512_bf16"):
@@ -206,7 +210,8 @@ def _detect_cpu_class():
     return "none"
 
 
-_CPU_CLASS = _detect_cpu_class()
+_CPU_FEATURES = _cpu_features()
+_CPU_CLASS = _detect_cpu_class(_CPU_FEATURES)
 
 
 def cpu_has_fast_matmul(dtype):
@@ -215,11 +220,7 @@ def cpu_has_fast_matmul(dtype):
     if dtype == torch.bfloat16:
         return _CPU_CLASS != "none"
     if dtype == torch.float16:
-        try:
-            features = torch._C._cpu._get_cpu_capability()
-        except (AttributeError, RuntimeError):
-            return False
-        return bool(features.get("amx_fp16") or features.get("avx512_fp16"))
+        return bool(_CPU_FEATURES.get("amx_fp16") or _CPU_FEATURES.get("avx512_fp16"))
     return True
 
 

@@ -86,11 +86,6 @@ def cpu_maths_dtype(x):
     return x.dtype
 
 
-def low_precision_on_cpu(x):
-    """True for fp16/bf16 maths on CPU: x in half precision, or CPU autocast to it."""
-    return x.device.type == "cpu" and cpu_maths_dtype(x) in _LOW_PRECISION
-
-
 def split_heads(qkv, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, 3D) -> q, k, v as (B, H, T, D/H) views.
 
