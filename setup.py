@@ -5,7 +5,8 @@ sizes, strides, dtype codes and a CUDA stream, all as integers. That keeps ``pip
 under build isolation (no multi-GB torch download into the build env) and lets one binary load beside
 any torch version.
 
-CPU code is always built. CUDA code (``csrc/*.cu``) is built when nvcc is found:
+CPU code is always built; its vectorised kernels (csrc/cpu_kernels.inc) three times, for AVX-512, AVX2 and the
+baseline ISA, chosen at run time (t2t_fast.backend.cpu_isa). CUDA code (``csrc/*.cu``) is built when nvcc is found:
   T2T_FAST_CUDA=0  never build CUDA code
   T2T_FAST_CUDA=1  build it, and fail if nvcc is missing
   unset            build it when nvcc is found
@@ -146,7 +147,7 @@ native = Pybind11Extension(
     "t2t_fast._C",
     sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
     include_dirs=["csrc"],
-    depends=sorted(glob.glob("csrc/*.h")),  # a header edit rebuilds the extension
+    depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.inc")),  # a header edit rebuilds the extension
     cxx_std=17,
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],

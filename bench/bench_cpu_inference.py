@@ -79,6 +79,9 @@ def _optimized(fused, dtype):
                                                                         ("fp32", "bf16"))))
 def test_cpu_inference(benchmark, models, cpu_threads, timed, batch, provider, dtype):
     benchmark.group = f"cpu {MODEL} inference B={batch} {cpu_threads} threads"
+    if not t2t_fast.backend.cpu_has_fast_matmul(DTYPES[dtype]):
+        pytest.skip(f"this CPU has no {dtype} matmul instructions: a {dtype} model runs many times slower than fp32 "
+                    f"(and OpenVINO runs {dtype} in f32)")
     fused, onnx_path = models
     if provider == "openvino":
         if onnx_path is None:

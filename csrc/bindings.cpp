@@ -6,9 +6,14 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "favor_attention_cpu.h"
 #include "restructurize_unfold.h"
+#include "soft_split_layernorm_cpu.h"
 
 namespace py = pybind11;
 
@@ -22,7 +27,7 @@ bool compiled_with_cuda() {
 }
 
 std::vector<std::string> compiled_kernels() {
-  std::vector<std::string> names = {"restructurize_unfold_cpu"};
+  std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
@@ -160,12 +165,146 @@ void def_checked(py::module_& m, const char* name, Fn* fn, const std::array<cons
         py::arg(buffers[3]), py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
         py::arg("strides"), py::arg("dtype"), extra..., doc);
 }
+
+// The ISA of the vectorised CPU kernels from its name ("avx512", "avx2", "baseline"); a ValueError for an unknown
+// name or one this CPU cannot run.
+t2t::Isa parse_isa(const std::string& op, const std::string& name) {
+  for (t2t::Isa isa : {t2t::Isa::kAvx512, t2t::Isa::kAvx2, t2t::Isa::kBaseline}) {
+    if (name != t2t::isa_name(isa)) continue;
+    if (static_cast<int>(isa) > static_cast<int>(t2t::best_cpu_isa())) {
+      throw py::value_error(op + ": this CPU cannot run the " + name + " kernels (best: " +
+                            t2t::isa_name(t2t::best_cpu_isa()) + ")");
+    }
+    return isa;
+  }
+  throw py::value_error(op + ": unknown CPU kernel ISA '" + name + "' (avx512, avx2, baseline)");
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (t2t::Isa isa : {t2t::Isa::kAvx512, t2t::Isa::kAvx2, t2t::Isa::kBaseline}) {
+    if (static_cast<int>(isa) <= static_cast<int>(t2t::best_cpu_isa())) names.push_back(t2t::isa_name(isa));
+  }
+  return names;
+}
+
+// The float32/bfloat16 dtype code of a vectorised CPU kernel's tensor.
+void check_fast_dtype(const std::string& op, const char* name, int dtype) {
+  if (dtype != t2t::kFloat32 && dtype != t2t::kBFloat16) {
+    throw py::value_error(op + ": " + name + " must be float32 or bfloat16 (dtype code " + std::to_string(dtype) +
+                          ")");
+  }
+}
+
+// A buffer of `extent` elements of `elem` bytes at `address` holding at least `needed`, aligned to `elem`.
+void check_extent(const std::string& op, const char* name, std::uintptr_t address, int64_t extent, int64_t needed,
+                  int64_t elem) {
+  if (extent < needed || address == 0 || address % elem != 0) {
+    throw py::value_error(op + ": " + name + " holds " + std::to_string(extent) + " elements at " +
+                          std::to_string(address) + "; needs " + std::to_string(needed) + ", aligned to " +
+                          std::to_string(elem) + " bytes");
+  }
+}
+
+void soft_split_layernorm_forward(std::uintptr_t x, int64_t x_extent, const Quad& sizes, const Pair& kernel,
+                                  const Pair& stride, const Pair& padding, const Quad& strides, int x_dtype,
+                                  std::uintptr_t weight, std::uintptr_t bias, int64_t params_extent, double eps,
+                                  std::uintptr_t y, int64_t y_extent, int y_dtype, std::uintptr_t mean,
+                                  std::uintptr_t rstd, int64_t stats_extent, const std::string& isa, int threads) {
+  const std::string op = "soft_split_layernorm";
+  check_fast_dtype(op, "x", x_dtype);
+  check_fast_dtype(op, "y", y_dtype);
+  const t2t::UnfoldGeometry g = make_geometry(sizes, kernel, stride, padding, strides);
+  const int64_t rows = t2t::output_rows(g);
+  check_extent(op, "x", x, x_extent, strided_reach(g), element_size(x_dtype));
+  check_extent(op, "y", y, y_extent, unfolded_elems(g), element_size(y_dtype));
+  check_extent(op, "weight", weight, params_extent, t2t::features(g), 4);
+  check_extent(op, "bias", bias, params_extent, t2t::features(g), 4);
+  check_extent(op, "mean", mean, stats_extent, rows, 4);
+  check_extent(op, "rstd", rstd, stats_extent, rows, 4);
+  const t2t::Isa chosen = parse_isa(op, isa);
+  py::gil_scoped_release release;
+  t2t::soft_split_layernorm_forward_cpu(x, x_dtype, g, reinterpret_cast<const float*>(weight),
+                                        reinterpret_cast<const float*>(bias), static_cast<float>(eps), y, y_dtype,
+                                        reinterpret_cast<float*>(mean), reinterpret_cast<float*>(rstd), chosen,
+                                        threads);
+}
+
+// One of k, q, v: its address, extent and (batch, token) strides; elements along the width are adjacent.
+using Operand = std::tuple<std::uintptr_t, int64_t, int64_t, int64_t>;
+
+// An output (or w_t): its address and extent.
+using Buffer = std::pair<std::uintptr_t, int64_t>;
+
+void favor_attention_forward(const Operand& k, const Operand& q, const Operand& v, int dtype, int64_t batch,
+                             int64_t tokens, int64_t width, int64_t features, const Buffer& w_t, double log_eps_m,
+                             const Buffer& y, const Buffer& s, const Buffer& z, const Buffer& c_k,
+                             const std::string& isa, int threads) {
+  const std::string op = "favor_attention";
+  check_fast_dtype(op, "k, q, v", dtype);
+  if (batch <= 0 || tokens <= 0 || width <= 0 || features <= 0) {
+    throw py::value_error(op + ": batch, tokens, width and features must be positive");
+  }
+  const int64_t elem = element_size(dtype);
+  auto round_up = [](int64_t n) { return checked_mul((n + 15) / 16, 16); };
+  t2t::FavorProblem p{};
+  p.dtype = dtype;
+  p.batch = batch;
+  p.tokens = tokens;
+  p.width = width;
+  p.features = features;
+  p.width_pad = round_up(width);
+  p.features_pad = round_up(features);
+  const char* names[3] = {"k", "q", "v"};
+  const Operand* operands[3] = {&k, &q, &v};
+  const void** pointers[3] = {&p.k, &p.q, &p.v};
+  int64_t* strides[3][2] = {{&p.k_stride_b, &p.k_stride_t}, {&p.q_stride_b, &p.q_stride_t},
+                            {&p.v_stride_b, &p.v_stride_t}};
+  for (int i = 0; i < 3; ++i) {
+    const auto& [address, extent, stride_b, stride_t] = *operands[i];
+    if (stride_b < 0 || stride_t < 0) throw py::value_error(op + ": negative strides");
+    const int64_t reach = checked_add(checked_add(checked_mul(batch - 1, stride_b), checked_mul(tokens - 1, stride_t)),
+                                      width);
+    check_extent(op, names[i], address, extent, reach, elem);
+    *pointers[i] = reinterpret_cast<const void*>(address);
+    *strides[i][0] = stride_b;
+    *strides[i][1] = stride_t;
+  }
+  check_extent(op, "w_t", w_t.first, w_t.second, checked_mul(width, p.features_pad), 4);
+  check_extent(op, "y", y.first, y.second, checked_mul(checked_mul(batch, tokens), width), elem);
+  check_extent(op, "s", s.first, s.second, checked_mul(checked_mul(batch, features), width), 4);
+  check_extent(op, "z", z.first, z.second, checked_mul(batch, features), 4);
+  check_extent(op, "c_k", c_k.first, c_k.second, checked_mul(batch, features), 4);
+  p.w_t = reinterpret_cast<const float*>(w_t.first);
+  p.log_eps_m = static_cast<float>(log_eps_m);
+  p.y = reinterpret_cast<void*>(y.first);
+  const t2t::Isa chosen = parse_isa(op, isa);
+  py::gil_scoped_release release;
+  t2t::favor_attention_forward_cpu(p, reinterpret_cast<float*>(s.first), reinterpret_cast<float*>(z.first),
+                                   reinterpret_cast<float*>(c_k.first), chosen, threads);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "t2t_fast native kernels (CPU always; CUDA when built with nvcc)";
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
+
+  m.def("cpu_isas", &cpu_isas, "ISAs of the vectorised CPU kernels this CPU runs, best first");
+  m.def("soft_split_layernorm_forward_cpu", &soft_split_layernorm_forward, py::arg("x"), py::arg("x_extent"),
+        py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("strides"),
+        py::arg("x_dtype"), py::arg("weight"), py::arg("bias"), py::arg("params_extent"), py::arg("eps"),
+        py::arg("y"), py::arg("y_extent"), py::arg("y_dtype"), py::arg("mean"), py::arg("rstd"),
+        py::arg("stats_extent"), py::arg("isa"), py::arg("threads"),
+        "Fused soft split + LayerNorm: y (B, L, F) contiguous, mean and rstd (B*L) float32, from x viewed as "
+        "(B, C, H, W) through `strides`; float32 weight and bias of F");
+  m.def("favor_attention_forward_cpu", &favor_attention_forward, py::arg("k"), py::arg("q"), py::arg("v"),
+        py::arg("dtype"), py::arg("batch"), py::arg("tokens"), py::arg("width"), py::arg("features"),
+        py::arg("w_t"), py::arg("log_eps_m"), py::arg("y"), py::arg("s"), py::arg("z"), py::arg("c_k"),
+        py::arg("isa"), py::arg("threads"),
+        "Fused FAVOR+ forward: y (B, T, e) contiguous and the float32 state s (B, m, e), z (B, m), c_k (B, m); "
+        "k, q, v as (address, extent, batch stride, token stride) with adjacent elements along e; w_t (e, m "
+        "rounded up to 16) float32; the outputs and w_t as (address, extent)");
 
   constexpr auto kForward = Direction::kForward;
   constexpr auto kBackward = Direction::kBackward;

@@ -831,6 +831,24 @@ void dispatch_dtype(int dtype, F&& f) {
 
 // ------------------------------------------------------------------------------------------ entry points
 
+#ifndef __CUDACC__
+// The OW windows of one window row (b, oh) of the forward, gathered into a contiguous (OW, F) buffer: the CPU
+// forward's unit of work, also the first step of the fused soft split + LayerNorm. One per thread (it holds
+// the per-tap source pointers); elements are moved as 2-, 4- or 8-byte words.
+class WindowRowGather {
+ public:
+  WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes);
+  // out <- the windows of row `group` = b*OH + oh of x (addressed through g's strides).
+  void operator()(uintptr_t x, void* out, int64_t group);
+
+ private:
+  UnfoldGeometry g_;
+  int64_t element_bytes_;
+  std::vector<const void*> taps_;
+  std::vector<uint8_t> zeros_;  // what padding taps read in the channels-inner loop
+};
+#endif
+
 // Every entry point trusts its caller (bindings.cpp, which checks the geometry against the buffers' extents)
 // for valid addresses and a geometry whose reach stays inside them.
 // Forward: y (B, L, F) contiguous from x (strides in g). Copies elements bit for bit (padding = +0).

@@ -17,88 +17,94 @@ inline void interleave_taps(const T* const* tap, T* out, int64_t channels) {
 }
 
 // The forward only moves elements, so it works on their bits: 2-, 4- and 8-byte words.
+// The OW windows of window row `group` (= b*OH + oh), written to out as (OW, F). `tap` holds KH*KW pointers,
+// `zeros` is what padding taps read in the channels-inner loop (channel c at zeros[c * stride_c]).
 template <typename T>
-void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
+void gather_window_row(const T* x, T* out, const UnfoldGeometry& g, int64_t group, const T** tap, const T* zeros) {
   const int64_t taps = window_elems(g);
   const int64_t row_features = features(g);
   // Token input has unit channel stride: loop over taps, channels innermost (contiguous reads).
   // Images have unit x stride: loop over channels, taps innermost (contiguous writes, runs of KW reads).
   const bool inner = channels_inner(g);
   const int64_t sc = g.stride_c;
-  const int64_t row_groups = g.batch * g.out_h;
-  // What padding taps read in the channels-inner loop: channel c at zeros[c * sc].
-  const std::vector<T> zeros(inner ? (g.channels - 1) * sc + 1 : 0, T(0));
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<const T*> tap(taps);
-#pragma omp for schedule(static)
-    for (int64_t group = 0; group < row_groups; ++group) {
-      int64_t b, oh, ow;
-      split_row(g, group * g.out_w, b, oh, ow);  // ow = 0; one division per window row, not per window
-      int64_t ki_begin, ki_end;
-      taps_inside(oh, g.kernel_h, g.stride_h, g.pad_h, g.height, ki_begin, ki_end);
-      const bool rows_inside = ki_begin == 0 && ki_end == g.kernel_h;  // no window row of this oh is padding
-      for (int64_t row = group * g.out_w; ow < g.out_w; ++row, ++ow) {
-        const T* image = x + b * g.stride_b;
-        T* out = y + row * row_features;
-        if (inner) {
-          // One source pointer per tap (padding taps read a zero row), then the row is written in order:
-          // y[c*taps + t] = tap t's channel c.
-          for (int64_t ki = 0, t = 0; ki < g.kernel_h; ++ki) {
-            for (int64_t kj = 0; kj < g.kernel_w; ++kj, ++t) {
-              const int64_t offset = tap_offset(g, oh, ow, ki, kj);
-              tap[t] = offset < 0 ? zeros.data() : image + offset;
-            }
-          }
-          if (taps == 9 && sc == 1) {  // T2T's k3 soft splits: a fixed-length inner loop the compiler unrolls
-            interleave_taps<9>(tap.data(), out, g.channels);
-          } else {
-            for (int64_t c = 0, f = 0; c < g.channels; ++c) {
-              for (int64_t t = 0; t < taps; ++t, ++f) out[f] = tap[t][c * sc];
-            }
-          }
-        } else {
-          // Along a window row the taps are consecutive input columns: zeros, a run of copies, zeros.
-          int64_t kj_begin, kj_end;
-          taps_inside(ow, g.kernel_w, g.stride_w, g.pad_w, g.width, kj_begin, kj_end);
-          const int64_t sx = g.stride_x;
-          if (sx == 1 && g.kernel_w == 7 && kj_end - kj_begin == 7 && rows_inside) {
-            // A window of the k7 image split wholly inside the image (~93 % of them at 224 px): the row is
-            // KH*C runs of 7 consecutive pixels, copied without per-tap bounds (fixed-size, inlined copies).
-            const T* src = image + tap_offset(g, oh, ow, int64_t(0), int64_t(0));
-            for (int64_t c = 0; c < g.channels; ++c) {
-              const T* run = src + c * sc;
-              for (int64_t ki = 0; ki < g.kernel_h; ++ki, run += g.stride_y, out += 7) {
-                std::memcpy(out, run, 7 * sizeof(T));
-              }
-            }
-            continue;
-          }
-          for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
-            // -1 when this window row lies in the padding
-            const int64_t offset = kj_begin < kj_end ? tap_offset(g, oh, ow, ki, kj_begin) : -1;
-            for (int64_t c = 0; c < g.channels; ++c) {
-              T* dst = out + (c * g.kernel_h + ki) * g.kernel_w;
-              if (offset < 0) {
-                for (int64_t kj = 0; kj < g.kernel_w; ++kj) dst[kj] = 0;
-                continue;
-              }
-              const T* src = image + c * g.stride_c + offset;  // the input column of tap kj_begin
-              T* run = dst + kj_begin;
-              const int64_t length = kj_end - kj_begin;
-              for (int64_t kj = 0; kj < kj_begin; ++kj) dst[kj] = 0;
-              if (sx == 1 && length == 7) {  // whole window rows of the k7 image split: an inlined copy
-                std::memcpy(run, src, 7 * sizeof(T));
-              } else if (sx == 1) {
-                for (int64_t j = 0; j < length; ++j) run[j] = src[j];
-              } else {
-                for (int64_t j = 0; j < length; ++j) run[j] = src[j * sx];
-              }
-              for (int64_t kj = kj_end; kj < g.kernel_w; ++kj) dst[kj] = 0;
-            }
-          }
+  int64_t b, oh, ow;
+  split_row(g, group * g.out_w, b, oh, ow);  // ow = 0; one division per window row, not per window
+  int64_t ki_begin, ki_end;
+  taps_inside(oh, g.kernel_h, g.stride_h, g.pad_h, g.height, ki_begin, ki_end);
+  const bool rows_inside = ki_begin == 0 && ki_end == g.kernel_h;  // no window row of this oh is padding
+  const T* image = x + b * g.stride_b;
+  for (; ow < g.out_w; ++ow, out += row_features) {
+    if (inner) {
+      // One source pointer per tap (padding taps read a zero row), then the row is written in order:
+      // y[c*taps + t] = tap t's channel c.
+      for (int64_t ki = 0, t = 0; ki < g.kernel_h; ++ki) {
+        for (int64_t kj = 0; kj < g.kernel_w; ++kj, ++t) {
+          const int64_t offset = tap_offset(g, oh, ow, ki, kj);
+          tap[t] = offset < 0 ? zeros : image + offset;
         }
       }
+      if (taps == 9 && sc == 1) {  // T2T's k3 soft splits: a fixed-length inner loop the compiler unrolls
+        interleave_taps<9>(tap, out, g.channels);
+      } else {
+        for (int64_t c = 0, f = 0; c < g.channels; ++c) {
+          for (int64_t t = 0; t < taps; ++t, ++f) out[f] = tap[t][c * sc];
+        }
+      }
+      continue;
+    }
+    // Along a window row the taps are consecutive input columns: zeros, a run of copies, zeros.
+    int64_t kj_begin, kj_end;
+    taps_inside(ow, g.kernel_w, g.stride_w, g.pad_w, g.width, kj_begin, kj_end);
+    const int64_t sx = g.stride_x;
+    if (sx == 1 && g.kernel_w == 7 && kj_end - kj_begin == 7 && rows_inside) {
+      // A window of the k7 image split wholly inside the image (~93 % of them at 224 px): the row is
+      // KH*C runs of 7 consecutive pixels, copied without per-tap bounds (fixed-size, inlined copies).
+      const T* src = image + tap_offset(g, oh, ow, int64_t(0), int64_t(0));
+      T* dst = out;
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const T* run = src + c * sc;
+        for (int64_t ki = 0; ki < g.kernel_h; ++ki, run += g.stride_y, dst += 7) {
+          std::memcpy(dst, run, 7 * sizeof(T));
+        }
+      }
+      continue;
+    }
+    for (int64_t ki = 0; ki < g.kernel_h; ++ki) {
+      // -1 when this window row lies in the padding
+      const int64_t offset = kj_begin < kj_end ? tap_offset(g, oh, ow, ki, kj_begin) : -1;
+      for (int64_t c = 0; c < g.channels; ++c) {
+        T* dst = out + (c * g.kernel_h + ki) * g.kernel_w;
+        if (offset < 0) {
+          for (int64_t kj = 0; kj < g.kernel_w; ++kj) dst[kj] = 0;
+          continue;
+        }
+        const T* src = image + c * g.stride_c + offset;  // the input column of tap kj_begin
+        T* run = dst + kj_begin;
+        const int64_t length = kj_end - kj_begin;
+        for (int64_t kj = 0; kj < kj_begin; ++kj) dst[kj] = 0;
+        if (sx == 1 && length == 7) {  // whole window rows of the k7 image split: an inlined copy
+          std::memcpy(run, src, 7 * sizeof(T));
+        } else if (sx == 1) {
+          for (int64_t j = 0; j < length; ++j) run[j] = src[j];
+        } else {
+          for (int64_t j = 0; j < length; ++j) run[j] = src[j * sx];
+        }
+        for (int64_t kj = kj_end; kj < g.kernel_w; ++kj) dst[kj] = 0;
+      }
+    }
+  }
+}
+
+template <typename T>
+void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
+  const int64_t row_groups = g.batch * g.out_h;
+  const int64_t group_elems = g.out_w * features(g);
+#pragma omp parallel num_threads(threads)
+  {
+    WindowRowGather gather(g, sizeof(T));
+#pragma omp for schedule(static)
+    for (int64_t group = 0; group < row_groups; ++group) {
+      gather(reinterpret_cast<uintptr_t>(x), y + group * group_elems, group);
     }
   }
 }
@@ -245,6 +251,28 @@ void backward_typed(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int thr
 }
 
 }  // namespace
+
+WindowRowGather::WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes)
+    : g_(g),
+      element_bytes_(element_bytes),
+      taps_(window_elems(g)),
+      zeros_(channels_inner(g) ? ((g.channels - 1) * g.stride_c + 1) * element_bytes : 0, 0) {}
+
+void WindowRowGather::operator()(uintptr_t x, void* out, int64_t group) {
+  const void** tap = taps_.data();
+  const void* zeros = zeros_.data();
+  switch (element_bytes_) {
+    case 2:
+      return gather_window_row(reinterpret_cast<const uint16_t*>(x), static_cast<uint16_t*>(out), g_, group,
+                               reinterpret_cast<const uint16_t**>(tap), static_cast<const uint16_t*>(zeros));
+    case 4:
+      return gather_window_row(reinterpret_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), g_, group,
+                               reinterpret_cast<const uint32_t**>(tap), static_cast<const uint32_t*>(zeros));
+    default:
+      return gather_window_row(reinterpret_cast<const uint64_t*>(x), static_cast<uint64_t*>(out), g_, group,
+                               reinterpret_cast<const uint64_t**>(tap), static_cast<const uint64_t*>(zeros));
+  }
+}
 
 void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads) {
   threads = threads < 1 ? 1 : threads;

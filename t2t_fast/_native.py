@@ -23,6 +23,7 @@ def _load():
 _module, _error = _load()
 # Read once here too: the selector asks inside compiled code, where Dynamo cannot call into pybind11.
 _cuda_compiled = bool(_module is not None and _module.compiled_with_cuda())
+_cpu_isas = tuple(_module.cpu_isas()) if _module is not None else ()
 
 
 def native_module():
@@ -38,3 +39,9 @@ def native_error():
 def native_cuda_compiled():
     """True when the extension was built with its CUDA kernels (nvcc found at install time)."""
     return _cuda_compiled
+
+
+def native_cpu_isas():
+    """Instruction sets of the vectorised CPU kernels this CPU runs, best first (``'avx512'``, ``'avx2'``,
+    ``'baseline'``); empty without the extension."""
+    return _cpu_isas

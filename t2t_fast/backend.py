@@ -11,14 +11,19 @@ Backends:
 Precedence: a ``backend=`` argument of a call, then the model's ``backend`` setting, then the
 ``T2T_FAST_BACKEND`` environment variable, then ``auto``. A forced backend that cannot run raises
 :class:`BackendUnavailableError` listing why; ``auto`` never fails where plain torch would work.
-A forced backend that an op does not implement (e.g. ``cpp`` for FAVOR+, whose CPU path is plain
-torch) runs that op's ``torch`` implementation, once the backend itself is known to be usable.
+A forced backend that an op does not implement, or not for this input (e.g. ``cpp`` for FAVOR+ in float16, or
+with a gradient to compute: its C++ kernel is forward-only) runs that op's ``torch`` implementation, once the
+backend itself is known to be usable.
+
+The vectorised C++ CPU kernels run with the best instruction set this CPU has (:func:`cpu_isa`;
+``T2T_FAST_CPU_ISA`` or :func:`set_cpu_isa` choose another), and the backbone's CPU attention with
+:func:`cpu_attention`.
 """
 import os
 
 import torch
 
-from t2t_fast._native import native_cuda_compiled, native_error, native_module
+from t2t_fast._native import native_cpu_isas, native_cuda_compiled, native_error, native_module
 
 BACKENDS = ("auto", "triton", "cuda", "cpp", "torch")
 ENV_VAR = "T2T_FAST_BACKEND"
@@ -248,3 +253,36 @@ def cpu_attention(dtype, grad_enabled, cpu=None):
         return requested
     choices = _CPU_ATTENTION_TABLE.get((cpu or _CPU_CLASS, dtype), ("sdpa", "sdpa"))
     return choices[1] if grad_enabled else choices[0]
+
+
+# --------------------------------------------------------------------- instruction set of the CPU kernels
+
+CPU_ISA_ENV_VAR = "T2T_FAST_CPU_ISA"
+_cpu_isa_override = None
+
+
+def set_cpu_isa(isa):
+    """Run the vectorised CPU kernels of the extension (fused soft split + LayerNorm, FAVOR+) with instruction
+    set ``isa`` (``'avx512'``, ``'avx2'``, ``'baseline'``), or the best this CPU has (``'auto'``/None). Wins over
+    ``T2T_FAST_CPU_ISA``; an ISA this CPU cannot run is a ValueError naming the ones it can."""
+    global _cpu_isa_override
+    _cpu_isa_override = None if isa in (None, "auto") else _check_cpu_isa(isa, "set_cpu_isa")
+
+
+def _check_cpu_isa(isa, source):
+    if isa not in native_cpu_isas():
+        runnable = ", ".join(native_cpu_isas()) or "none: the extension is not loaded"
+        raise ValueError(f"{source}: {isa!r} is not an instruction set this CPU runs the kernels with ({runnable})")
+    return isa
+
+
+def cpu_isa():
+    """The instruction set the vectorised CPU kernels run with: :func:`set_cpu_isa`, then
+    ``T2T_FAST_CPU_ISA`` (``avx512``/``avx2``/``baseline``/``auto``), then the best this CPU has."""
+    if _cpu_isa_override is not None:
+        return _cpu_isa_override
+    requested = os.environ.get(CPU_ISA_ENV_VAR) or "auto"
+    if requested != "auto":
+        return _check_cpu_isa(requested, CPU_ISA_ENV_VAR)
+    isas = native_cpu_isas()
+    return isas[0] if isas else "baseline"

@@ -3,7 +3,7 @@
 # the checks in front of them is checked. Builds a copy of the package into .asan-build/ (the installed package
 # is left as it is) and runs pytest on it; extra arguments go to pytest.
 #
-#   bash tests/run_asan.sh                       # restructurize_unfold and the soft split's native path
+#   bash tests/run_asan.sh                       # restructurize_unfold, the soft split's native path, the CPU kernels
 #   bash tests/run_asan.sh tests/test_x.py -k y  # other tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +29,6 @@ if [ "$(cd / && python -c 'import t2t_fast._C as c; print(c.__file__)')" != "$bu
     exit 2
 fi
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_restructurize_unfold.py tests/test_soft_split_layernorm.py -k "not triton"
+    set -- tests/test_restructurize_unfold.py tests/test_soft_split_layernorm.py tests/test_cpu_kernels.py -k "not triton"
 fi
 python -m pytest "$@" -q -p no:cacheprovider

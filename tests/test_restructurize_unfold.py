@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from t2t_fast._native import native_cuda_compiled, native_module
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.ops import restructurize_unfold, restructurize_unfold_ref
-from t2t_fast.ops._common import split_geometry
+from t2t_fast.ops._common import DTYPE_CODES, split_geometry, storage_extent
 from t2t_fast.testing import (GEOMETRY_CHANGES, assert_call_raised, assert_relative_close,
                               assert_within_reference_error, change_split_geometry, poison_outputs,
                               run_calls_in_subprocess)
@@ -89,9 +89,9 @@ def run_emulated_cuda(x, grid, kernel, stride, padding, dy, index_bits):
     grid_h, grid_w = grid if grid is not None else (0, 0)
     sizes, kernel, stride, padding, (out_h, out_w) = ru_module._validate(x, grid, kernel, stride, padding)
     strides = split_geometry(x, grid_h, grid_w)[1]
-    code = ru_module._DTYPE_CODES[x.dtype]
+    code = DTYPE_CODES[x.dtype]
     y = torch.full((sizes[0], out_h * out_w, sizes[1] * kernel[0] * kernel[1]), float("nan"), dtype=x.dtype)
-    native_module().restructurize_unfold_forward_emulated(x.data_ptr(), ru_module._extent(x), y.data_ptr(),
+    native_module().restructurize_unfold_forward_emulated(x.data_ptr(), storage_extent(x), y.data_ptr(),
                                                           y.numel(), sizes, kernel, stride, padding, strides, code,
                                                           index_bits)
     dx = torch.full(x.shape, float("nan"), dtype=x.dtype)
@@ -220,7 +220,7 @@ def test_cuda_backward_emulated_staged_paths(case, index_bits):
     into channel chunks, images, and windows too large for shared memory (the unstaged kernels)."""
     batch, channels, height, width, tokens, kernel, stride, padding, dtype, dy_offset, gap = BACKWARD_CASES[case]
     dy, dx, geometry = backward_buffers(*BACKWARD_CASES[case])
-    code = ru_module._DTYPE_CODES[dtype]
+    code = DTYPE_CODES[dtype]
     module = native_module()
     plan = module.restructurize_unfold_backward_plan(dy.data_ptr(), dx.data_ptr(), *geometry, code, index_bits)
     elem = dy.element_size()

@@ -13,7 +13,8 @@ bf16/fp16: the reference and compiled providers run under autocast, the fused on
 names (e.g. ``deit_small_patch16_224``, ``resnet50``) run as ``reference`` (eager) and ``compiled``.
 ``--openvino`` (CPU, needs ``openvino``: the ``bench`` extra) also times ``optimize_for_inference`` at fp32 and
 bf16 (and compiled, unless ``--no-compile``) against OpenVINO at fp32 and bf16 on the ONNX export of the same
-weights, interleaved, in a second table (see :mod:`t2t_fast.bench.openvino`).
+weights, interleaved, in a second table (see :mod:`t2t_fast.bench.openvino`). On a CPU without bf16 matmul
+instructions the bf16 rows are left out unless ``--dtype`` asks for a low precision.
 
 Writes a table to stdout and ``<output>/t2t_fast_bench_<cpu|cuda>.{json,png}`` (default ``bench/out``): the
 results with the environment (device, versions, commit, load average, command), and images/s vs batch size
@@ -30,6 +31,7 @@ import time
 
 import torch
 
+from t2t_fast.backend import cpu_has_fast_matmul
 from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, environment, format_table,
                             is_cuda, is_t2t, log, measure_ceilings, plot, run)
 from t2t_fast.bench.openvino import compare as compare_openvino
@@ -63,7 +65,8 @@ def parser():
                    "autocast, and low-precision weights for the fused model's inference (default: float32 on CPU, "
                    "bfloat16 on CUDA)")
     p.add_argument("--openvino", action="store_true", help="CPU: also compare with OpenVINO at fp32 and bf16 "
-                   "(the T2T-ViT models; needs openvino)")
+                   "(bf16 where the CPU has bf16 matmul instructions, or with --dtype; the T2T-ViT models; needs "
+                   "openvino)")
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default: cuda when available)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of "
                    f"{','.join(PROVIDERS)} (default: all)")
@@ -133,15 +136,28 @@ def _measure(args, plan, command):
                       ceilings=ceilings, part=args.part)
         if args.openvino:
             env["openvino"] = openvino_version()
-            low = plan.dtype if plan.dtype != torch.float32 else torch.bfloat16
+            dtypes = _openvino_dtypes(args, plan, log)
             for name in plan.models:
                 comparison += compare_openvino(name, plan.batches, img_size=args.img_size, threads=args.threads,
-                                               warmup=max(plan.warmup, 1), reps=plan.reps,
-                                               dtypes=(torch.float32, low), compile=not args.no_compile, log=log)
+                                               warmup=max(plan.warmup, 1), reps=plan.reps, dtypes=dtypes,
+                                               compile=not args.no_compile, log=log)
         env["wall_seconds"] = round(time.perf_counter() - begin, 1)
         if hasattr(os, "getloadavg"):
             env["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return env, ceilings, results, comparison
+
+
+def _openvino_dtypes(args, plan, log):
+    """fp32 and the low precision of the OpenVINO comparison: ``--dtype`` when it names one, else bf16 where this
+    CPU has bf16 matmul instructions (AMX or AVX512-BF16). Without them a bf16 model runs many times slower than fp32 (and OpenVINO
+    runs a bf16 hint in f32), so its rows are left out unless asked for."""
+    if plan.dtype != torch.float32:
+        return (torch.float32, plan.dtype)
+    if not cpu_has_fast_matmul(torch.bfloat16):
+        log("bf16 rows left out: this CPU has no bf16 matmul instructions, where a bf16 model runs many times "
+            "slower than fp32 (--dtype bfloat16 times them anyway)")
+        return (torch.float32,)
+    return (torch.float32, torch.bfloat16)
 
 
 def _dtype_name(dtype):

@@ -11,6 +11,8 @@ from t2t_fast.backend import BackendUnavailableError
 _poison_outputs = False
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# dtype codes of the native extension (csrc/restructurize_unfold.h: enum DType)
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
 def new_output(shape, dtype, device):
@@ -94,6 +96,12 @@ def as_image(x: torch.Tensor, grid_size: Optional[Tuple[int, int]]) -> torch.Ten
         return x
     batch, _, channels = x.shape
     return x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
+
+
+def storage_extent(tensor):
+    """Elements ``tensor``'s storage holds from its first element: the extension checks what a kernel will
+    reach against it."""
+    return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
 
 
 def cdiv(a, b):

@@ -83,11 +83,14 @@ import math
 
 import torch
 
-from t2t_fast.backend import autocast_enabled, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, compute_dtype
+from t2t_fast._native import native_module
+from t2t_fast.backend import autocast_enabled, cpu_isa, requested_backend, select_backend, unavailable_reason
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, compute_dtype, new_output,
+                                   storage_extent)
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
 EPS_LOG_CLAMP = 80.0  # largest log of the shifted eps term (see the module docstring)
 HALF_NORM_CAP = 2.0 ** 100  # |q|^2/2 enters eps_t capped here: finite, and past the clamp either way
 ROW_SCALE = 2.0 ** -64  # exact scale of the queries whose |q|^2/2 overflows
@@ -256,7 +259,9 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
             Triton kernels.
         eps: added to the denominator, as in the reference (rescaled consistently with the overflow
             shifts; see the module docstring).
-        backend: None/'auto', 'triton' or 'torch' (see :mod:`t2t_fast.backend`).
+        backend: None/'auto', 'triton', 'cpp' or 'torch' (see :mod:`t2t_fast.backend`). 'cpp' (the default
+            on CPU) runs the fused C++ forward for float32/bfloat16 inputs when no gradient is needed; training,
+            float16 and float64 run the torch path.
 
     Returns:
         y (B, T, e) in the input dtype. Differentiable with respect to k, q and v. All feature maths in
@@ -269,7 +274,11 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
     """
     _validate(k, q, v, w, eps)
     _check_w_frozen(w, w.requires_grad and torch.is_grad_enabled())
-    chosen = select_backend(_OP, k.device, ("triton", "torch"), backend)
+    chosen = select_backend(_OP, k.device, ("triton", "cpp", "torch"), backend)
+    if chosen == "cpp":
+        if _cpp_takes(k, q, v):
+            return _cpp_op(k, q, v, w, float(eps))[0]
+        chosen = "torch"
     if chosen == "triton":
         reason = _triton_unsupported(k, q, v, w)
         if reason is not None:
@@ -335,3 +344,69 @@ def _backward(ctx, grad_y, _ds, _dz, _dc):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- C++ (CPU)
+
+def _cpp_takes(k, q, v):
+    """Whether the C++ forward takes these (validated) CPU inputs: float32/bfloat16, and no gradient needed
+    (it has no backward: training runs the torch path, whose autograd is the backward)."""
+    if k.dtype not in _CPP_DTYPES:
+        return False
+    return not (torch.is_grad_enabled() and (k.requires_grad or q.requires_grad or v.requires_grad))
+
+
+def _validate_cpp_op(k, q, v, w, eps):
+    """The checks of ``t2t_fast::favor_attention_cpp``: the wrapper's, then the C++ kernel's (CPU tensors in
+    float32/bfloat16)."""
+    _validate(k, q, v, w, eps)
+    reason = unavailable_reason("cpp", k.device.type)
+    if reason is None and k.dtype not in _CPP_DTYPES:
+        reason = f"dtype {k.dtype} (the C++ kernel takes float32 and bfloat16)"
+    if reason is not None:
+        backend_cannot_take(_OP, "cpp", reason)
+
+
+def _operand(tensor):
+    """(address, extent, batch stride, token stride) of k, q or v; copied when its elements along e are not
+    adjacent (the kernel reads rows of e)."""
+    if tensor.stride(2) != 1 and tensor.shape[2] > 1:
+        tensor = tensor.contiguous()
+    return tensor, (tensor.data_ptr(), storage_extent(tensor), tensor.stride(0), tensor.stride(1))
+
+
+def _buffer(tensor):
+    return tensor.data_ptr(), storage_extent(tensor)
+
+
+@torch.library.custom_op("t2t_fast::favor_attention_cpp", mutates_args=())
+def _cpp_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused C++ forward: y and the state the Triton forward saves (s, z, c_k: float32, the same
+    definitions). Forward only: no autograd is registered."""
+    _validate_cpp_op(k, q, v, w, eps)
+    batch, tokens, width = k.shape
+    m = w.shape[0]
+    y = new_output((batch, tokens, width), k.dtype, k.device)
+    s = new_output((batch, m, width), torch.float32, k.device)
+    z = new_output((batch, m), torch.float32, k.device)
+    c_k = new_output((batch, m), torch.float32, k.device)
+    if batch == 0 or tokens == 0:  # no keys: S' = z' = 0 and c_k = 0, as the torch path
+        return y, s.zero_(), z.zero_(), c_k.zero_()
+    padded = -(-m // 16) * 16
+    w_t = torch.zeros((width, padded), dtype=torch.float32)
+    w_t[:, :m] = w.detach().t()
+    (k, k_op), (q, q_op), (v, v_op) = _operand(k), _operand(q), _operand(v)  # keep any copies alive
+    native_module().favor_attention_forward_cpu(
+        k_op, q_op, v_op, DTYPE_CODES[k.dtype], batch, tokens, width, m, _buffer(w_t), log_eps_m(eps, m),
+        _buffer(y), _buffer(s), _buffer(z), _buffer(c_k), cpu_isa(), torch.get_num_threads())
+    return y, s, z, c_k
+
+
+@_cpp_op.register_fake
+def _(k, q, v, w, eps):
+    _validate_cpp_op(k, q, v, w, eps)
+    batch, tokens, width = k.shape
+    m = w.shape[0]
+    return (k.new_empty((batch, tokens, width)), k.new_empty((batch, m, width), dtype=torch.float32),
+            k.new_empty((batch, m), dtype=torch.float32), k.new_empty((batch, m), dtype=torch.float32))

@@ -26,12 +26,10 @@ import torch.nn.functional as F
 from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend, unavailable_reason
 from t2t_fast.geometry import split_output_size
-from t2t_fast.ops._common import (as_image, backend_cannot_take, check_float_tensor, device_guard, image_sizes,
-                                   is_int, new_output, split_geometry)
+from t2t_fast.ops._common import (DTYPE_CODES, as_image, backend_cannot_take, check_float_tensor, device_guard,
+                                   image_sizes, is_int, new_output, split_geometry, storage_extent)
 
 _OP = "restructurize_unfold"
-# dtype codes of csrc/restructurize_unfold.h (enum DType).
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # The native kernels index in int64 and add a few such offsets: sizes stay well below that.
 _MAX_ELEMENTS = 2**62
 
@@ -124,12 +122,6 @@ def _contiguous_strides(shape, grid_h, grid_w):
     return (channels * height * width, height * width, width, 1)
 
 
-def _extent(tensor):
-    """Elements ``tensor``'s storage holds from its first element: the extension checks the geometry's reach
-    against it."""
-    return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
-
-
 def _native_launch(tensor, cuda_name, cpu_name):
     """The extension's entry point for ``tensor``'s device, and the arguments that follow the geometry's; a
     device the extension cannot run raises :class:`~t2t_fast.backend.BackendUnavailableError`."""
@@ -155,8 +147,8 @@ def restructurize_unfold_fwd(x, grid_h, grid_w, window):
     launch, extra = _native_launch(x, "restructurize_unfold_forward_cuda", "restructurize_unfold_forward_cpu")
     _, strides = split_geometry(x, grid_h, grid_w)
     with device_guard(x):
-        launch(x.data_ptr(), _extent(x), y.data_ptr(), _extent(y), sizes, kernel, step, pad, strides,
-               _DTYPE_CODES[x.dtype], *extra)
+        launch(x.data_ptr(), storage_extent(x), y.data_ptr(), storage_extent(y), sizes, kernel, step, pad, strides,
+               DTYPE_CODES[x.dtype], *extra)
     return y
 
 
@@ -190,8 +182,8 @@ def restructurize_unfold_bwd(dy, input_shape, grid_h, grid_w, window):
     dy = dy.contiguous()
     launch, extra = _native_launch(dy, "restructurize_unfold_backward_cuda", "restructurize_unfold_backward_cpu")
     with device_guard(dy):
-        launch(dy.data_ptr(), _extent(dy), dx.data_ptr(), _extent(dx), sizes, kernel, step, pad,
-               _contiguous_strides(tuple(input_shape), grid_h, grid_w), _DTYPE_CODES[dy.dtype], *extra)
+        launch(dy.data_ptr(), storage_extent(dy), dx.data_ptr(), storage_extent(dx), sizes, kernel, step, pad,
+               _contiguous_strides(tuple(input_shape), grid_h, grid_w), DTYPE_CODES[dy.dtype], *extra)
     return dx
 
 

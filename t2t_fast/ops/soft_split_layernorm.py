@@ -18,10 +18,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from t2t_fast.backend import requested_backend, select_backend
+from t2t_fast._native import native_module
+from t2t_fast.backend import cpu_isa, requested_backend, select_backend
 from t2t_fast.geometry import split_output_size
-from t2t_fast.ops._common import (FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor, compute_dtype,
-                                   image_sizes, is_int)
+from t2t_fast.ops._common import (DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor,
+                                   compute_dtype, image_sizes, is_int, new_output, split_geometry, storage_extent)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
 
 _OP = "soft_split_layernorm"
@@ -185,14 +186,40 @@ def _native_window(kernel_size, stride, padding):
     return [kernel_size, kernel_size, stride, stride, padding, padding]
 
 
+_FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype):
-    """The native gather (CPU / CUDA extension) then torch's LayerNorm in the statistics dtype: returns y
-    (B, L, F) in ``out_dtype`` and the row mean and rstd (B*L,)."""
+    """The native forward: returns y (B, L, F) in ``out_dtype`` and the row mean and rstd (B*L,).
+
+    CPU tensors in float32/bfloat16 (x and out_dtype): the fused C++ kernel (gather + LayerNorm per window
+    row, vectorised with :func:`t2t_fast.backend.cpu_isa`). Otherwise (CUDA, float16, float64): the native
+    gather, then torch's LayerNorm in the statistics dtype."""
+    if x.device.type == "cpu" and x.dtype in _FUSED_CPU_DTYPES and out_dtype in _FUSED_CPU_DTYPES:
+        return _fused_cpu_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype)
     stats = compute_dtype(x.dtype)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, _native_window(kernel_size, stride, padding))
     y, mean, rstd = torch.native_layer_norm(unfolded.to(stats), (unfolded.shape[-1],), weight.to(stats),
                                             bias.to(stats), eps)
     return y.to(out_dtype), mean.reshape(-1), rstd.reshape(-1)
+
+
+def _fused_cpu_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype):
+    sizes, strides = split_geometry(x, grid_h, grid_w)
+    batch, channels, height, width = sizes
+    out_h = split_output_size(height, kernel_size, stride, padding)
+    out_w = split_output_size(width, kernel_size, stride, padding)
+    rows, features = batch * out_h * out_w, channels * kernel_size * kernel_size
+    y = new_output((batch, out_h * out_w, features), out_dtype, x.device)
+    mean, rstd = new_output((rows,), torch.float32, x.device), new_output((rows,), torch.float32, x.device)
+    if rows == 0:
+        return y, mean, rstd
+    weight, bias = weight.float().contiguous(), bias.float().contiguous()
+    native_module().soft_split_layernorm_forward_cpu(
+        x.data_ptr(), storage_extent(x), sizes, (kernel_size,) * 2, (stride,) * 2, (padding,) * 2, strides,
+        DTYPE_CODES[x.dtype], weight.data_ptr(), bias.data_ptr(), features, eps, y.data_ptr(), y.numel(),
+        DTYPE_CODES[out_dtype], mean.data_ptr(), rstd.data_ptr(), rows, cpu_isa(), torch.get_num_threads())
+    return y, mean, rstd
 
 
 def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w,

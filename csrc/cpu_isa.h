@@ -1,0 +1,45 @@
+// CPU instruction sets the vectorised CPU kernels are compiled for, and the choice among them at run time.
+//
+// The kernels of cpu_kernels.inc are compiled three times, once per translation unit cpu_kernels_<isa>.cpp
+// with that unit's `#pragma GCC target`, into the namespaces t2t::avx512, t2t::avx2 and t2t::baseline. Each
+// unit exports one table of entry points (CpuKernels); callers pick a table with cpu_kernels(isa). The
+// orchestration (threads, scratch, reductions) is ordinary code compiled for the baseline ISA.
+#pragma once
+
+#include <cstdint>
+
+namespace t2t {
+
+// Ordered: a CPU that runs one runs those below it.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+struct FavorProblem;  // favor_attention_cpu.h
+
+// Entry points of the vectorised kernels, one table per ISA. Sizes are int64_t; pointers are the caller's
+// buffers (checked in bindings.cpp). `Storage` codes are t2t::DType values (kFloat32 or kBFloat16 here).
+struct CpuKernels {
+  // LayerNorm of `rows` gathered rows of `features` elements (src: storage dtype `src_dtype`, rows
+  // `src_stride` elements apart) into dst (dtype `dst_dtype`, rows of `features`), with float32 statistics
+  // and affine parameters (weight/bias: `features` floats); writes mean[r], rstd[r].
+  void (*layernorm_rows)(const void* src, int src_dtype, int64_t src_stride, int64_t rows, int64_t features,
+                         const float* weight, const float* bias, float eps, void* dst, int dst_dtype, float* mean,
+                         float* rstd);
+  // FAVOR+ key side of one chunk of tokens, see favor_attention_cpu.cpp.
+  void (*favor_key_chunk)(const FavorProblem& p, int64_t image, int64_t first, int64_t count, float* work,
+                          float* chunk_max, float* chunk_s, float* chunk_z);
+  // FAVOR+ query side of one chunk of tokens: y of those tokens.
+  void (*favor_query_chunk)(const FavorProblem& p, int64_t image, int64_t first, int64_t count,
+                            float* work);
+};
+
+namespace avx512 { extern const CpuKernels kernels; }
+namespace avx2 { extern const CpuKernels kernels; }
+namespace baseline { extern const CpuKernels kernels; }
+
+// The best ISA this CPU runs (AVX-512 needs F, BW, DQ and VL; AVX2 needs FMA too).
+Isa best_cpu_isa();
+// The kernels for `isa`; std::invalid_argument when this CPU cannot run it.
+const CpuKernels& cpu_kernels(Isa isa);
+const char* isa_name(Isa isa);
+
+}  // namespace t2t

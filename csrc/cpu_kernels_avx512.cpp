@@ -1,0 +1,20 @@
+// The kernels of cpu_kernels.inc for AVX-512 (F, BW, DQ, VL), as t2t::avx512::kernels.
+// Everything with external linkage is included before the target pragma (see cpu_vector.h).
+#include <cstdint>
+
+#include "cpu_isa.h"
+#include "favor_attention_cpu.h"
+#include "restructurize_unfold.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi2")
+#endif
+
+#define T2T_VECTOR_BYTES 64
+#define T2T_VECTOR_REGISTERS 32
+
+namespace t2t {
+namespace avx512 {
+#include "cpu_kernels.inc"
+}  // namespace avx512
+}  // namespace t2t

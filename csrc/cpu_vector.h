@@ -1,0 +1,90 @@
+// Float vectors in GCC vector extensions, for the kernels of cpu_kernels.inc: T2T_VECTOR_BYTES wide (64 for
+// AVX-512, 32 for AVX2, 16 for SSE), with T2T_VECTOR_REGISTERS registers of that width (32 or 16).
+//
+// No include guard and internal linkage only: cpu_kernels_<isa>.cpp defines both macros and includes this once
+// per ISA namespace after its `#pragma GCC target`, so the same source becomes zmm, ymm or xmm code. Nothing here may call an
+// inline function or template with external linkage (a std:: one, or one of another header): its copy compiled
+// for AVX-512 could be the one the linker keeps for every caller.
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors pass between inlined static functions only
+
+typedef float Vec __attribute__((vector_size(T2T_VECTOR_BYTES)));
+typedef int32_t VecI __attribute__((vector_size(T2T_VECTOR_BYTES)));
+typedef uint32_t VecU __attribute__((vector_size(T2T_VECTOR_BYTES)));
+typedef uint16_t VecH __attribute__((vector_size(T2T_VECTOR_BYTES / 2)));
+
+constexpr int64_t kLanes = T2T_VECTOR_BYTES / 4;
+constexpr int kVectorRegisters = T2T_VECTOR_REGISTERS;
+
+static inline Vec splat(float s) { return Vec{} + s; }
+static inline Vec load(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+static inline void store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// bfloat16 <-> float32 (round to nearest even; NaN stays NaN), as the scalar versions in restructurize_unfold.h.
+static inline Vec load_bf16(const uint16_t* p) {
+  VecH h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return reinterpret_cast<Vec>(__builtin_convertvector(h, VecU) << 16);
+}
+static inline void store_bf16(uint16_t* p, Vec v) {
+  const VecU u = reinterpret_cast<VecU>(v);
+  const VecU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const VecU nan = (u >> 16) | 0x40u;
+  const VecU bits = reinterpret_cast<VecU>(v != v ? reinterpret_cast<VecI>(nan) : reinterpret_cast<VecI>(rounded));
+  const VecH h = __builtin_convertvector(bits, VecH);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
+static inline Vec vmin(Vec a, Vec b) { return a < b ? a : b; }
+static inline float fmax_scalar(float a, float b) { return a > b ? a : b; }
+
+static inline float reduce_add(Vec v) {
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += v[i];
+  return sum;
+}
+static inline float reduce_max(Vec v) {
+  float best = v[0];
+  for (int i = 1; i < kLanes; ++i) best = v[i] > best ? v[i] : best;
+  return best;
+}
+
+// Lanes i < n set, as a select mask.
+static inline VecI lanes_below(int64_t n) {
+  VecI index;
+  for (int i = 0; i < kLanes; ++i) index[i] = i;
+  const int32_t bound = n < kLanes ? static_cast<int32_t>(n) : static_cast<int32_t>(kLanes);
+  return index < bound;
+}
+
+// exp(x), within 2 ulp of expf on [-87.3, 88.7]; 0 below (and for -inf), +inf above; NaN stays NaN.
+// Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent bits.
+static inline Vec vexp(Vec x) {
+  const Vec lo = splat(-87.33654f), hi = splat(88.72283f);
+  const VecI under = x < lo, over = x > hi;
+  x = vmin(vmax(x, lo), hi);  // NaN passes both comparisons unchanged
+  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const Vec shifted = x * 1.44269504088896341f + magic;
+  const Vec n = shifted - magic;
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  // n is in [-126, 128]: 2^n as exponent bits, split in two factors so that n = 128 does not overflow them
+  const VecI e = reinterpret_cast<VecI>(shifted) - reinterpret_cast<VecI>(magic);
+  const VecI half = e >> 1;
+  const Vec scale_a = reinterpret_cast<Vec>((half + 127) << 23);
+  const Vec scale_b = reinterpret_cast<Vec>((e - half + 127) << 23);
+  Vec result = p * scale_a * scale_b;
+  result = under ? splat(0.0f) : result;
+  return over ? splat(__builtin_inff()) : result;
+}
