@@ -9,6 +9,7 @@
   Providers run one after another here; ``t2t-fast bench --device cpu --openvino`` times them interleaved.
 """
 import functools
+import importlib
 import itertools
 import os
 import tempfile
@@ -95,3 +96,55 @@ def test_cpu_inference(benchmark, models, cpu_threads, timed, batch, provider, d
         ceiling = bench.measure_matmul_ceiling("cpu", DTYPES[dtype])
         benchmark.extra_info.update(batch=batch, provider=provider, dtype=dtype,
                                     **bench.compute_info(2 * bench.MACS_224[MODEL] * batch, seconds, ceiling))
+
+
+# The T2T layers' fused CPU kernels at t2t_vit_14's shapes, batch 8 (inference): FAVOR+ on the (B, T, 3e)
+# projection's views (T = 3136 and 784, e = 64, m = 32) and the two soft splits + LayerNorm, as the C++ kernels
+# on every ISA this CPU runs and as the torch path (FAVOR+: the stabilised torch ops; soft split: the native
+# gather, then torch's LayerNorm, the path before the fused kernel).
+T2T_CASES = {"favor_3136": 3136, "favor_784": 784, "split_image": None, "split_tokens": (56, 56)}
+
+
+def _t2t_case(case, dtype):
+    batch = 8
+    if case.startswith("favor"):
+        kqv = torch.randn(batch, T2T_CASES[case], 192).to(dtype)
+        w = torch.nn.init.orthogonal_(torch.empty(32, 64)) * 32 ** 0.5
+        return [(*kqv.split(64, dim=-1), w)], 4 * 2 * batch * T2T_CASES[case] * 32 * 64
+    grid = T2T_CASES[case]
+    x = torch.randn(batch, 3, 224, 224) if grid is None else torch.randn(batch, grid[0] * grid[1], 64)
+    features = 147 if grid is None else 576
+    return [(x.to(dtype), torch.randn(features), torch.randn(features), grid)], None
+
+
+@pytest.mark.parametrize("case,dtype,provider", list(itertools.product(
+    T2T_CASES, ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_cpu_isas()] + ["torch"])))
+def test_cpu_t2t_kernels(benchmark, cpu_threads, timed, case, dtype, provider):
+    benchmark.group = f"cpu T2T kernel {case} {dtype} B=8"
+    inputs, flops = _t2t_case(case, DTYPES[dtype])
+    if case.startswith("favor"):
+        backend = "cpp" if provider.startswith("cpp") else "torch"
+
+        def step(k, q, v, w):
+            return t2t_fast.ops.favor_attention(k, q, v, w, backend=backend)
+    else:
+        split = (7, 4, 2) if T2T_CASES[case] is None else (3, 2, 1)
+        ops = importlib.import_module("t2t_fast.ops.soft_split_layernorm")
+        restructurize = importlib.import_module("t2t_fast.ops.restructurize_unfold")
+
+        def step(x, weight, bias, grid):
+            if provider.startswith("cpp"):
+                return ops.soft_split_layernorm(x, *split, weight, bias, grid_size=grid, backend="cpp")
+            rows = restructurize.restructurize_unfold_fwd(x, *(grid or (0, 0)), [split[0]] * 2 + [split[1]] * 2
+                                                          + [split[2]] * 2)
+            return torch.native_layer_norm(rows.float(), (rows.shape[-1],), weight, bias, 1e-5)[0].to(x.dtype)
+    try:
+        t2t_fast.backend.set_cpu_isa(provider[4:] if provider.startswith("cpp") else None)
+        with torch.inference_mode():
+            seconds = timed(step, inputs, rounds=15, warmup_rounds=3)
+    finally:
+        t2t_fast.backend.set_cpu_isa(None)
+    benchmark.extra_info.update(case=case, dtype=dtype, provider=provider)
+    if seconds is not None and flops is not None:
+        ceiling = bench.measure_matmul_ceiling("cpu", torch.float32)
+        benchmark.extra_info.update(**bench.compute_info(flops, seconds, ceiling))

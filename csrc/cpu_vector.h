@@ -16,7 +16,9 @@ typedef uint16_t VecH __attribute__((vector_size(T2T_VECTOR_BYTES / 2)));
 constexpr int64_t kLanes = T2T_VECTOR_BYTES / 4;
 constexpr int kVectorRegisters = T2T_VECTOR_REGISTERS;
 
-static inline Vec splat(float s) { return Vec{} + s; }
+// A broadcast: s - (+0) is s for every s, so GCC emits the broadcast alone (Vec{} + s would add +0.0 first, which
+// turns -0.0 into +0.0; an element-wise fill becomes a chain of inserts).
+static inline Vec splat(float s) { return s - Vec{}; }
 static inline Vec load(const float* p) {
   Vec v;
   __builtin_memcpy(&v, p, sizeof(v));

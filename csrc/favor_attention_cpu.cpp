@@ -34,7 +34,7 @@ void favor_attention_forward_cpu(FavorProblem p, float* s, float* z, float* c_k,
   std::vector<float> chunk_max(tasks * mp), chunk_s(tasks * mp * ep), chunk_z(tasks * mp);
   std::vector<float> c_k_pad(p.batch * mp), s_pad(p.batch * mp * ep, 0.0f), z_pad(p.batch * mp, 0.0f);
   const int64_t work_floats = favor_work_floats(p);
-  std::vector<float> work(static_cast<size_t>(threads) * work_floats);
+  std::vector<float> work(static_cast<std::size_t>(threads) * work_floats);
   const float inf = std::numeric_limits<float>::infinity();
   p.c_k_pad = c_k_pad.data();
   p.s_pad = s_pad.data();

@@ -131,7 +131,8 @@ def test_bf16_autocast_error_within_twice_the_reference(name, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_first_split_writes_the_autocast_dtype(dtype, monkeypatch):
     """Under autocast the first soft split reads the fp32 image and writes its rows in the autocast dtype
-    (no fp32 rows and cast): the first projection's input has that dtype and equals the fp32 rows rounded once."""
+    (no fp32 rows and cast): the first projection's input has that dtype and is the fp32 rows rounded once (within
+    half a unit in the last place of the dtype, plus the fp32 rounding of the statistics)."""
     torch.manual_seed(0)
     model = t2t_fast.create_model("t2t_vit_7", img_size=64).eval()
     layer = model.tokens_to_token.attention1
@@ -150,7 +151,9 @@ def test_first_split_writes_the_autocast_dtype(dtype, monkeypatch):
     rows = t2t_fast.ops.soft_split_layernorm_ref(x, kernel, stride, padding, layer.norm1.weight.detach(),
                                                  layer.norm1.bias.detach(), layer.norm1.eps)
     assert seen[0].dtype == dtype
-    torch.testing.assert_close(seen[0], rows.to(dtype), rtol=0, atol=0)
+    half_ulp = torch.finfo(dtype).eps / 2
+    error = (seen[0].float() - rows).abs()
+    assert (error <= rows.abs() * (half_ulp + 1e-5) + 1e-6).all(), error.max()
 
 
 @pytest.mark.parametrize("mode", ["autocast-bf16", "autocast-fp16", "bf16-weights"])
