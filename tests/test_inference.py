@@ -278,3 +278,20 @@ def test_bench_openvino_needs_whole_t2t_models(argv, tmp_path, capsys):
     assert bench_cli.main(["--device", "cpu", "--output", str(tmp_path), *argv]) == 2
     assert "--openvino compares whole T2T-ViT models on CPU" in capsys.readouterr().err
     assert not (tmp_path / "t2t_fast_bench_cpu.json").exists()
+
+
+@pytest.mark.parametrize("cpu_class, dtype, expected", [
+    ("none", None, (torch.float32,)), ("none", "bfloat16", (torch.float32, torch.bfloat16)),
+    ("none", "float16", (torch.float32, torch.float16)), ("avx512_bf16", None, (torch.float32, torch.bfloat16)),
+    ("amx", "float32", (torch.float32, torch.bfloat16))])
+def test_bench_openvino_leaves_bf16_out_without_bf16_matmuls(monkeypatch, cpu_class, dtype, expected):
+    """Without bf16 matmul instructions a bf16 model runs many times slower than fp32 (and OpenVINO runs its bf16
+    hint in f32): the comparison times fp32 only, unless --dtype asks for a low precision."""
+    from t2t_fast.cli import bench as bench_cli
+
+    monkeypatch.setattr(backend, "_CPU_CLASS", cpu_class)
+    args = bench_cli.parser().parse_args(["--device", "cpu"] + (["--dtype", dtype] if dtype else []))
+    plan = bench_cli._plan(args)  # (without --openvino: the plan needs no openvino installed)
+    logged = []
+    assert bench_cli._openvino_dtypes(args, plan, logged.append) == expected
+    assert bool(logged) == (expected == (torch.float32,))

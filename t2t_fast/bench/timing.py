@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from t2t_fast.backend import cpu_has_fast_matmul
+
 CPU_THREADS = 2  # the CPU protocol of the benchmarks: fp32, 2 threads
 
 
@@ -114,10 +116,11 @@ def measure_copy_bandwidth(device, nbytes=None, reps=10):
 
 
 def measure_matmul_ceiling(device, dtype=None, size=None, reps=10):
-    """FLOP/s of a large square matmul, best of ``reps`` (CUDA: bf16 8192^3; CPU: fp32 2048^3 by default)."""
+    """FLOP/s of a large square matmul, best of ``reps`` (CUDA: bf16 8192^3; CPU: fp32 2048^3 by default, 512^3
+    for a dtype the CPU has no matmul instructions for, which runs ~100x slower)."""
     cuda = is_cuda(device)
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
-    size = size or (8192 if cuda else 2048)
+    size = size or (8192 if cuda else 2048 if cpu_has_fast_matmul(dtype) else 512)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = min(time_calls(lambda: torch.mm(a, b), [()], device, warmup=2, reps=reps))
