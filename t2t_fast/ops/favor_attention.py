@@ -303,13 +303,23 @@ def _fwd_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     return forward(k, q, v, w, eps)
 
 
+def _forward_outputs(k, w, allocate):
+    """The forwards' outputs from ``allocate(shape, dtype)``: y (B, T, e) in k's dtype and the float32 state
+    s (B, m, e), z (B, m), c_k (B, m)."""
+    batch, tokens, width = k.shape
+    m = w.shape[0]
+    return (allocate((batch, tokens, width), k.dtype), allocate((batch, m, width), torch.float32),
+            allocate((batch, m), torch.float32), allocate((batch, m), torch.float32))
+
+
+def _new_empty(like):
+    return lambda shape, dtype: like.new_empty(shape, dtype=dtype)
+
+
 @_fwd_op.register_fake
 def _(k, q, v, w, eps):
     _validate_fwd_op(k, q, v, w, eps)
-    batch, tokens, width = k.shape
-    m = w.shape[0]
-    return (v.new_empty((batch, tokens, width)), k.new_empty((batch, m, width), dtype=torch.float32),
-            k.new_empty((batch, m), dtype=torch.float32), k.new_empty((batch, m), dtype=torch.float32))
+    return _forward_outputs(k, w, _new_empty(k))
 
 
 @torch.library.custom_op("t2t_fast::favor_attention_bwd", mutates_args=())
@@ -387,10 +397,7 @@ def _cpp_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     _validate_cpp_op(k, q, v, w, eps)
     batch, tokens, width = k.shape
     m = w.shape[0]
-    y = new_output((batch, tokens, width), k.dtype, k.device)
-    s = new_output((batch, m, width), torch.float32, k.device)
-    z = new_output((batch, m), torch.float32, k.device)
-    c_k = new_output((batch, m), torch.float32, k.device)
+    y, s, z, c_k = _forward_outputs(k, w, lambda shape, dtype: new_output(shape, dtype, k.device))
     if batch == 0 or tokens == 0:  # no keys: S' = z' = 0 and c_k = 0, as the torch path
         return y, s.zero_(), z.zero_(), c_k.zero_()
     padded = -(-m // 16) * 16
@@ -406,7 +413,4 @@ def _cpp_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
 @_cpp_op.register_fake
 def _(k, q, v, w, eps):
     _validate_cpp_op(k, q, v, w, eps)
-    batch, tokens, width = k.shape
-    m = w.shape[0]
-    return (k.new_empty((batch, tokens, width)), k.new_empty((batch, m, width), dtype=torch.float32),
-            k.new_empty((batch, m), dtype=torch.float32), k.new_empty((batch, m), dtype=torch.float32))
+    return _forward_outputs(k, w, _new_empty(k))
