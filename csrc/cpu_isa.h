@@ -16,7 +16,7 @@ enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 struct FavorProblem;  // favor_attention_cpu.h
 
 // Entry points of the vectorised kernels, one table per ISA. Sizes are int64_t; pointers are the caller's
-// buffers (checked in bindings.cpp). `Storage` codes are t2t::DType values (kFloat32 or kBFloat16 here).
+// buffers (checked in bindings.cpp). dtype codes are t2t::DType values (kFloat32 or kBFloat16 here).
 struct CpuKernels {
   // LayerNorm of `rows` gathered rows of `features` elements (src: storage dtype `src_dtype`, rows
   // `src_stride` elements apart) into dst (dtype `dst_dtype`, rows of `features`), with float32 statistics
