@@ -1,9 +1,11 @@
 """CPU inference benchmarks: the backbone attention kernels behind :func:`t2t_fast.backend.cpu_attention`, and
 :func:`t2t_fast.optimize_for_inference` beside OpenVINO.
 
-* ``test_cpu_attention``: one backbone attention of T2T-ViT-14 (6 heads of 64, 197 tokens) as torch's CPU flash
-  kernel (``sdpa``) and as matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward without grad (``infer``)
-  and forward + backward (``train``), batch 1 and 8, 2 threads: the measurements the choice table is made of.
+* ``test_cpu_attention``: one backbone attention of T2T-ViT-14 (6 heads of 64, 197 tokens) from its (B, T, 3*384)
+  qkv projection to the (B, T, 384) heads: the extension's bf16 kernel (``cpp``: bf16 inference on AVX512-BF16
+  CPUs), torch's CPU flash kernel (``sdpa``) and matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward
+  without grad (``infer``) and forward + backward (``train``), batch 1 and 8, 2 threads: the measurements the
+  choice table is made of.
 * ``test_cpu_inference``: T2T-ViT-14 at 224 px, 2 threads, batch 1 and 8: ``optimize_for_inference`` at fp32 and
   bf16 and OpenVINO at f32 and bf16 on the ONNX export of the same weights (skipped without ``openvino``).
   Providers run one after another here; ``t2t-fast bench --device cpu --openvino`` times them interleaved.
@@ -27,15 +29,21 @@ HEADS, TOKENS, HEAD_DIM = 6, 197, 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _matmul_attention(q, k, v):
-    return ((q @ k.transpose(-2, -1)) * HEAD_DIM ** -0.5).softmax(dim=-1) @ v
+def _matmul_attention(qkv):
+    q, k, v = t2t_fast.model.split_heads(qkv, HEADS)
+    return (((q @ k.transpose(-2, -1)) * HEAD_DIM ** -0.5).softmax(dim=-1) @ v).transpose(1, 2).flatten(2)
 
 
-def _sdpa_attention(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5)
+def _sdpa_attention(qkv):
+    q, k, v = t2t_fast.model.split_heads(qkv, HEADS)
+    return F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5).transpose(1, 2).flatten(2)
 
 
-KERNELS = {"sdpa": _sdpa_attention, "matmul": _matmul_attention}
+def _cpp_attention(qkv):
+    return t2t_fast.ops.multihead_attention(qkv, HEADS, HEAD_DIM ** -0.5, backend="cpp")
+
+
+KERNELS = {"cpp": _cpp_attention, "sdpa": _sdpa_attention, "matmul": _matmul_attention}
 
 
 @pytest.mark.parametrize("dtype,mode,batch,kernel", list(itertools.product(DTYPES, ("infer", "train"), (1, 8),
@@ -43,17 +51,23 @@ KERNELS = {"sdpa": _sdpa_attention, "matmul": _matmul_attention}
 def test_cpu_attention(benchmark, cpu_threads, timed, dtype, mode, batch, kernel):
     benchmark.group = f"cpu attention {dtype} {mode} B={batch} ({t2t_fast.backend.cpu_class()})"
     grad = mode == "train"
-    inputs = [tuple(torch.randn(batch, HEADS, TOKENS, HEAD_DIM, dtype=DTYPES[dtype], requires_grad=grad)
-                    for _ in range(3)) for _ in range(3)]
-    dy = torch.randn(batch, HEADS, TOKENS, HEAD_DIM, dtype=DTYPES[dtype])
+    inputs = [(torch.randn(batch, TOKENS, 3 * HEADS * HEAD_DIM, dtype=DTYPES[dtype], requires_grad=grad),)
+              for _ in range(3)]
+    if kernel == "cpp":
+        reason = t2t_fast.ops.multihead_attention_cpp_unsupported(inputs[0][0], HEADS)
+        if reason is not None and not grad:
+            pytest.skip(f"the C++ kernel cannot take this input: {reason}")
+        if grad:
+            pytest.skip("the C++ kernel is forward-only")
+    dy = torch.randn(batch, TOKENS, HEADS * HEAD_DIM, dtype=DTYPES[dtype])
     fn = KERNELS[kernel]
 
-    def step(q, k, v):
+    def step(qkv):
         if grad:
-            fn(q, k, v).backward(dy)
+            fn(qkv).backward(dy)
         else:
             with torch.inference_mode():
-                fn(q, k, v)
+                fn(qkv)
 
     timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
     benchmark.extra_info.update(kernel=kernel, chosen=t2t_fast.backend.cpu_attention(DTYPES[dtype], grad))

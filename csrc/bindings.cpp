@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "cpu_isa.h"
 #include "favor_attention_cpu.h"
 #include "restructurize_unfold.h"
@@ -27,7 +29,8 @@ bool compiled_with_cuda() {
 }
 
 std::vector<std::string> compiled_kernels() {
-  std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu"};
+  std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu",
+                                    "attention_cpu"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
@@ -283,6 +286,31 @@ void favor_attention_forward(const Operand& k, const Operand& q, const Operand& 
   t2t::favor_attention_forward_cpu(p, reinterpret_cast<float*>(s.first), reinterpret_cast<float*>(z.first),
                                    reinterpret_cast<float*>(c_k.first), chosen, threads);
 }
+
+void attention_forward(const Operand& qkv, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
+                       double scale, const Buffer& out, int threads) {
+  const std::string op = "multihead_attention";
+  if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  if (batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 16 != 0) {
+    throw py::value_error(op + ": batch, tokens and heads must be positive and head_dim a positive multiple of 16");
+  }
+  if (!(scale > 0.0) || !std::isfinite(scale)) throw py::value_error(op + ": scale must be positive and finite");
+  const auto& [address, extent, stride_b, stride_t] = qkv;
+  if (stride_b < 0 || stride_t < 0) throw py::value_error(op + ": negative strides");
+  if (stride_t > t2t::kAttentionMaxTokenStride) {
+    throw py::value_error(op + ": the token stride of qkv exceeds " + std::to_string(t2t::kAttentionMaxTokenStride) +
+                          " elements");
+  }
+  const int64_t width = checked_mul(checked_mul(heads, head_dim), 3);
+  const int64_t reach =
+      checked_add(checked_add(checked_mul(batch - 1, stride_b), checked_mul(tokens - 1, stride_t)), width);
+  check_extent(op, "qkv", address, extent, reach, 2);
+  check_extent(op, "out", out.first, out.second, checked_mul(checked_mul(batch, tokens), width / 3), 2);
+  t2t::AttentionProblem p{batch,    tokens,   heads, head_dim, reinterpret_cast<const uint16_t*>(address),
+                          stride_b, stride_t, static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.first)};
+  py::gil_scoped_release release;
+  t2t::attention_forward_cpu(p, threads);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -305,6 +333,14 @@ PYBIND11_MODULE(_C, m) {
         "Fused FAVOR+ forward: y (B, T, e) contiguous and the float32 state s (B, m, e), z (B, m), c_k (B, m); "
         "k, q, v as (address, extent, batch stride, token stride) with adjacent elements along e; w_t (e, m "
         "rounded up to 16) float32; the outputs and w_t as (address, extent)");
+
+  m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
+        "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");
+  m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("batch"), py::arg("tokens"),
+        py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("threads"),
+        "Softmax attention forward in bfloat16: out (B, T, heads*head_dim) contiguous from qkv viewed as "
+        "(B, T, 3, heads, head_dim), given as (address, extent, batch stride, token stride) with adjacent "
+        "elements along the last dimension; out as (address, extent)");
 
   constexpr auto kForward = Direction::kForward;
   constexpr auto kBackward = Direction::kBackward;

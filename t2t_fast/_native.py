@@ -24,6 +24,7 @@ _module, _error = _load()
 # Read once here too: the selector asks inside compiled code, where Dynamo cannot call into pybind11.
 _cuda_compiled = bool(_module is not None and _module.compiled_with_cuda())
 _cpu_isas = tuple(_module.cpu_isas()) if _module is not None else ()
+_attention_bf16 = bool(_module is not None and _module.attention_bf16_supported())
 
 
 def native_module():
@@ -45,3 +46,8 @@ def native_cpu_isas():
     """Instruction sets of the vectorised CPU kernels this CPU runs, best first (``'avx512'``, ``'avx2'``,
     ``'baseline'``); empty without the extension."""
     return _cpu_isas
+
+
+def native_attention_bf16():
+    """True when the extension's bfloat16 attention kernel runs on this CPU (AVX-512 with BF16 dot products)."""
+    return _attention_bf16

@@ -168,7 +168,7 @@ def available_backends(device_type):
 
 # ------------------------------------------------------------------------------- CPU attention kernel
 
-CPU_ATTENTION_KERNELS = ("auto", "sdpa", "matmul")
+CPU_ATTENTION_KERNELS = ("auto", "cpp", "sdpa", "matmul")
 CPU_ATTENTION_ENV_VAR = "T2T_FAST_CPU_ATTENTION"
 CPU_CLASSES = ("amx", "avx512_bf16", "none")
 
@@ -179,6 +179,9 @@ CPU_CLASSES = ("amx", "avx512_bf16", "none")
 # pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
 # hardware, are many times slower than the flash kernel, which does its maths in fp32. RESULTS.md says which
 # CPU each row was measured on; the AMX fp16 row was not measured and follows the other classes.
+# Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, bf16 inference on AVX512-BF16) can take
+# the input, it runs instead on the classes in _CPU_ATTENTION_CPP_CLASSES, where it was measured fastest; the
+# table's choice is what runs where it cannot.
 _CPU_ATTENTION_TABLE = {
     ("amx", torch.float32): ("sdpa", "sdpa"),
     ("amx", torch.bfloat16): ("sdpa", "matmul"),
@@ -190,6 +193,7 @@ _CPU_ATTENTION_TABLE = {
     ("none", torch.bfloat16): ("sdpa", "sdpa"),
     ("none", torch.float16): ("sdpa", "sdpa"),
 }
+_CPU_ATTENTION_CPP_CLASSES = ("avx512_bf16",)
 _cpu_attention_override = None
 
 
@@ -230,28 +234,35 @@ def cpu_has_fast_matmul(dtype):
 
 
 def set_cpu_attention(kernel):
-    """Force the backbone's CPU attention kernel for this process: ``'sdpa'``, ``'matmul'``, or ``'auto'``/None
-    (the table per CPU class, dtype and grad mode). Wins over ``T2T_FAST_CPU_ATTENTION``."""
+    """Force the backbone's CPU attention kernel for this process: ``'cpp'``, ``'sdpa'``, ``'matmul'``, or
+    ``'auto'``/None (the table per CPU class, dtype and grad mode). Wins over ``T2T_FAST_CPU_ATTENTION``.
+    ``'cpp'`` applies where the C++ kernel can take the input (bf16 inference on AVX512-BF16 CPUs); elsewhere
+    the table chooses."""
     global _cpu_attention_override
     if kernel is not None and kernel not in CPU_ATTENTION_KERNELS:
         raise ValueError(f"unknown CPU attention kernel {kernel!r}; expected one of {', '.join(CPU_ATTENTION_KERNELS)}")
     _cpu_attention_override = None if kernel == "auto" else kernel
 
 
-def cpu_attention(dtype, grad_enabled, cpu=None):
-    """The backbone attention kernel for CPU tensors whose maths run in ``dtype``: ``'sdpa'`` or ``'matmul'``.
+def cpu_attention(dtype, grad_enabled, cpu=None, cpp_takes=False):
+    """The backbone attention kernel for CPU tensors whose maths run in ``dtype``: ``'cpp'``, ``'sdpa'`` or
+    ``'matmul'``. ``cpp_takes``: whether the C++ kernel can take this call's input
+    (:func:`t2t_fast.ops.multihead_attention.cpp_unsupported` is None); ``'cpp'`` is only returned then.
 
-    Precedence: :func:`set_cpu_attention`, then ``T2T_FAST_CPU_ATTENTION`` (``sdpa``/``matmul``/``auto``), then
-    the measured table for ``cpu`` (default: this machine's :func:`cpu_class`) and the grad mode."""
-    if _cpu_attention_override is not None:
-        return _cpu_attention_override
-    requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
-    if requested not in CPU_ATTENTION_KERNELS:
-        raise ValueError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one of "
-                         f"{', '.join(CPU_ATTENTION_KERNELS)}")
-    if requested != "auto":
+    Precedence: :func:`set_cpu_attention`, then ``T2T_FAST_CPU_ATTENTION`` (``cpp``/``sdpa``/``matmul``/``auto``),
+    then the measured table for ``cpu`` (default: this machine's :func:`cpu_class`) and the grad mode."""
+    requested = _cpu_attention_override
+    if requested is None:
+        requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
+        if requested not in CPU_ATTENTION_KERNELS:
+            raise ValueError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one "
+                             f"of {', '.join(CPU_ATTENTION_KERNELS)}")
+    cpu = cpu or _CPU_CLASS
+    if cpp_takes and (requested == "cpp" or (requested == "auto" and cpu in _CPU_ATTENTION_CPP_CLASSES)):
+        return "cpp"
+    if requested in ("sdpa", "matmul"):
         return requested
-    choices = _CPU_ATTENTION_TABLE.get((cpu or _CPU_CLASS, dtype), ("sdpa", "sdpa"))
+    choices = _CPU_ATTENTION_TABLE.get((cpu, dtype), ("sdpa", "sdpa"))
     return choices[1] if grad_enabled else choices[0]
 
 

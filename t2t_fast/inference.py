@@ -9,8 +9,9 @@ Low-precision weights instead of ``torch.autocast``, which re-casts every weight
 the LayerNorm affine parameters (the statistics are fp32 in every LayerNorm kernel anyway; fp32 parameters keep
 the affine at that precision too, which lowers the logits' error) and the FAVOR+ feature maths of the performer
 layers (the op computes them in fp32 whatever its inputs). Everything else, the fixed sinusoid ``pos_embed``
-included, is cast. The backbone's CPU attention kernel follows :func:`t2t_fast.backend.cpu_attention` (per CPU
-class, dtype and grad mode).
+included, is cast. On a CPU the linear layers run through oneDNN's linear primitive with their weights packed
+once and the MLPs' GELU fused (:mod:`t2t_fast.onednn`), and the backbone's attention kernel follows
+:func:`t2t_fast.backend.cpu_attention` (per CPU class, dtype and grad mode).
 """
 import copy
 import warnings
@@ -18,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from t2t_fast import backend
+from t2t_fast import backend, onednn
 
 # names the command-line tools and this module accept for the inference dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -87,7 +88,8 @@ def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):
 
     Returns:
         An :class:`InferenceModel`: call it with float32 images as the original model; it returns logits in the
-        images' dtype, computed in ``dtype`` without autograd."""
+        images' dtype, computed in ``dtype`` without autograd. On a CPU its linears are
+        :class:`t2t_fast.onednn.OneDnnLinear` (same state_dict)."""
     if isinstance(model, InferenceModel):
         raise TypeError("the model is already an optimize_for_inference model: pass the original model")
     dtype = inference_dtype(dtype)
@@ -102,5 +104,7 @@ def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):
         converted.to(dtype)
         for module, state in kept:  # the fp32 values as they were, not their low-precision rounding
             module.float().load_state_dict(state)
+    if on_cpu:
+        onednn.use_onednn_linears(converted)
     compiled = torch.compile(converted, options={"freezing": True}) if compile else None
     return InferenceModel(converted, dtype, compiled).eval()

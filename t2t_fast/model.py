@@ -18,7 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from t2t_fast import ops, reference
+from t2t_fast import onednn, ops, reference
 from t2t_fast.backend import autocast_enabled, check_backend_name, cpu_attention
 from t2t_fast.geometry import image_token_grids
 from t2t_fast.ops.favor_attention import favor_attention_ref
@@ -42,7 +42,7 @@ def _split_norm_project(x, split, grid_size, norm_weight, norm_bias, eps, weight
     kernel, stride, padding = split
     tokens = ops.soft_split_layernorm(x, kernel, stride, padding, norm_weight, norm_bias, eps, grid_size=grid_size,
                                       backend=backend, out_dtype=autocast_dtype(x))
-    return F.linear(tokens, weight, bias)
+    return onednn.linear(tokens, weight, bias)
 
 
 def split_norm_project(x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]],
@@ -96,6 +96,19 @@ def split_heads(qkv, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def attention(qkv, num_heads: int, dropout_p: float, scale: float) -> torch.Tensor:
+    """Softmax attention of the (B, T, 3, H, d) view of a block's ``qkv`` projection -> (B, T, H*d): on CPU the
+    kernel :func:`t2t_fast.backend.cpu_attention` picks (the C++ kernel of
+    :func:`t2t_fast.ops.multihead_attention` for bf16 inference where it was measured fastest), else
+    :func:`attend` on the split heads. ``dropout_p``: the attention dropout, 0 outside training."""
+    if not torch.jit.is_scripting() and qkv.device.type == "cpu":
+        takes = dropout_p == 0.0 and ops.multihead_attention_cpp_unsupported(qkv, num_heads) is None
+        if cpu_attention(cpu_maths_dtype(qkv), torch.is_grad_enabled(), cpp_takes=takes) == "cpp":
+            return ops.multihead_attention(qkv, num_heads, scale, backend="cpp")
+    q, k, v = split_heads(qkv, num_heads)
+    return attend(q, k, v, dropout_p, scale)
+
+
 def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     """Softmax attention of (B, H, T, d) heads -> (B, T, H*d): ``F.scaled_dot_product_attention`` (flash /
     memory-efficient kernels), except on CPU where :func:`t2t_fast.backend.cpu_attention` picks a plain matmul
@@ -113,7 +126,8 @@ def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
 
 
 # Leaves for torch.fx: their arguments' shapes and devices steer them, and they run the fused kernels.
-for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "restructurize_split", "attend"):
+for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "restructurize_split", "attention",
+              "attend"):
     torch.fx.wrap(_leaf)
 
 
@@ -172,12 +186,11 @@ class T2TModule(layers.T2TModule):
 
 
 class Attention(layers.Attention):
-    """Multi-head self-attention through :func:`attend`."""
+    """Multi-head self-attention through :func:`attention`."""
 
     def forward(self, x):
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        return self.proj_drop(self.output(attend(q, k, v, dropout_p, self.scale)))
+        return self.proj_drop(self.output(attention(self.qkv(x), self.num_heads, dropout_p, self.scale)))
 
 
 class T2TViT(reference.T2TViT):

@@ -2,7 +2,7 @@
 
 Each subclasses its :mod:`t2t_fast.reference.variants` twin (constructor, module tree, state_dict) and the
 fast :class:`~t2t_fast.model.T2TViT` (fused T2T module, backends); only the attention and the ghost MLP have
-forwards of their own here. Attention runs through :func:`t2t_fast.model.attend`. Ghost layers fold their
+forwards of their own here. Attention runs through :func:`t2t_fast.model.attention`. Ghost layers fold their
 per-channel "cheap operations" into the projections: q/k/v come from one GEMM with the weight
 ``[Wq; s_q*Wq; Wk; s_k*Wk; Wv; s_v*Wv]`` (rebuilt each call, so gradients reach both parameters), and the
 ghost MLP scales its hidden map with one broadcast multiply instead of two depthwise convolutions.
@@ -13,10 +13,10 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from t2t_fast.model import Attention, T2TViT, attend, split_heads
+from t2t_fast.model import Attention, T2TViT, attention
 from t2t_fast.reference import variants as reference
 
-torch.fx.wrap("attend")  # a leaf for torch.fx, as in t2t_fast.model
+torch.fx.wrap("attention")  # a leaf for torch.fx, as in t2t_fast.model
 
 
 class SEAttention(Attention, reference.SEAttention):
@@ -53,9 +53,9 @@ class GhostAttention(reference.GhostAttention):
                           v_bias, v_bias * self.cheap_operation_v.weight.view(-1)])
 
     def forward(self, x):
-        q, k, v = split_heads(F.linear(x, self.fused_qkv_weight(), self.fused_qkv_bias()), self.num_heads)
+        qkv = F.linear(x, self.fused_qkv_weight(), self.fused_qkv_bias())
         dropout_p = self.attn_drop.p if self.training else 0.0
-        return self.proj_drop(self.proj(attend(q, k, v, dropout_p, self.scale)))
+        return self.proj_drop(self.proj(attention(qkv, self.num_heads, dropout_p, self.scale)))
 
 
 class GhostMlp(reference.GhostMlp):

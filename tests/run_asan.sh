@@ -29,6 +29,7 @@ if [ "$(cd / && python -c 'import t2t_fast._C as c; print(c.__file__)')" != "$bu
     exit 2
 fi
 if [ "$#" -eq 0 ]; then
-    set -- tests/test_restructurize_unfold.py tests/test_soft_split_layernorm.py tests/test_cpu_kernels.py -k "not triton"
+    set -- tests/test_restructurize_unfold.py tests/test_soft_split_layernorm.py tests/test_cpu_kernels.py \
+        tests/test_multihead_attention.py -k "not triton"
 fi
 python -m pytest "$@" -q -p no:cacheprovider

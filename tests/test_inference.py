@@ -67,13 +67,14 @@ def test_layernorm_parameters_stay_float32():
 
 
 def test_float32_is_the_eval_model():
+    """fp32: the eval model's logits, to the rounding of oneDNN's linear kernel (t2t_fast.onednn) on CPU."""
     _, fast = _trained_like("t2t_vit_7", 64)
     fast.train()
     x = torch.randn(2, 3, 64, 64)
     optimized = t2t_fast.optimize_for_inference(fast, dtype=torch.float32)
     with torch.no_grad():
         expected = fast.eval()(x)
-    torch.testing.assert_close(optimized(x), expected, rtol=0, atol=0)
+    assert relative_error(optimized(x), expected) < 1e-5
 
 
 def test_input_dtypes_and_original_left_alone():

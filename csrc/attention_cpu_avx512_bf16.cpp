@@ -1,0 +1,222 @@
+// The attention kernel of attention_cpu.h for AVX-512 with BF16 dot products (vdpbf16ps), as
+// t2t::avx512_bf16::attention_head. Everything with external linkage is included before the target pragma
+// (see cpu_vector.h).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "attention_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2")
+#endif
+
+#define T2T_VECTOR_BYTES 64
+#define T2T_VECTOR_REGISTERS 32
+
+namespace t2t {
+namespace avx512_bf16 {
+#include "cpu_vector.h"
+
+namespace {
+
+// Vectors of 16 columns per register tile: kAttentionRows x kTileVectors accumulators (24 of the 32 zmm).
+constexpr int kTileVectors = 24 / kAttentionRows;
+constexpr int kColumns = 16 * kTileVectors;
+
+template <int N>
+struct Count {
+  static constexpr int value = N;
+};
+
+// f(Count<n>{}) for a run-time n in [1, N]: the register tiles' sizes are compile-time constants.
+template <int N, typename F>
+static inline void with_count(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
+  }
+  f(Count<N>{});
+}
+
+static inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t u;
+  __builtin_memcpy(&u, p, sizeof(u));
+  return u;
+}
+
+static inline __m512bh as_bf16_pairs(__m512i v) { return (__m512bh)v; }
+
+// scores[r, c .. c + 16 NV) = sum_i q[r, i] k[c + ., i] for R query rows: per pair of q's elements one
+// broadcast and NV dot products with the packed k pairs.
+template <int R, int NV>
+static inline void scores_tile(const uint16_t* q, int64_t q_stride, int64_t pairs, const uint32_t* k_pairs,
+                               int64_t keys_pad, float* scores) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh keys[NV];
+    for (int c = 0; c < NV; ++c) keys[c] = as_bf16_pairs(_mm512_loadu_si512(k_pairs + i * keys_pad + 16 * c));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh query = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(q + r * q_stride + 2 * i))));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], query, keys[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(scores + r * keys_pad + 16 * c, acc[r][c]);
+  }
+}
+
+template <int R>
+static void scores_rows(const uint16_t* q, int64_t q_stride, int64_t pairs, const AttentionWork& w) {
+  for (int64_t c = 0; c < w.keys_pad; c += kColumns) {
+    with_count<kTileVectors>((w.keys_pad - c) / 16, [&](auto vectors) {
+      scores_tile<R, decltype(vectors)::value>(q, q_stride, pairs, w.k_pairs + c, w.keys_pad, w.scores + c);
+    });
+  }
+}
+
+// out[r, c .. c + 16 NV) = inv_sum[r] sum_j p[r, j] v[j, c + .] for R rows: per pair of keys one broadcast of
+// the probabilities and NV dot products with the packed v pairs.
+template <int R, int NV>
+static inline void values_tile(const uint16_t* probs, int64_t probs_stride, int64_t pairs, const uint32_t* v_pairs,
+                               int64_t width, const float* inv_sum, uint16_t* out, int64_t out_stride) {
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < pairs; ++j) {
+    __m512bh values[NV];
+    for (int c = 0; c < NV; ++c) values[c] = as_bf16_pairs(_mm512_loadu_si512(v_pairs + j * width + 16 * c));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh p = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(probs + r * probs_stride + 2 * j))));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, values[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 scale = _mm512_set1_ps(inv_sum[r]);
+    for (int c = 0; c < NV; ++c) {
+      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], scale));
+      __builtin_memcpy(out + r * out_stride + 16 * c, &y, sizeof(y));
+    }
+  }
+}
+
+template <int R>
+static void values_rows(int64_t pairs, const AttentionWork& w, int64_t width, const float* inv_sum, uint16_t* out,
+                        int64_t out_stride) {
+  for (int64_t c = 0; c < width; c += kColumns) {
+    with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
+      values_tile<R, decltype(vectors)::value>(w.probs, w.keys_pad, pairs, w.v_pairs + c, width, inv_sum, out + c,
+                                               out_stride);
+    });
+  }
+}
+
+// exp(x) for the softmax's shifted scores x <= 0: 0 below -87.3 (and for -inf), NaN stays NaN; within 3e-6
+// relative of expf, far below the bf16 rounding of the probabilities. x = n ln2 + r, |r| <= ln2/2, e^r by its
+// degree-5 Taylor polynomial, 2^n (n in [-126, 0]) through the exponent bits.
+static inline Vec exp_nonpositive(Vec x) {
+  const Vec lo = splat(-87.33654f);
+  const VecI under = x < lo, nan = x != x;
+  const Vec y = vmax(x, lo);
+  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const Vec shifted = y * 1.44269504088896341f + magic;
+  const Vec n = shifted - magic;
+  const Vec r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec p = splat(1.0f / 120);
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * (r * r) + r + 1.0f;
+  const VecI e = reinterpret_cast<VecI>(shifted) - reinterpret_cast<VecI>(magic);
+  Vec result = p * reinterpret_cast<Vec>((e + 127) << 23);
+  result = under ? splat(0.0f) : result;
+  return nan ? x : result;
+}
+
+// Rows of scores (-inf past `keys`) -> unnormalised bfloat16 probabilities exp(scale (s - max s)), and the
+// reciprocal of each row's float32 sum.
+static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, float* inv_sum) {
+  const float inf = __builtin_inff();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = w.scores + r * w.keys_pad;
+    Vec top = splat(-inf);
+    for (int64_t c = 0; c < w.keys_pad; c += kLanes) top = vmax(top, load(s + c));
+    const float shift = reduce_max(top);
+    Vec sum = splat(0.0f);
+    for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
+      const Vec e = exp_nonpositive((load(s + c) - shift) * scale);
+      sum += e;
+      const __m256bh h = _mm512_cvtneps_pbh(e);
+      __builtin_memcpy(w.probs + r * w.keys_pad + c, &h, sizeof(h));
+    }
+    inv_sum[r] = 1.0f / reduce_add(sum);
+  }
+}
+
+// k rows -> (d/2, keys_pad) pairs; v rows -> (keys_pad/2, d) pairs of consecutive rows; zero past `tokens`.
+static void pack_keys_values(const uint16_t* k, const uint16_t* v, int64_t stride, int64_t tokens, int64_t width,
+                             const AttentionWork& w) {
+  const int64_t pairs = width / 2;
+  // 16 keys at a time: one gather of their pair i per i (rows `stride` elements apart), masked past `tokens`
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(stride)));
+  for (int64_t t = 0; t < w.keys_pad; t += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
+    const uint16_t* block = k + t * stride;
+    for (int64_t i = 0; i < pairs; ++i) {
+      const __m512i keys = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, block + 2 * i, 2);
+      _mm512_storeu_si512(w.k_pairs + i * w.keys_pad + t, keys);
+    }
+  }
+  const VecH zero = {};
+  for (int64_t j = 0; j < w.keys_pad / 2; ++j) {
+    const int64_t t = 2 * j;
+    for (int64_t i = 0; i < width; i += kLanes) {
+      VecH first = zero, second = zero;
+      if (t < tokens) __builtin_memcpy(&first, v + t * stride + i, sizeof(first));
+      if (t + 1 < tokens) __builtin_memcpy(&second, v + (t + 1) * stride + i, sizeof(second));
+      const VecU pair = __builtin_convertvector(first, VecU) | (__builtin_convertvector(second, VecU) << 16);
+      __builtin_memcpy(w.v_pairs + j * width + i, &pair, sizeof(pair));
+    }
+  }
+}
+
+template <int R>
+static void attention_tile(const uint16_t* q, int64_t stride, int64_t width, int64_t keys, float scale,
+                           const AttentionWork& w, uint16_t* out, int64_t out_stride) {
+  float inv_sum[R];
+  scores_rows<R>(q, stride, width / 2, w);
+  const float inf = __builtin_inff();
+  if (keys % kLanes != 0) {  // the padding keys' scores (0: their k pairs are 0) out of the softmax
+    const int64_t last = w.keys_pad - kLanes;
+    for (int r = 0; r < R; ++r) {
+      float* s = w.scores + r * w.keys_pad + last;
+      store(s, lanes_below(keys - last) ? load(s) : splat(-inf));
+    }
+  }
+  softmax_rows(R, scale, w, inv_sum);
+  values_rows<R>((keys + 1) / 2, w, width, inv_sum, out, out_stride);
+}
+
+}  // namespace
+
+void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int64_t first, int64_t count,
+                    const AttentionWork& work) {
+  const int64_t d = p.head_dim, stride = p.stride_t, out_stride = p.heads * d;
+  const uint16_t* base = p.qkv + image * p.stride_b + head * d;
+  pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
+  uint16_t* out = p.out + (image * p.tokens) * out_stride + head * d;
+  for (int64_t r = first; r < first + count; r += kAttentionRows) {
+    const uint16_t* q = base + r * stride;
+    uint16_t* o = out + r * out_stride;
+    with_count<kAttentionRows>(first + count - r, [&](auto rows) {
+      attention_tile<decltype(rows)::value>(q, stride, d, p.tokens, p.scale, work, o, out_stride);
+    });
+  }
+}
+
+}  // namespace avx512_bf16
+}  // namespace t2t
