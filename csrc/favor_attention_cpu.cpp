@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace t2t {
@@ -20,9 +21,9 @@ int64_t chunks_of(int64_t tokens) { return (tokens + kFavorChunk - 1) / kFavorCh
 }  // namespace
 
 int64_t favor_work_floats(const FavorProblem& p) {
-  // key side: k and v rows (chunk x width_pad each), features (chunk x features_pad); query side: q rows,
-  // features, y rows and two floats per token
-  return kFavorChunk * (3 * p.width_pad + p.features_pad + 2);
+  // key side: k and v rows (chunk x width_pad each) and features (chunk x features_pad); query side: q and y rows,
+  // features and two floats per token
+  return kFavorChunk * (2 * p.width_pad + p.features_pad + 2);
 }
 
 void favor_attention_forward_cpu(FavorProblem p, float* s, float* z, float* c_k, Isa isa, int threads) {
@@ -31,7 +32,9 @@ void favor_attention_forward_cpu(FavorProblem p, float* s, float* z, float* c_k,
   const int64_t chunks = chunks_of(p.tokens);
   const int64_t m = p.features, e = p.width, mp = p.features_pad, ep = p.width_pad;
   const int64_t tasks = p.batch * chunks;
-  std::vector<float> chunk_max(tasks * mp), chunk_s(tasks * mp * ep), chunk_z(tasks * mp);
+  // the key side writes every element of the chunks' partial results that the reduction reads: no zero fill
+  std::unique_ptr<float[]> chunk_max(new float[tasks * mp]), chunk_s(new float[tasks * mp * ep]),
+      chunk_z(new float[tasks * mp]);
   std::vector<float> c_k_pad(p.batch * mp), s_pad(p.batch * mp * ep, 0.0f), z_pad(p.batch * mp, 0.0f);
   const int64_t work_floats = favor_work_floats(p);
   std::vector<float> work(static_cast<std::size_t>(threads) * work_floats);

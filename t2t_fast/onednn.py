@@ -47,9 +47,10 @@ def _packed(weight):
 
 def linear(x, weight, bias=None, gelu=False):
     """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu`` is set; through oneDNN's primitive
-    where :func:`takes` allows, with the weight reordered for it once and cached."""
+    where :func:`takes` allows, with the weight reordered for it once and cached (not a weight created under
+    ``torch.inference_mode``: it has no version counter that would tell an in-place change)."""
     if takes(x, weight):
-        packed = _packed(weight)
+        packed = weight if weight.is_inference() else _packed(weight)
         if gelu:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")

@@ -81,6 +81,21 @@ def test_packed_weight_follows_changes():
     assert relative_error(after - b, 2 * (before - b)) < 1e-5
 
 
+def test_weights_made_in_inference_mode():
+    """Inference tensors have no version counter: they are used as they are, never packed and cached."""
+    with torch.inference_mode():
+        x, weight, b = _case((6,), 48, 32, torch.float32)
+        out = onednn.linear(x, weight, b)
+        weight.mul_(2)
+        assert_relative_close(onednn.linear(x, weight, b), F.linear(x, weight, b), 1e-5)
+    assert_relative_close(out, F.linear(x, weight / 2, b), 1e-5)
+    with torch.inference_mode():
+        model = t2t_fast.create_model("t2t_vit_7", img_size=32, num_classes=5)
+        optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
+        x = torch.randn(1, 3, 32, 32)
+        assert_relative_close(optimized(x), model.eval()(x), 1e-5, what="logits")
+
+
 def test_conversion_of_a_model():
     """Every nn.Linear becomes a OneDnnLinear; the exact GELU after an Mlp's fc1 or a Sequential's linear moves into
     it, a tanh GELU does not; the state_dict is unchanged and the outputs are those of the original."""
