@@ -2,7 +2,7 @@
 :func:`t2t_fast.optimize_for_inference` beside OpenVINO.
 
 * ``test_cpu_attention``: one backbone attention of T2T-ViT-14 (6 heads of 64, 197 tokens) from its (B, T, 3*384)
-  qkv projection to the (B, T, 384) heads: the extension's bf16 kernel (``cpp``: bf16 inference on AVX512-BF16
+  qkv projection to the (B, T, 384) heads: the extension's kernel (``cpp``: fp32/bf16 inference on AVX512-BF16
   CPUs), torch's CPU flash kernel (``sdpa``) and matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward
   without grad (``infer``) and forward + backward (``train``), batch 1 and 8, 2 threads: the measurements the
   choice table is made of.

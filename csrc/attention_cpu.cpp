@@ -1,6 +1,8 @@
 // Threads over (image, head, block of query rows) for the attention kernel of attention_cpu_avx512_bf16.cpp.
 #include "attention_cpu.h"
 
+#include "restructurize_unfold.h"
+
 #include <omp.h>
 
 #include <stdexcept>
@@ -32,19 +34,21 @@ void attention_forward_cpu(const AttentionProblem& p, int threads) {
   splits = splits < tiles ? splits : tiles;
   const int64_t rows_per_split = (tiles + splits - 1) / splits * kAttentionRows;
   const int64_t keys_pad = (p.tokens + 15) / 16 * 16;
-  // 64-byte aligned pieces, in 4-byte units: k pairs, v pairs, scores, probabilities
-  const int64_t pair_words = p.head_dim / 2 * keys_pad;
+  // 64-byte aligned pieces, in 4-byte words: keys, v pairs (bfloat16 only), scores, probabilities
+  const int64_t half = p.dtype == kFloat32 ? 1 : 2;  // elements per word
+  const int64_t key_words = p.head_dim * keys_pad / half;
+  const int64_t value_words = p.dtype == kFloat32 ? 0 : key_words;
   const int64_t score_words = kAttentionRows * keys_pad;
-  const int64_t prob_words = kAttentionRows * keys_pad / 2;
-  const int64_t words = 2 * pair_words + score_words + prob_words + 16;
+  const int64_t prob_words = kAttentionRows * keys_pad / half;
+  const int64_t words = key_words + value_words + score_words + prob_words + 16;
   std::vector<uint32_t> scratch(static_cast<std::size_t>(threads) * words);
 
 #pragma omp parallel num_threads(threads)
   {
     uint32_t* base = scratch.data() + static_cast<int64_t>(omp_get_thread_num()) * words;
     while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
-    AttentionWork work{keys_pad, base, base + pair_words, reinterpret_cast<float*>(base + 2 * pair_words),
-                       reinterpret_cast<uint16_t*>(base + 2 * pair_words + score_words)};
+    AttentionWork work{keys_pad, base, base + key_words, reinterpret_cast<float*>(base + key_words + value_words),
+                       base + key_words + value_words + score_words};
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < heads * splits; ++task) {
       const int64_t head = task / splits, first = (task % splits) * rows_per_split;

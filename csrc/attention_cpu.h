@@ -1,6 +1,7 @@
-// Softmax attention of the backbone's blocks on the CPU, for bfloat16 inference on CPUs with AVX512-BF16 dot
-// products: per image and head, S = q k^T in float32, softmax(scale S) rounded to bfloat16, then P v, read
-// straight from the qkv projection's output and written in the (B, T, H*d) layout the output projection reads.
+// Softmax attention of the backbone's blocks on the CPU, for inference on CPUs with AVX-512 and BF16 dot products:
+// per image and head, S = q k^T in float32, softmax(scale S), then P v, read straight from the qkv projection's
+// output and written in the (B, T, H*d) layout the output projection reads. bfloat16 (dot products of bf16 pairs,
+// the probabilities rounded to bf16 as the reference's are) or float32 (FMAs).
 #pragma once
 
 #include <cstdint>
@@ -11,25 +12,27 @@ namespace t2t {
 constexpr int64_t kAttentionRows = 12;
 
 // The keys are gathered 16 rows at a time with 32-bit byte offsets: qkv's token stride (elements) is at most this.
-constexpr int64_t kAttentionMaxTokenStride = (int64_t{1} << 31) / 32 - 1;
+constexpr int64_t kAttentionMaxTokenStride = (int64_t{1} << 31) / 64 - 1;
 
 struct AttentionProblem {
+  int dtype;                               // of qkv and out: kFloat32 or kBFloat16 (restructurize_unfold.h)
   int64_t batch, tokens, heads, head_dim;  // B, T, H, d (d a multiple of 16)
-  // bfloat16 bits; element i of q, k, v (part 0, 1, 2) of head h, token t, image b at
+  // element i of q, k, v (part 0, 1, 2) of head h, token t, image b at
   // [b * stride_b + t * stride_t + (part * heads + h) * head_dim + i]: the (B, T, 3, H, d) view of qkv
-  const uint16_t* qkv;
+  const void* qkv;
   int64_t stride_b, stride_t;
-  float scale;    // > 0: softmax(scale q k^T)
-  uint16_t* out;  // (B, T, H * d) contiguous, bfloat16 bits
+  float scale;  // > 0: softmax(scale q k^T)
+  void* out;    // (B, T, H * d) contiguous
 };
 
-// Per-thread scratch of attention_head (filled by the caller from keys_pad = T rounded up to 16).
+// Per-thread scratch of attention_head (laid out by the caller from keys_pad = T rounded up to 16).
 struct AttentionWork {
   int64_t keys_pad;
-  uint32_t* k_pairs;  // (d/2, keys_pad): bfloat16 pairs (k[t, 2i], k[t, 2i + 1]), zero past T
-  uint32_t* v_pairs;  // (keys_pad/2, d): pairs (v[2j, i], v[2j + 1, i]), zero past T
+  // bfloat16: (d/2, keys_pad) pairs (k[t, 2i], k[t, 2i + 1]); float32: (d, keys_pad) k^T; zero past T
+  void* keys;
+  uint32_t* v_pairs;  // bfloat16 only: (keys_pad/2, d) pairs (v[2j, i], v[2j + 1, i]), zero past T
   float* scores;      // (kAttentionRows, keys_pad)
-  uint16_t* probs;    // (kAttentionRows, keys_pad): unnormalised bfloat16 probabilities, zero past T
+  void* probs;        // (kAttentionRows, keys_pad) unnormalised probabilities in the dtype, zero past T
 };
 
 // Whether this CPU runs the kernel (AVX-512 F, BW, DQ, VL and BF16).

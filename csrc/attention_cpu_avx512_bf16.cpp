@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "attention_cpu.h"
+#include "restructurize_unfold.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2")
@@ -72,7 +73,8 @@ template <int R>
 static void scores_rows(const uint16_t* q, int64_t q_stride, int64_t pairs, const AttentionWork& w) {
   for (int64_t c = 0; c < w.keys_pad; c += kColumns) {
     with_count<kTileVectors>((w.keys_pad - c) / 16, [&](auto vectors) {
-      scores_tile<R, decltype(vectors)::value>(q, q_stride, pairs, w.k_pairs + c, w.keys_pad, w.scores + c);
+      scores_tile<R, decltype(vectors)::value>(q, q_stride, pairs, static_cast<const uint32_t*>(w.keys) + c,
+                                                w.keys_pad, w.scores + c);
     });
   }
 }
@@ -108,7 +110,8 @@ static void values_rows(int64_t pairs, const AttentionWork& w, int64_t width, co
                         int64_t out_stride) {
   for (int64_t c = 0; c < width; c += kColumns) {
     with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
-      values_tile<R, decltype(vectors)::value>(w.probs, w.keys_pad, pairs, w.v_pairs + c, width, inv_sum, out + c,
+      values_tile<R, decltype(vectors)::value>(static_cast<const uint16_t*>(w.probs), w.keys_pad, pairs, w.v_pairs + c,
+                                               width, inv_sum, out + c,
                                                out_stride);
     });
   }
@@ -150,7 +153,7 @@ static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, floa
       const Vec e = exp_nonpositive((load(s + c) - shift) * scale);
       sum += e;
       const __m256bh h = _mm512_cvtneps_pbh(e);
-      __builtin_memcpy(w.probs + r * w.keys_pad + c, &h, sizeof(h));
+      __builtin_memcpy(static_cast<uint16_t*>(w.probs) + r * w.keys_pad + c, &h, sizeof(h));
     }
     inv_sum[r] = 1.0f / reduce_add(sum);
   }
@@ -168,7 +171,7 @@ static void pack_keys_values(const uint16_t* k, const uint16_t* v, int64_t strid
     const uint16_t* block = k + t * stride;
     for (int64_t i = 0; i < pairs; ++i) {
       const __m512i keys = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, block + 2 * i, 2);
-      _mm512_storeu_si512(w.k_pairs + i * w.keys_pad + t, keys);
+      _mm512_storeu_si512(static_cast<uint32_t*>(w.keys) + i * w.keys_pad + t, keys);
     }
   }
   const VecH zero = {};
@@ -183,6 +186,100 @@ static void pack_keys_values(const uint16_t* k, const uint16_t* v, int64_t strid
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------------ float32
+
+// scores[r, c .. c + 16 NV) = sum_i q[r, i] k^T[i, c + .] for R query rows: per element of q one broadcast and NV FMAs.
+template <int R, int NV>
+static inline void scores_tile_f32(const float* q, int64_t q_stride, int64_t width, const float* k_t, int64_t keys_pad,
+                                   float* scores) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) acc[r][c] = splat(0.0f);
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    Vec keys[NV];
+    for (int c = 0; c < NV; ++c) keys[c] = load(k_t + i * keys_pad + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const Vec query = splat(q[r * q_stride + i]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += query * keys[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) store(scores + r * keys_pad + 16 * c, acc[r][c]);
+  }
+}
+
+// out[r, c .. c + 16 NV) = inv_sum[r] sum_j p[r, j] v[j, c + .] for R rows, v read in place (rows `stride` apart).
+template <int R, int NV>
+static inline void values_tile_f32(const float* probs, int64_t probs_stride, int64_t keys, const float* v,
+                                   int64_t stride, const float* inv_sum, float* out, int64_t out_stride) {
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) acc[r][c] = splat(0.0f);
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    Vec values[NV];
+    for (int c = 0; c < NV; ++c) values[c] = load(v + j * stride + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const Vec p = splat(probs[r * probs_stride + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += p * values[c];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NV; ++c) store(out + r * out_stride + 16 * c, acc[r][c] * inv_sum[r]);
+  }
+}
+
+// k rows -> (d, keys_pad) k^T, zero past `tokens`: 16 keys at a time, one gather of their element i per i.
+static void pack_keys_f32(const float* k, int64_t stride, int64_t tokens, int64_t width, const AttentionWork& w) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(stride)));
+  float* k_t = static_cast<float*>(w.keys);
+  for (int64_t t = 0; t < w.keys_pad; t += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
+    const float* block = k + t * stride;
+    for (int64_t i = 0; i < width; ++i) {
+      _mm512_storeu_ps(k_t + i * w.keys_pad + t, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, rows, block + i, 4));
+    }
+  }
+}
+
+template <int R>
+static void attention_tile_f32(const float* q, const float* v, int64_t stride, int64_t width, int64_t keys,
+                               float scale, const AttentionWork& w, float* out, int64_t out_stride) {
+  for (int64_t c = 0; c < w.keys_pad; c += kColumns) {
+    with_count<kTileVectors>((w.keys_pad - c) / 16, [&](auto vectors) {
+      scores_tile_f32<R, decltype(vectors)::value>(q, stride, width, static_cast<const float*>(w.keys) + c,
+                                                   w.keys_pad, w.scores + c);
+    });
+  }
+  // exp(scale (s - max s)) with expf's accuracy (vexp), zero past `keys`; the reciprocal of each row's sum
+  float inv_sum[R];
+  float* probs = static_cast<float*>(w.probs);
+  const float inf = __builtin_inff();
+  for (int r = 0; r < R; ++r) {
+    const float* s = w.scores + r * w.keys_pad;
+    Vec top = splat(-inf);
+    for (int64_t c = 0; c < w.keys_pad; c += kLanes) top = vmax(top, lanes_below(keys - c) ? load(s + c) : splat(-inf));
+    const float shift = reduce_max(top);
+    Vec sum = splat(0.0f);
+    for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
+      const Vec e = lanes_below(keys - c) ? vexp((load(s + c) - shift) * scale) : splat(0.0f);
+      sum += e;
+      store(probs + r * w.keys_pad + c, e);
+    }
+    inv_sum[r] = 1.0f / reduce_add(sum);
+  }
+  for (int64_t c = 0; c < width; c += kColumns) {
+    with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
+      values_tile_f32<R, decltype(vectors)::value>(probs, w.keys_pad, keys, v + c, stride, inv_sum, out + c,
+                                                   out_stride);
+    });
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- bfloat16
 
 template <int R>
 static void attention_tile(const uint16_t* q, int64_t stride, int64_t width, int64_t keys, float scale,
@@ -206,14 +303,27 @@ static void attention_tile(const uint16_t* q, int64_t stride, int64_t width, int
 void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int64_t first, int64_t count,
                     const AttentionWork& work) {
   const int64_t d = p.head_dim, stride = p.stride_t, out_stride = p.heads * d;
-  const uint16_t* base = p.qkv + image * p.stride_b + head * d;
+  const int64_t in = image * p.stride_b + head * d, at = (image * p.tokens) * out_stride + head * d;
+  if (p.dtype == kFloat32) {
+    const float* base = static_cast<const float*>(p.qkv) + in;
+    const float* v = base + 2 * p.heads * d;
+    pack_keys_f32(base + p.heads * d, stride, p.tokens, d, work);
+    float* out = static_cast<float*>(p.out) + at;
+    for (int64_t r = first; r < first + count; r += kAttentionRows) {
+      with_count<kAttentionRows>(first + count - r, [&](auto rows) {
+        attention_tile_f32<decltype(rows)::value>(base + r * stride, v, stride, d, p.tokens, p.scale, work,
+                                                  out + r * out_stride, out_stride);
+      });
+    }
+    return;
+  }
+  const uint16_t* base = static_cast<const uint16_t*>(p.qkv) + in;
   pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
-  uint16_t* out = p.out + (image * p.tokens) * out_stride + head * d;
+  uint16_t* out = static_cast<uint16_t*>(p.out) + at;
   for (int64_t r = first; r < first + count; r += kAttentionRows) {
-    const uint16_t* q = base + r * stride;
-    uint16_t* o = out + r * out_stride;
     with_count<kAttentionRows>(first + count - r, [&](auto rows) {
-      attention_tile<decltype(rows)::value>(q, stride, d, p.tokens, p.scale, work, o, out_stride);
+      attention_tile<decltype(rows)::value>(base + r * stride, stride, d, p.tokens, p.scale, work, out + r * out_stride,
+                                            out_stride);
     });
   }
 }

@@ -287,10 +287,11 @@ void favor_attention_forward(const Operand& k, const Operand& q, const Operand& 
                                    reinterpret_cast<float*>(c_k.first), chosen, threads);
 }
 
-void attention_forward(const Operand& qkv, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
+void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                        double scale, const Buffer& out, int threads) {
   const std::string op = "multihead_attention";
   if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  check_fast_dtype(op, "qkv", dtype);
   if (batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 16 != 0) {
     throw py::value_error(op + ": batch, tokens and heads must be positive and head_dim a positive multiple of 16");
   }
@@ -304,10 +305,11 @@ void attention_forward(const Operand& qkv, int64_t batch, int64_t tokens, int64_
   const int64_t width = checked_mul(checked_mul(heads, head_dim), 3);
   const int64_t reach =
       checked_add(checked_add(checked_mul(batch - 1, stride_b), checked_mul(tokens - 1, stride_t)), width);
-  check_extent(op, "qkv", address, extent, reach, 2);
-  check_extent(op, "out", out.first, out.second, checked_mul(checked_mul(batch, tokens), width / 3), 2);
-  t2t::AttentionProblem p{batch,    tokens,   heads, head_dim, reinterpret_cast<const uint16_t*>(address),
-                          stride_b, stride_t, static_cast<float>(scale), reinterpret_cast<uint16_t*>(out.first)};
+  const int64_t elem = element_size(dtype);
+  check_extent(op, "qkv", address, extent, reach, elem);
+  check_extent(op, "out", out.first, out.second, checked_mul(checked_mul(batch, tokens), width / 3), elem);
+  t2t::AttentionProblem p{dtype,    batch,    tokens, heads, head_dim, reinterpret_cast<const void*>(address),
+                          stride_b, stride_t, static_cast<float>(scale), reinterpret_cast<void*>(out.first)};
   py::gil_scoped_release release;
   t2t::attention_forward_cpu(p, threads);
 }
@@ -336,9 +338,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");
-  m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("batch"), py::arg("tokens"),
-        py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("threads"),
-        "Softmax attention forward in bfloat16: out (B, T, heads*head_dim) contiguous from qkv viewed as "
+  m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("dtype"), py::arg("batch"),
+        py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("threads"),
+        "Softmax attention forward in float32 or bfloat16: out (B, T, heads*head_dim) contiguous from qkv viewed as "
         "(B, T, 3, heads, head_dim), given as (address, extent, batch stride, token stride) with adjacent "
         "elements along the last dimension; out as (address, extent)");
 

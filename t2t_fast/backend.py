@@ -179,7 +179,7 @@ CPU_CLASSES = ("amx", "avx512_bf16", "none")
 # pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
 # hardware, are many times slower than the flash kernel, which does its maths in fp32. RESULTS.md says which
 # CPU each row was measured on; the AMX fp16 row was not measured and follows the other classes.
-# Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, bf16 inference on AVX512-BF16) can take
+# Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, fp32/bf16 inference on AVX512-BF16) can take
 # the input, it runs instead on the classes in _CPU_ATTENTION_CPP_CLASSES, where it was measured fastest; the
 # table's choice is what runs where it cannot.
 _CPU_ATTENTION_TABLE = {
@@ -236,7 +236,7 @@ def cpu_has_fast_matmul(dtype):
 def set_cpu_attention(kernel):
     """Force the backbone's CPU attention kernel for this process: ``'cpp'``, ``'sdpa'``, ``'matmul'``, or
     ``'auto'``/None (the table per CPU class, dtype and grad mode). Wins over ``T2T_FAST_CPU_ATTENTION``.
-    ``'cpp'`` applies where the C++ kernel can take the input (bf16 inference on AVX512-BF16 CPUs); elsewhere
+    ``'cpp'`` applies where the C++ kernel can take the input (fp32/bf16 inference on AVX512-BF16 CPUs); elsewhere
     the table chooses."""
     global _cpu_attention_override
     if kernel is not None and kernel not in CPU_ATTENTION_KERNELS:

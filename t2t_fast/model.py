@@ -99,7 +99,7 @@ def split_heads(qkv, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.
 def attention(qkv, num_heads: int, dropout_p: float, scale: float) -> torch.Tensor:
     """Softmax attention of the (B, T, 3, H, d) view of a block's ``qkv`` projection -> (B, T, H*d): on CPU the
     kernel :func:`t2t_fast.backend.cpu_attention` picks (the C++ kernel of
-    :func:`t2t_fast.ops.multihead_attention` for bf16 inference where it was measured fastest), else
+    :func:`t2t_fast.ops.multihead_attention` for fp32/bf16 inference where it was measured fastest), else
     :func:`attend` on the split heads. ``dropout_p``: the attention dropout, 0 outside training."""
     if not torch.jit.is_scripting() and qkv.device.type == "cpu":
         takes = dropout_p == 0.0 and ops.multihead_attention_cpp_unsupported(qkv, num_heads) is None

@@ -4,13 +4,14 @@
 ``Attention``'s layout), ``softmax(scale q k^T) v`` per image and head, returned as (B, T, H*d), the layout the
 output projection reads. :func:`multihead_attention_ref` is that computation as the official code does it.
 
-The ``cpp`` backend is a C++ kernel for bfloat16 inference on CPUs with AVX512-BF16 dot products: per image and
-head it packs k and v once, then per 6 query rows computes their scores against every key in float32 registers
-(bf16 pairs, float32 sums), the softmax's exponentials in float32 (rounded to bf16, as the reference's bf16
-probabilities are) and P v, normalised by the float32 row sums; q, k, v are read in place and the heads written
-straight into the (B, T, H*d) output. Its scores are float32 where the reference rounds them to bf16 before the
-softmax, so it is closer to the float64 result than the bf16 reference. Forward only: with a gradient to
-compute, another dtype, or a head size that is not a multiple of 16, the torch path runs.
+The ``cpp`` backend is a C++ kernel for inference on CPUs with AVX-512 and BF16 dot products, in bfloat16 and
+float32: per image and head it packs k (and, in bf16, v) once, then per 12 query rows computes their scores against
+every key in float32 registers (bf16: dot products of bf16 pairs; fp32: FMAs), the softmax's exponentials in
+float32 (in bf16 rounded to bf16, as the reference's bf16 probabilities are) and P v, normalised by the float32
+row sums; q, k, v are read in place and the heads written straight into the (B, T, H*d) output. In bf16 its
+scores are float32 where the reference rounds them to bf16 before the softmax, so it is closer to the float64
+result than the bf16 reference. Forward only: with a gradient to compute, another dtype, or a head size that is not
+a multiple of 16, the torch path runs.
 """
 from typing import Optional
 
@@ -18,11 +19,13 @@ import torch
 
 from t2t_fast._native import native_attention_bf16, native_module
 from t2t_fast.backend import is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, is_int, new_output, storage_extent
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, is_int, new_output,
+                                  storage_extent)
 
 _OP = "multihead_attention"
 # the kernel gathers 16 keys at a time with 32-bit byte offsets (csrc/attention_cpu.h)
-_MAX_TOKEN_STRIDE = 2 ** 31 // 32 - 1
+_MAX_TOKEN_STRIDE = 2 ** 31 // 64 - 1
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def multihead_attention_ref(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -48,15 +51,15 @@ def _validate(qkv, num_heads, scale):
 
 def cpp_unsupported(qkv: torch.Tensor, num_heads: int) -> Optional[str]:
     """Why the C++ kernel cannot take this (validated) input, or None: it needs the extension, a CPU with
-    AVX512-BF16, bfloat16 ``qkv`` with adjacent elements along its last dim, a head size that is a multiple of 16,
-    no gradient to compute, and no export in progress."""
+    AVX512-BF16, float32 or bfloat16 ``qkv`` with adjacent elements along its last dim, a head size that is a
+    multiple of 16, no gradient to compute, and no export in progress."""
     reason = unavailable_reason("cpp", qkv.device.type)
     if reason is not None:
         return reason
     if not native_attention_bf16():
         return "this CPU has no AVX512-BF16 instructions"
-    if qkv.dtype != torch.bfloat16:
-        return f"dtype {qkv.dtype} (the C++ kernel takes bfloat16)"
+    if qkv.dtype not in _CPP_DTYPES:
+        return f"dtype {qkv.dtype} (the C++ kernel takes float32 and bfloat16)"
     if qkv.shape[2] // (3 * num_heads) % 16 != 0:
         return f"head size {qkv.shape[2] // (3 * num_heads)} (the C++ kernel takes multiples of 16)"
     if torch.is_grad_enabled() and qkv.requires_grad:
@@ -109,8 +112,8 @@ def _cpp_op(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     if batch == 0 or tokens == 0:
         return out
     native_module().attention_forward_cpu(
-        (qkv.data_ptr(), storage_extent(qkv), qkv.stride(0), qkv.stride(1)), batch, tokens, num_heads,
-        width // (3 * num_heads), scale, (out.data_ptr(), storage_extent(out)), torch.get_num_threads())
+        (qkv.data_ptr(), storage_extent(qkv), qkv.stride(0), qkv.stride(1)), DTYPE_CODES[qkv.dtype], batch, tokens,
+        num_heads, width // (3 * num_heads), scale, (out.data_ptr(), storage_extent(out)), torch.get_num_threads())
     return out
 
 
