@@ -32,3 +32,21 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+@pytest.fixture
+def calls_of(monkeypatch):
+    """``calls_of(module, name)``: the list of argument tuples of every call of ``module.name`` from now on (the
+    function still runs)."""
+
+    def watch(module, name):
+        calls, original = [], getattr(module, name)
+
+        def counting(*args):
+            calls.append(args)
+            return original(*args)
+
+        monkeypatch.setattr(module, name, counting)
+        return calls
+
+    return watch

@@ -150,17 +150,9 @@ def test_favor_deterministic_across_thread_counts(isa):
 
 
 @pytest.fixture
-def cpp_calls(monkeypatch):
-    """Counts the calls of the C++ FAVOR+ forward the wrapper makes."""
-    calls = []
-    original = favor_module._cpp_op
-
-    def counting(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(favor_module, "_cpp_op", counting)
-    return calls
+def cpp_calls(calls_of):
+    """The calls of the C++ FAVOR+ forward the wrapper makes."""
+    return calls_of(favor_module, "_cpp_op")
 
 
 def test_favor_kernel_choice(cpp_calls):

@@ -89,17 +89,9 @@ def test_deterministic_across_thread_counts(dtype):
 
 
 @pytest.fixture
-def cpp_calls(monkeypatch):
-    """Counts the calls of the C++ forward the wrapper makes."""
-    calls = []
-    original = attention_module._cpp_op
-
-    def counting(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(attention_module, "_cpp_op", counting)
-    return calls
+def cpp_calls(calls_of):
+    """The calls of the C++ forward the wrapper makes."""
+    return calls_of(attention_module, "_cpp_op")
 
 
 @needs_kernel
