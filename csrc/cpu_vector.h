@@ -68,8 +68,9 @@ static inline VecI lanes_below(int64_t n) {
 // Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent bits.
 static inline Vec vexp(Vec x) {
   const Vec lo = splat(-87.33654f), hi = splat(88.72283f);
-  const VecI under = x < lo, over = x > hi;
-  x = vmin(vmax(x, lo), hi);  // NaN passes both comparisons unchanged
+  const VecI under = x < lo, over = x > hi, nan = x != x;
+  const Vec input = x;
+  x = vmin(vmax(x, lo), hi);
   const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   const Vec shifted = x * 1.44269504088896341f + magic;
   const Vec n = shifted - magic;
@@ -88,5 +89,6 @@ static inline Vec vexp(Vec x) {
   const Vec scale_b = reinterpret_cast<Vec>((e - half + 127) << 23);
   Vec result = p * scale_a * scale_b;
   result = under ? splat(0.0f) : result;
-  return over ? splat(__builtin_inff()) : result;
+  result = over ? splat(__builtin_inff()) : result;
+  return nan ? input : result;
 }

@@ -126,6 +126,22 @@ def test_favor_logits_that_overflow_float32(isa):
     assert_within_reference_error(_cpp(k, q, v, w)[0], stabilised, exact)
 
 
+def test_favor_nan_query_gives_a_nan_row(isa):
+    """A query with a NaN element: its output row is NaN, as on the torch path and in the reference; the other
+    rows are those of the clean input."""
+    w = _projection(16, 32)
+    k, q, v = _kqv(2, 40, 32, torch.float32)
+    q = q.clone()
+    q[1, 7, 3] = float("nan")
+    y = _cpp(k, q, v, w)[0]
+    nan_rows = torch.isnan(y).any(-1)
+    assert nan_rows[1, 7] and nan_rows.sum() == 1 and torch.isnan(y[1, 7]).all()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.isnan(favor_attention(k, q, v, w, backend="torch")).any(-1), nan_rows)
+    clean = _cpp(k, q.nan_to_num(0.0), v, w)[0]
+    assert torch.equal(y[~nan_rows], clean[~nan_rows])
+
+
 def test_favor_strides(isa):
     """Token-major views, a (B, e, T) layout (copied: the kernel reads rows of e) and a batch slice."""
     w = _projection(16, 32)
