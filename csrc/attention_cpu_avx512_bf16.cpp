@@ -139,41 +139,66 @@ static inline Vec exp_nonpositive(Vec x) {
   return nan ? x : result;
 }
 
-// Rows of scores (-inf past `keys`) -> unnormalised bfloat16 probabilities exp(scale (s - max s)), and the
-// reciprocal of each row's float32 sum.
+// The padding keys' scores (their packed k is 0) set to -inf: they drop out of the softmax. Only the last vector
+// of a row holds padding (keys_pad is keys rounded up to 16).
+static void mask_padding_keys(int64_t rows, int64_t keys, const AttentionWork& w) {
+  if (keys % kLanes == 0) return;
+  const int64_t last = w.keys_pad - kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = w.scores + r * w.keys_pad + last;
+    store(s, lanes_below(keys - last) ? load(s) : splat(-__builtin_inff()));
+  }
+}
+
+// Rows of scores (-inf past the keys) -> unnormalised probabilities exp(scale (s - max s)) in the dtype T of
+// w.probs, and the reciprocal of each row's float32 sum. bfloat16 rounds them, so exp_nonpositive suffices
+// there; float32 takes vexp (within 2 ulp of expf).
+template <typename T>
 static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, float* inv_sum) {
-  const float inf = __builtin_inff();
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = w.scores + r * w.keys_pad;
-    Vec top = splat(-inf);
+    T* probs = static_cast<T*>(w.probs) + r * w.keys_pad;
+    Vec top = splat(-__builtin_inff());
     for (int64_t c = 0; c < w.keys_pad; c += kLanes) top = vmax(top, load(s + c));
     const float shift = reduce_max(top);
     Vec sum = splat(0.0f);
     for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
-      const Vec e = exp_nonpositive((load(s + c) - shift) * scale);
-      sum += e;
-      const __m256bh h = _mm512_cvtneps_pbh(e);
-      __builtin_memcpy(static_cast<uint16_t*>(w.probs) + r * w.keys_pad + c, &h, sizeof(h));
+      const Vec x = (load(s + c) - shift) * scale;
+      if constexpr (sizeof(T) == 2) {
+        const Vec e = exp_nonpositive(x);
+        const __m256bh h = _mm512_cvtneps_pbh(e);
+        __builtin_memcpy(probs + c, &h, sizeof(h));
+        sum += e;
+      } else {
+        const Vec e = vexp(x);
+        store(probs + c, e);
+        sum += e;
+      }
     }
     inv_sum[r] = 1.0f / reduce_add(sum);
+  }
+}
+
+// The 32-bit words i < words of each key row (rows `row_bytes` apart from k) -> keys-major (words, keys_pad), zero
+// past `tokens`: 16 keys at a time, one gather of their word i per i. A word is a pair of bf16 elements or one fp32.
+static void gather_key_words(const char* k, int64_t row_bytes, int64_t tokens, int64_t words, const AttentionWork& w) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(row_bytes)));
+  uint32_t* out = static_cast<uint32_t*>(w.keys);
+  for (int64_t t = 0; t < w.keys_pad; t += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
+    const char* block = k + t * row_bytes;
+    for (int64_t i = 0; i < words; ++i) {
+      _mm512_storeu_si512(out + i * w.keys_pad + t,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, block + 4 * i, 1));
+    }
   }
 }
 
 // k rows -> (d/2, keys_pad) pairs; v rows -> (keys_pad/2, d) pairs of consecutive rows; zero past `tokens`.
 static void pack_keys_values(const uint16_t* k, const uint16_t* v, int64_t stride, int64_t tokens, int64_t width,
                              const AttentionWork& w) {
-  const int64_t pairs = width / 2;
-  // 16 keys at a time: one gather of their pair i per i (rows `stride` elements apart), masked past `tokens`
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(stride)));
-  for (int64_t t = 0; t < w.keys_pad; t += 16) {
-    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
-    const uint16_t* block = k + t * stride;
-    for (int64_t i = 0; i < pairs; ++i) {
-      const __m512i keys = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, rows, block + 2 * i, 2);
-      _mm512_storeu_si512(static_cast<uint32_t*>(w.keys) + i * w.keys_pad + t, keys);
-    }
-  }
+  gather_key_words(reinterpret_cast<const char*>(k), 2 * stride, tokens, width / 2, w);
   const VecH zero = {};
   for (int64_t j = 0; j < w.keys_pad / 2; ++j) {
     const int64_t t = 2 * j;
@@ -231,20 +256,6 @@ static inline void values_tile_f32(const float* probs, int64_t probs_stride, int
   }
 }
 
-// k rows -> (d, keys_pad) k^T, zero past `tokens`: 16 keys at a time, one gather of their element i per i.
-static void pack_keys_f32(const float* k, int64_t stride, int64_t tokens, int64_t width, const AttentionWork& w) {
-  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(static_cast<int>(stride)));
-  float* k_t = static_cast<float*>(w.keys);
-  for (int64_t t = 0; t < w.keys_pad; t += 16) {
-    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
-    const float* block = k + t * stride;
-    for (int64_t i = 0; i < width; ++i) {
-      _mm512_storeu_ps(k_t + i * w.keys_pad + t, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, rows, block + i, 4));
-    }
-  }
-}
-
 template <int R>
 static void attention_tile_f32(const float* q, const float* v, int64_t stride, int64_t width, int64_t keys,
                                float scale, const AttentionWork& w, float* out, int64_t out_stride) {
@@ -254,27 +265,13 @@ static void attention_tile_f32(const float* q, const float* v, int64_t stride, i
                                                    w.keys_pad, w.scores + c);
     });
   }
-  // exp(scale (s - max s)) with expf's accuracy (vexp), zero past `keys`; the reciprocal of each row's sum
   float inv_sum[R];
-  float* probs = static_cast<float*>(w.probs);
-  const float inf = __builtin_inff();
-  for (int r = 0; r < R; ++r) {
-    const float* s = w.scores + r * w.keys_pad;
-    Vec top = splat(-inf);
-    for (int64_t c = 0; c < w.keys_pad; c += kLanes) top = vmax(top, lanes_below(keys - c) ? load(s + c) : splat(-inf));
-    const float shift = reduce_max(top);
-    Vec sum = splat(0.0f);
-    for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
-      const Vec e = lanes_below(keys - c) ? vexp((load(s + c) - shift) * scale) : splat(0.0f);
-      sum += e;
-      store(probs + r * w.keys_pad + c, e);
-    }
-    inv_sum[r] = 1.0f / reduce_add(sum);
-  }
+  mask_padding_keys(R, keys, w);
+  softmax_rows<float>(R, scale, w, inv_sum);
   for (int64_t c = 0; c < width; c += kColumns) {
     with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
-      values_tile_f32<R, decltype(vectors)::value>(probs, w.keys_pad, keys, v + c, stride, inv_sum, out + c,
-                                                   out_stride);
+      values_tile_f32<R, decltype(vectors)::value>(static_cast<const float*>(w.probs), w.keys_pad, keys, v + c, stride,
+                                                   inv_sum, out + c, out_stride);
     });
   }
 }
@@ -286,15 +283,8 @@ static void attention_tile(const uint16_t* q, int64_t stride, int64_t width, int
                            const AttentionWork& w, uint16_t* out, int64_t out_stride) {
   float inv_sum[R];
   scores_rows<R>(q, stride, width / 2, w);
-  const float inf = __builtin_inff();
-  if (keys % kLanes != 0) {  // the padding keys' scores (0: their k pairs are 0) out of the softmax
-    const int64_t last = w.keys_pad - kLanes;
-    for (int r = 0; r < R; ++r) {
-      float* s = w.scores + r * w.keys_pad + last;
-      store(s, lanes_below(keys - last) ? load(s) : splat(-inf));
-    }
-  }
-  softmax_rows(R, scale, w, inv_sum);
+  mask_padding_keys(R, keys, w);
+  softmax_rows<uint16_t>(R, scale, w, inv_sum);
   values_rows<R>((keys + 1) / 2, w, width, inv_sum, out, out_stride);
 }
 
@@ -307,7 +297,7 @@ void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int6
   if (p.dtype == kFloat32) {
     const float* base = static_cast<const float*>(p.qkv) + in;
     const float* v = base + 2 * p.heads * d;
-    pack_keys_f32(base + p.heads * d, stride, p.tokens, d, work);
+    gather_key_words(reinterpret_cast<const char*>(base + p.heads * d), 4 * stride, p.tokens, d, work);
     float* out = static_cast<float*>(p.out) + at;
     for (int64_t r = first; r < first + count; r += kAttentionRows) {
       with_count<kAttentionRows>(first + count - r, [&](auto rows) {

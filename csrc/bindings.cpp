@@ -336,6 +336,7 @@ PYBIND11_MODULE(_C, m) {
         "k, q, v as (address, extent, batch stride, token stride) with adjacent elements along e; w_t (e, m "
         "rounded up to 16) float32; the outputs and w_t as (address, extent)");
 
+  m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");
   m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("dtype"), py::arg("batch"),

@@ -25,6 +25,7 @@ _module, _error = _load()
 _cuda_compiled = bool(_module is not None and _module.compiled_with_cuda())
 _cpu_isas = tuple(_module.cpu_isas()) if _module is not None else ()
 _attention_bf16 = bool(_module is not None and _module.attention_bf16_supported())
+_attention_max_token_stride = _module.attention_max_token_stride if _module is not None else 0
 
 
 def native_module():
@@ -49,5 +50,10 @@ def native_cpu_isas():
 
 
 def native_attention_bf16():
-    """True when the extension's bfloat16 attention kernel runs on this CPU (AVX-512 with BF16 dot products)."""
+    """True when the extension's attention kernel runs on this CPU (AVX-512 with BF16 dot products)."""
     return _attention_bf16
+
+
+def native_attention_max_token_stride():
+    """The largest token stride (elements) of qkv the attention kernel takes (0 without the extension)."""
+    return _attention_max_token_stride

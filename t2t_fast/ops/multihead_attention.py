@@ -17,14 +17,12 @@ from typing import Optional
 
 import torch
 
-from t2t_fast._native import native_attention_bf16, native_module
+from t2t_fast._native import native_attention_bf16, native_attention_max_token_stride, native_module
 from t2t_fast.backend import is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, is_int, new_output,
                                   storage_extent)
 
 _OP = "multihead_attention"
-# the kernel gathers 16 keys at a time with 32-bit byte offsets (csrc/attention_cpu.h)
-_MAX_TOKEN_STRIDE = 2 ** 31 // 64 - 1
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -64,7 +62,7 @@ def cpp_unsupported(qkv: torch.Tensor, num_heads: int) -> Optional[str]:
         return f"head size {qkv.shape[2] // (3 * num_heads)} (the C++ kernel takes multiples of 16)"
     if torch.is_grad_enabled() and qkv.requires_grad:
         return "a gradient is needed (the C++ kernel is forward-only)"
-    if qkv.stride(2) != 1 or qkv.stride(1) > _MAX_TOKEN_STRIDE or qkv.stride(0) < 0:
+    if qkv.stride(2) != 1 or qkv.stride(1) > native_attention_max_token_stride() or qkv.stride(0) < 0:
         return f"strides {tuple(qkv.stride())} (the C++ kernel reads rows of adjacent elements)"
     if is_exporting():
         return "an export is in progress (exports record the torch ops)"
