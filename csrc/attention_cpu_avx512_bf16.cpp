@@ -47,72 +47,47 @@ static inline uint32_t load_pair(const uint16_t* p) {
 
 static inline __m512bh as_bf16_pairs(__m512i v) { return (__m512bh)v; }
 
-// scores[r, c .. c + 16 NV) = sum_i q[r, i] k[c + ., i] for R query rows: per pair of q's elements one
-// broadcast and NV dot products with the packed k pairs.
-template <int R, int NV>
-static inline void scores_tile(const uint16_t* q, int64_t q_stride, int64_t pairs, const uint32_t* k_pairs,
-                               int64_t keys_pad, float* scores) {
+// The register tile of both products (q k^T and P v) in both dtypes: for R rows and 16 NV columns,
+// acc[r][c] = sum over steps i of a[r * a_stride + i] (broadcast) times b[i * ldb + 16 c ..]. In bfloat16 a step is
+// a pair of elements (a's pairs as 32-bit words, b packed in pairs: vdpbf16ps), in float32 one element (FMA).
+// store(r, c, acc[r][c]) takes the results.
+template <int R, int NV, typename T, typename Store>
+static inline void product_tile(const T* a, int64_t a_stride, int64_t steps, const T* b, int64_t ldb, Store&& store) {
+  constexpr int64_t kStep = 4 / sizeof(T);  // elements of a per step
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   }
-  for (int64_t i = 0; i < pairs; ++i) {
-    __m512bh keys[NV];
-    for (int c = 0; c < NV; ++c) keys[c] = as_bf16_pairs(_mm512_loadu_si512(k_pairs + i * keys_pad + 16 * c));
+  for (int64_t i = 0; i < steps; ++i) {
+    __m512 columns[NV];
+    for (int c = 0; c < NV; ++c) columns[c] = _mm512_loadu_ps(b + kStep * (i * ldb + 16 * c));
     for (int r = 0; r < R; ++r) {
-      const __m512bh query = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(q + r * q_stride + 2 * i))));
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], query, keys[c]);
+      const T* element = a + r * a_stride + kStep * i;
+      if constexpr (sizeof(T) == 2) {
+        const __m512bh pair = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(element))));
+        for (int c = 0; c < NV; ++c) {
+          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pair, as_bf16_pairs(_mm512_castps_si512(columns[c])));
+        }
+      } else {
+        const __m512 value = _mm512_set1_ps(*element);
+        for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(value, columns[c], acc[r][c]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(scores + r * keys_pad + 16 * c, acc[r][c]);
+    for (int c = 0; c < NV; ++c) store(r, 16 * c, acc[r][c]);
   }
 }
 
-template <int R>
-static void scores_rows(const uint16_t* q, int64_t q_stride, int64_t pairs, const AttentionWork& w) {
-  for (int64_t c = 0; c < w.keys_pad; c += kColumns) {
-    with_count<kTileVectors>((w.keys_pad - c) / 16, [&](auto vectors) {
-      scores_tile<R, decltype(vectors)::value>(q, q_stride, pairs, static_cast<const uint32_t*>(w.keys) + c,
-                                                w.keys_pad, w.scores + c);
-    });
-  }
-}
-
-// out[r, c .. c + 16 NV) = inv_sum[r] sum_j p[r, j] v[j, c + .] for R rows: per pair of keys one broadcast of
-// the probabilities and NV dot products with the packed v pairs.
-template <int R, int NV>
-static inline void values_tile(const uint16_t* probs, int64_t probs_stride, int64_t pairs, const uint32_t* v_pairs,
-                               int64_t width, const float* inv_sum, uint16_t* out, int64_t out_stride) {
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < pairs; ++j) {
-    __m512bh values[NV];
-    for (int c = 0; c < NV; ++c) values[c] = as_bf16_pairs(_mm512_loadu_si512(v_pairs + j * width + 16 * c));
-    for (int r = 0; r < R; ++r) {
-      const __m512bh p = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(probs + r * probs_stride + 2 * j))));
-      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], p, values[c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    const __m512 scale = _mm512_set1_ps(inv_sum[r]);
-    for (int c = 0; c < NV; ++c) {
-      const __m256bh y = _mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], scale));
-      __builtin_memcpy(out + r * out_stride + 16 * c, &y, sizeof(y));
-    }
-  }
-}
-
-template <int R>
-static void values_rows(int64_t pairs, const AttentionWork& w, int64_t width, const float* inv_sum, uint16_t* out,
-                        int64_t out_stride) {
-  for (int64_t c = 0; c < width; c += kColumns) {
-    with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
-      values_tile<R, decltype(vectors)::value>(static_cast<const uint16_t*>(w.probs), w.keys_pad, pairs, w.v_pairs + c,
-                                               width, inv_sum, out + c,
-                                               out_stride);
+// product_tile over `columns` columns (a multiple of 16) in blocks of kColumns; store(r, column, acc).
+template <int R, typename T, typename Store>
+static void product_rows(const T* a, int64_t a_stride, int64_t steps, const T* b, int64_t ldb, int64_t columns,
+                         Store&& store) {
+  constexpr int64_t kStep = 4 / sizeof(T);
+  for (int64_t c = 0; c < columns; c += kColumns) {
+    with_count<kTileVectors>((columns - c) / 16, [&](auto vectors) {
+      product_tile<R, decltype(vectors)::value>(a, a_stride, steps, b + kStep * c, ldb,
+                                                [&](int r, int64_t column, __m512 acc) { store(r, c + column, acc); });
     });
   }
 }
@@ -214,78 +189,29 @@ static void pack_keys_values(const uint16_t* k, const uint16_t* v, int64_t strid
 
 // ------------------------------------------------------------------------------------------------ float32
 
-// scores[r, c .. c + 16 NV) = sum_i q[r, i] k^T[i, c + .] for R query rows: per element of q one broadcast and NV FMAs.
-template <int R, int NV>
-static inline void scores_tile_f32(const float* q, int64_t q_stride, int64_t width, const float* k_t, int64_t keys_pad,
-                                   float* scores) {
-  Vec acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) acc[r][c] = splat(0.0f);
-  }
-  for (int64_t i = 0; i < width; ++i) {
-    Vec keys[NV];
-    for (int c = 0; c < NV; ++c) keys[c] = load(k_t + i * keys_pad + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const Vec query = splat(q[r * q_stride + i]);
-      for (int c = 0; c < NV; ++c) acc[r][c] += query * keys[c];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) store(scores + r * keys_pad + 16 * c, acc[r][c]);
-  }
-}
-
-// out[r, c .. c + 16 NV) = inv_sum[r] sum_j p[r, j] v[j, c + .] for R rows, v read in place (rows `stride` apart).
-template <int R, int NV>
-static inline void values_tile_f32(const float* probs, int64_t probs_stride, int64_t keys, const float* v,
-                                   int64_t stride, const float* inv_sum, float* out, int64_t out_stride) {
-  Vec acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) acc[r][c] = splat(0.0f);
-  }
-  for (int64_t j = 0; j < keys; ++j) {
-    Vec values[NV];
-    for (int c = 0; c < NV; ++c) values[c] = load(v + j * stride + 16 * c);
-    for (int r = 0; r < R; ++r) {
-      const Vec p = splat(probs[r * probs_stride + j]);
-      for (int c = 0; c < NV; ++c) acc[r][c] += p * values[c];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) store(out + r * out_stride + 16 * c, acc[r][c] * inv_sum[r]);
-  }
-}
-
-template <int R>
-static void attention_tile_f32(const float* q, const float* v, int64_t stride, int64_t width, int64_t keys,
-                               float scale, const AttentionWork& w, float* out, int64_t out_stride) {
-  for (int64_t c = 0; c < w.keys_pad; c += kColumns) {
-    with_count<kTileVectors>((w.keys_pad - c) / 16, [&](auto vectors) {
-      scores_tile_f32<R, decltype(vectors)::value>(q, stride, width, static_cast<const float*>(w.keys) + c,
-                                                   w.keys_pad, w.scores + c);
-    });
-  }
+// One tile of R query rows: scores against every key, the softmax, P v normalised into out. bfloat16: k and v
+// packed in pairs (`v` unused); float32: k^T packed, v read in place (rows `stride` apart).
+template <int R, typename T>
+static void attention_tile(const T* q, const T* v, int64_t stride, int64_t width, int64_t keys, float scale,
+                           const AttentionWork& w, T* out, int64_t out_stride) {
+  constexpr int64_t kStep = 4 / sizeof(T);
+  product_rows<R>(q, stride, width / kStep, static_cast<const T*>(w.keys), w.keys_pad, w.keys_pad,
+                  [&](int r, int64_t column, __m512 acc) { _mm512_storeu_ps(w.scores + r * w.keys_pad + column, acc); });
   float inv_sum[R];
   mask_padding_keys(R, keys, w);
-  softmax_rows<float>(R, scale, w, inv_sum);
-  for (int64_t c = 0; c < width; c += kColumns) {
-    with_count<kTileVectors>((width - c) / 16, [&](auto vectors) {
-      values_tile_f32<R, decltype(vectors)::value>(static_cast<const float*>(w.probs), w.keys_pad, keys, v + c, stride,
-                                                   inv_sum, out + c, out_stride);
-    });
-  }
-}
-
-// ----------------------------------------------------------------------------------------------- bfloat16
-
-template <int R>
-static void attention_tile(const uint16_t* q, int64_t stride, int64_t width, int64_t keys, float scale,
-                           const AttentionWork& w, uint16_t* out, int64_t out_stride) {
-  float inv_sum[R];
-  scores_rows<R>(q, stride, width / 2, w);
-  mask_padding_keys(R, keys, w);
-  softmax_rows<uint16_t>(R, scale, w, inv_sum);
-  values_rows<R>((keys + 1) / 2, w, width, inv_sum, out, out_stride);
+  softmax_rows<T>(R, scale, w, inv_sum);
+  const T* values = sizeof(T) == 2 ? reinterpret_cast<const T*>(w.v_pairs) : v;
+  const int64_t ldb = sizeof(T) == 2 ? width : stride;
+  product_rows<R>(static_cast<const T*>(w.probs), w.keys_pad, (keys + kStep - 1) / kStep, values, ldb, width,
+                  [&](int r, int64_t column, __m512 acc) {
+                    const __m512 y = _mm512_mul_ps(acc, _mm512_set1_ps(inv_sum[r]));
+                    if constexpr (sizeof(T) == 2) {
+                      const __m256bh h = _mm512_cvtneps_pbh(y);
+                      __builtin_memcpy(out + r * out_stride + column, &h, sizeof(h));
+                    } else {
+                      _mm512_storeu_ps(out + r * out_stride + column, y);
+                    }
+                  });
 }
 
 }  // namespace
@@ -294,27 +220,23 @@ void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int6
                     const AttentionWork& work) {
   const int64_t d = p.head_dim, stride = p.stride_t, out_stride = p.heads * d;
   const int64_t in = image * p.stride_b + head * d, at = (image * p.tokens) * out_stride + head * d;
-  if (p.dtype == kFloat32) {
-    const float* base = static_cast<const float*>(p.qkv) + in;
-    const float* v = base + 2 * p.heads * d;
-    gather_key_words(reinterpret_cast<const char*>(base + p.heads * d), 4 * stride, p.tokens, d, work);
-    float* out = static_cast<float*>(p.out) + at;
+  const auto rows = [&](const auto* base, auto* out) {
+    const auto* v = base + 2 * p.heads * d;
     for (int64_t r = first; r < first + count; r += kAttentionRows) {
-      with_count<kAttentionRows>(first + count - r, [&](auto rows) {
-        attention_tile_f32<decltype(rows)::value>(base + r * stride, v, stride, d, p.tokens, p.scale, work,
-                                                  out + r * out_stride, out_stride);
+      with_count<kAttentionRows>(first + count - r, [&](auto tile) {
+        attention_tile<decltype(tile)::value>(base + r * stride, v, stride, d, p.tokens, p.scale, work,
+                                              out + r * out_stride, out_stride);
       });
     }
-    return;
-  }
-  const uint16_t* base = static_cast<const uint16_t*>(p.qkv) + in;
-  pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
-  uint16_t* out = static_cast<uint16_t*>(p.out) + at;
-  for (int64_t r = first; r < first + count; r += kAttentionRows) {
-    with_count<kAttentionRows>(first + count - r, [&](auto rows) {
-      attention_tile<decltype(rows)::value>(base + r * stride, stride, d, p.tokens, p.scale, work, out + r * out_stride,
-                                            out_stride);
-    });
+  };
+  if (p.dtype == kFloat32) {
+    const float* base = static_cast<const float*>(p.qkv) + in;
+    gather_key_words(reinterpret_cast<const char*>(base + p.heads * d), 4 * stride, p.tokens, d, work);
+    rows(base, static_cast<float*>(p.out) + at);
+  } else {
+    const uint16_t* base = static_cast<const uint16_t*>(p.qkv) + in;
+    pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
+    rows(base, static_cast<uint16_t*>(p.out) + at);
   }
 }
 
