@@ -9,6 +9,9 @@
 * ``test_cpu_inference``: T2T-ViT-14 at 224 px, 2 threads, batch 1 and 8: ``optimize_for_inference`` at fp32 and
   bf16 and OpenVINO at f32 and bf16 on the ONNX export of the same weights (skipped without ``openvino``).
   Providers run one after another here; ``t2t-fast bench --device cpu --openvino`` times them interleaved.
+* ``test_cpu_t2t_kernels``: the T2T layers' fused C++ kernels (FAVOR+, soft split + LayerNorm) per ISA against
+  the torch path, batch 8.
+* ``test_cpu_add_layernorm``: a backbone residual add + LayerNorm, the C++ kernel per ISA against torch.
 """
 import functools
 import importlib
@@ -162,3 +165,24 @@ def test_cpu_t2t_kernels(benchmark, cpu_threads, timed, case, dtype, provider):
     if seconds is not None and flops is not None:
         ceiling = bench.measure_matmul_ceiling("cpu", torch.float32)
         benchmark.extra_info.update(**bench.compute_info(flops, seconds, ceiling))
+
+
+@pytest.mark.parametrize("batch,dtype,provider", list(itertools.product(
+    (1, 8), ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_cpu_isas()] + ["torch"])))
+def test_cpu_add_layernorm(benchmark, cpu_threads, timed, batch, dtype, provider):
+    """A backbone residual add + the next LayerNorm of T2T-ViT-14 ((B, 197, 384)): the C++ kernel per ISA against
+    torch's add then layer_norm."""
+    benchmark.group = f"cpu add + LayerNorm {dtype} B={batch}"
+    inputs = [(torch.randn(batch, TOKENS, 384).to(DTYPES[dtype]), torch.randn(batch, TOKENS, 384).to(DTYPES[dtype]),
+               torch.randn(384), torch.randn(384)) for _ in range(3)]
+    backend = "cpp" if provider.startswith("cpp") else "torch"
+
+    def step(x, residual, weight, bias):
+        return t2t_fast.ops.add_layernorm(x, residual, weight, bias, backend=backend)
+    try:
+        t2t_fast.backend.set_cpu_isa(provider[4:] if provider.startswith("cpp") else None)
+        with torch.inference_mode():
+            timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
+    finally:
+        t2t_fast.backend.set_cpu_isa(None)
+    benchmark.extra_info.update(batch=batch, dtype=dtype, provider=provider)

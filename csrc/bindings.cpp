@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "add_layernorm_cpu.h"
 #include "attention_cpu.h"
 #include "cpu_isa.h"
 #include "favor_attention_cpu.h"
@@ -30,7 +31,7 @@ bool compiled_with_cuda() {
 
 std::vector<std::string> compiled_kernels() {
   std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu",
-                                    "attention_cpu"};
+                                    "attention_cpu", "add_layernorm_cpu"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
@@ -313,6 +314,45 @@ void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tok
   py::gil_scoped_release release;
   t2t::attention_forward_cpu(p, threads);
 }
+// One of x, residual: its address, extent and row stride; elements along a row are adjacent.
+using Rows = std::tuple<std::uintptr_t, int64_t, int64_t>;
+
+void add_layernorm_forward(const Rows& x, const Rows& residual, int dtype, int64_t rows, int64_t features,
+                           const Buffer& weight, const Buffer& bias, double eps, const Buffer& sum,
+                           const Buffer& normed, const std::string& isa, int threads) {
+  const std::string op = "add_layernorm";
+  check_fast_dtype(op, "x, residual", dtype);
+  if (rows <= 0 || features <= 0) throw py::value_error(op + ": rows and features must be positive");
+  if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error(op + ": eps must be finite and non-negative");
+  const int64_t elem = element_size(dtype);
+  const char* names[2] = {"x", "residual"};
+  const Rows* inputs[2] = {&x, &residual};
+  for (int i = 0; i < 2; ++i) {
+    const auto& [address, extent, stride] = *inputs[i];
+    if (stride < features) throw py::value_error(op + ": the row stride of " + names[i] + " is below its width");
+    check_extent(op, names[i], address, extent, checked_add(checked_mul(rows - 1, stride), features), elem);
+  }
+  check_extent(op, "weight", weight.first, weight.second, features, 4);
+  check_extent(op, "bias", bias.first, bias.second, features, 4);
+  const int64_t elements = checked_mul(rows, features);
+  check_extent(op, "sum", sum.first, sum.second, elements, elem);
+  check_extent(op, "normed", normed.first, normed.second, elements, elem);
+  const t2t::AddLayerNormProblem p{dtype,
+                                   rows,
+                                   features,
+                                   reinterpret_cast<const void*>(std::get<0>(x)),
+                                   std::get<2>(x),
+                                   reinterpret_cast<const void*>(std::get<0>(residual)),
+                                   std::get<2>(residual),
+                                   reinterpret_cast<const float*>(weight.first),
+                                   reinterpret_cast<const float*>(bias.first),
+                                   static_cast<float>(eps),
+                                   reinterpret_cast<void*>(sum.first),
+                                   reinterpret_cast<void*>(normed.first)};
+  const t2t::Isa chosen = parse_isa(op, isa);
+  py::gil_scoped_release release;
+  t2t::add_layernorm_forward_cpu(p, chosen, threads);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -335,6 +375,14 @@ PYBIND11_MODULE(_C, m) {
         "Fused FAVOR+ forward: y (B, T, e) contiguous and the float32 state s (B, m, e), z (B, m), c_k (B, m); "
         "k, q, v as (address, extent, batch stride, token stride) with adjacent elements along e; w_t (e, m "
         "rounded up to 16) float32; the outputs and w_t as (address, extent)");
+
+  m.def("add_layernorm_forward_cpu", &add_layernorm_forward, py::arg("x"), py::arg("residual"), py::arg("dtype"),
+        py::arg("rows"), py::arg("features"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("sum"),
+        py::arg("normed"), py::arg("isa"), py::arg("threads"),
+        "Residual add + LayerNorm forward in float32 or bfloat16: sum = x + residual and normed = its LayerNorm "
+        "(float32 statistics, float32 weight and bias of `features`), both (rows, features) contiguous; x and "
+        "residual as (address, extent, row stride) with adjacent elements along a row; the rest as (address, "
+        "extent)");
 
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,

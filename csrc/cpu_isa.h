@@ -24,6 +24,12 @@ struct CpuKernels {
   void (*layernorm_rows)(const void* src, int src_dtype, int64_t src_stride, int64_t rows, int64_t features,
                          const float* weight, const float* bias, float eps, void* dst, int dst_dtype, float* mean,
                          float* rstd);
+  // sum = x + residual (rows of `features` elements, `x_stride` / `residual_stride` elements apart; dtype
+  // kFloat32 or kBFloat16, the sum rounded to it), then normed = the LayerNorm of sum as layernorm_rows; sum and
+  // normed contiguous rows.
+  void (*add_layernorm_rows)(const void* x, int64_t x_stride, const void* residual, int64_t residual_stride,
+                             int dtype, int64_t rows, int64_t features, const float* weight, const float* bias,
+                             float eps, void* sum, void* normed);
   // FAVOR+ key side of one chunk of tokens, see favor_attention_cpu.cpp.
   void (*favor_key_chunk)(const FavorProblem& p, int64_t image, int64_t first, int64_t count, float* work,
                           float* chunk_max, float* chunk_s, float* chunk_z);

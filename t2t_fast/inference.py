@@ -19,7 +19,11 @@ import warnings
 import torch
 from torch import nn
 
-from t2t_fast import backend, onednn
+from t2t_fast import backend, model as fast_model, onednn, ops
+from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
+from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
+from t2t_fast.ops.multihead_attention import run_cpp as multihead_attention_cpp
+from t2t_fast.reference import layers, model as reference_model
 
 # names the command-line tools and this module accept for the inference dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -36,6 +40,101 @@ def inference_dtype(dtype):
     return resolved
 
 
+def _plain_backbone(model):
+    """Whether ``model`` computes its logits as a plain T2T-ViT: its class's forward is the T2T-ViT one (not a
+    variant's), its blocks are pre-norm blocks of softmax attention and an MLP, then a LayerNorm and a linear head
+    on the cls token. For such a model :func:`_cls_logits` computes the same logits."""
+    if not isinstance(model, reference_model.T2TViT) or type(model.norm) is not nn.LayerNorm:
+        return False
+    if any(getattr(type(model), name) is not getattr(reference_model.T2TViT, name)
+           for name in ("forward", "forward_features", "forward_head")):
+        return False
+    if not isinstance(model.head, (nn.Linear, nn.Identity)) or len(model.blocks) == 0:
+        return False
+    for block in model.blocks:
+        if type(block) is not layers.Block or type(block.attn) not in (layers.Attention, fast_model.Attention):
+            return False
+        if type(block.mlp) is not layers.Mlp or not isinstance(block.mlp.fc1, nn.Linear):
+            return False
+        if any(type(norm) is not nn.LayerNorm or norm.weight is None for norm in (block.norm1, block.norm2)):
+            return False
+    return True
+
+
+def _direct_calls_allowed(images):
+    """Whether the kernels may be called without the dispatcher: a plain CPU tensor and no dispatch mode or
+    functorch transform that would need to see the calls (fake tensors, vmap, FLOP counters, ...)."""
+    if type(images) is not torch.Tensor or images.device.type != "cpu":
+        return False
+    in_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return in_mode is not None and not in_mode() and transforms is not None and not transforms()
+
+
+class _BlockKernels:
+    """The kernels of one forward of :func:`_cls_logits`, chosen once from its first block's tensors (every block
+    has the same shapes and dtypes): where a C++ kernel / oneDNN takes the input, it is called directly (its
+    checks made here, once), else through the ops that choose per call."""
+
+    def __init__(self, x, norm, linear_weight, direct):
+        self.direct = direct
+        self.onednn = direct and onednn.takes(x, linear_weight)
+        self.cpp_add_layernorm = direct and norm.weight.dtype == torch.float32 \
+            and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
+        self.cpp_attention = None  # decided at the first call, from its qkv
+
+    def linear(self, module, x):
+        gelu = getattr(module, "gelu", False)
+        if self.onednn:
+            return onednn.run(x, module.weight, module.bias, gelu)
+        return onednn.linear(x, module.weight, module.bias, gelu)
+
+    def attention(self, qkv, attn):
+        if self.cpp_attention is None:
+            self.cpp_attention = self.direct and fast_model.cpp_attention_chosen(qkv, attn.num_heads, 0.0)
+        if self.cpp_attention:
+            return multihead_attention_cpp(qkv, attn.num_heads, attn.scale)
+        return fast_model.attention(qkv, attn.num_heads, 0.0, attn.scale)
+
+    def add_layernorm(self, x, residual, norm):
+        if self.cpp_add_layernorm:
+            return add_layernorm_cpp(x, residual, norm.weight, norm.bias, norm.eps)
+        return ops.add_layernorm(x, residual, norm.weight, norm.bias, norm.eps)
+
+
+def _cls_attention(qkv, num_heads, scale):
+    """The attention output of the cls token alone, (B, 1, H*d), from a block's (B, T, 3*H*d) ``qkv``: the scores
+    and the softmax in float32 whatever the dtype (as the C++ attention kernel computes them)."""
+    batch, tokens, _ = qkv.shape
+    q, k, v = (part.transpose(1, 2).float() for part in qkv.view(batch, tokens, 3, num_heads, -1).unbind(2))
+    probabilities = ((q[:, :, :1] @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    return (probabilities @ v).transpose(1, 2).reshape(batch, 1, -1).to(qkv.dtype)
+
+
+def _cls_logits(model, images):
+    """The logits of a :func:`_plain_backbone` model in eval mode without autograd, with less work than its
+    forward: each residual add and the LayerNorm after it as one :func:`t2t_fast.ops.add_layernorm`, in the last
+    block only the cls token's row past the attention's k and v (the logits depend on nothing else there), and
+    the kernels called directly where they take the input (see :class:`_BlockKernels`)."""
+    x = model.forward_tokens(images)
+    blocks = model.blocks
+    kernels = _BlockKernels(x, blocks[0].norm2, blocks[0].attn.qkv.weight, _direct_calls_allowed(images))
+    norm = blocks[0].norm1
+    h = torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    for index, block in enumerate(blocks):
+        attn, mlp = block.attn, block.mlp
+        last = index + 1 == len(blocks)
+        qkv = kernels.linear(attn.qkv, h)
+        if last:
+            mixed, x = _cls_attention(qkv, attn.num_heads, attn.scale), x[:, :1]
+        else:
+            mixed = kernels.attention(qkv, attn)
+        x, h = kernels.add_layernorm(x, kernels.linear(attn.proj, mixed), block.norm2)
+        hidden = mlp.act(kernels.linear(mlp.fc1, h))
+        x, h = kernels.add_layernorm(x, kernels.linear(mlp.fc2, hidden), model.norm if last else blocks[index + 1].norm1)
+    return model.head(h[:, 0])
+
+
 class InferenceModel(nn.Module):
     """A model prepared by :func:`optimize_for_inference`: its call casts a floating-point image to the model's
     dtype, runs without autograd (``torch.inference_mode``) and returns the logits in the image's dtype.
@@ -50,12 +149,17 @@ class InferenceModel(nn.Module):
         # not a submodule: the compiled wrapper holds the same parameters, which must not appear twice
         object.__setattr__(self, "_call", compiled if compiled is not None else model)
         self.compiled = compiled is not None
+        self._plain = compiled is None and _plain_backbone(model)
 
     def forward(self, x):
         """Logits of the image batch ``x`` (B, C, H, W), in ``x``'s dtype."""
         image = x.to(self.dtype) if x.is_floating_point() else x  # anything else: the model's own error
         with torch.inference_mode():
-            logits = self._call(image)
+            if self._plain and image.device.type == "cpu" and not backend.is_exporting() \
+                    and not torch.compiler.is_compiling():
+                logits = _cls_logits(self.model, image)
+            else:
+                logits = self._call(image)
         return logits.to(x.dtype) if x.is_floating_point() else logits
 
     def train(self, mode=True):

@@ -101,12 +101,17 @@ def attention(qkv, num_heads: int, dropout_p: float, scale: float) -> torch.Tens
     kernel :func:`t2t_fast.backend.cpu_attention` picks (the C++ kernel of
     :func:`t2t_fast.ops.multihead_attention` for fp32/bf16 inference where it was measured fastest), else
     :func:`attend` on the split heads. ``dropout_p``: the attention dropout, 0 outside training."""
-    if not torch.jit.is_scripting() and qkv.device.type == "cpu":
-        takes = dropout_p == 0.0 and ops.multihead_attention_cpp_unsupported(qkv, num_heads) is None
-        if cpu_attention(cpu_maths_dtype(qkv), torch.is_grad_enabled(), cpp_takes=takes) == "cpp":
-            return ops.multihead_attention(qkv, num_heads, scale, backend="cpp")
+    if not torch.jit.is_scripting() and qkv.device.type == "cpu" and cpp_attention_chosen(qkv, num_heads, dropout_p):
+        return ops.multihead_attention(qkv, num_heads, scale, backend="cpp")
     q, k, v = split_heads(qkv, num_heads)
     return attend(q, k, v, dropout_p, scale)
+
+
+def cpp_attention_chosen(qkv, num_heads: int, dropout_p: float) -> bool:
+    """Whether :func:`attention` runs the C++ kernel on the CPU tensor ``qkv``: it takes the input and
+    :func:`t2t_fast.backend.cpu_attention` chooses it."""
+    takes = dropout_p == 0.0 and ops.multihead_attention_cpp_unsupported(qkv, num_heads) is None
+    return cpu_attention(cpu_maths_dtype(qkv), torch.is_grad_enabled(), cpp_takes=takes) == "cpp"
 
 
 def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:

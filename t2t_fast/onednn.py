@@ -50,12 +50,16 @@ def linear(x, weight, bias=None, gelu=False):
     where :func:`takes` allows, with the weight reordered for it once and cached (not a weight created under
     ``torch.inference_mode``: it has no version counter that would tell an in-place change)."""
     if takes(x, weight):
-        packed = weight if weight.is_inference() else _packed(weight)
-        if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "none")
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return run(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
+
+
+def run(x, weight, bias=None, gelu=False):
+    """:func:`linear` through oneDNN's primitive without asking :func:`takes` (the caller has: it costs as much as
+    the GEMM of a small batch)."""
+    packed = weight if weight.is_inference() else _packed(weight)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
 class OneDnnLinear(nn.Linear):

@@ -1,11 +1,13 @@
 """optimize_for_inference (low-precision weights, fp32 LayerNorm parameters, input casting, no autograd, optional
 torch.compile with freezing), the --dtype of the commands, and the CPU attention kernel choice of the backbone."""
+import importlib
 import json
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import t2t_fast
 import t2t_fast.reference as ref
@@ -130,6 +132,70 @@ def test_compile_with_freezing_matches_eager():
     # bf16 rounding in other places (inductor fuses the elementwise work in fp32): a few bf16 ulps of the logits
     assert relative_error(logits, eager(x)) < 3e-2
     assert len(compiled.state_dict()) == len(model.state_dict())
+
+
+# ----------------------------------------------------------------------- the eager CPU logits path
+
+inference_module = importlib.import_module("t2t_fast.inference")
+add_layernorm_module = importlib.import_module("t2t_fast.ops.add_layernorm")
+attention_module = importlib.import_module("t2t_fast.ops.multihead_attention")
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14", "t2t_vit_14_resnext"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cls_logits_are_the_model_forward(name, dtype, calls_of):
+    """A plain T2T-ViT's logits come from the eager CPU path (fused residual add + LayerNorm, the cls row alone
+    in the last block, the kernels called directly): the converted model's own forward to 1e-5 in float32, and
+    within twice the bf16 reference's error in bfloat16."""
+    reference, fast = _trained_like(name, 64)
+    x = torch.randn(3, 3, 64, 64)
+    optimized = t2t_fast.optimize_for_inference(fast, dtype=dtype)
+    paths = calls_of(inference_module, "_cls_logits")
+    direct = calls_of(inference_module, "add_layernorm_cpp")
+    logits = optimized(x)
+    assert len(paths) == 1
+    if backend.unavailable_reason("cpp", "cpu") is None:
+        assert len(direct) == 2 * len(fast.blocks)
+    with torch.inference_mode():
+        forward = optimized.model(x.to(dtype)).float()
+    if dtype == torch.float32:
+        assert relative_error(logits, forward) < 1e-5
+    else:
+        expected, theirs = _exact_and_reference_lowp(name, 64, reference, x, dtype)
+        assert_within_reference_error(logits, theirs, expected, factor=2.0, what="bf16 logits")
+
+
+@pytest.mark.parametrize("name, depth", [("t2t_vit_14_se", 2), ("t2t_vit_dense", (1, 1, 1, 1)),
+                                         ("t2t_vit_16_ghost", 2)])
+def test_variants_run_their_own_forward(name, depth, calls_of):
+    """Variants whose blocks or forward differ from the plain T2T-ViT run the converted model's forward."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model(name, img_size=32, depth=depth, num_classes=10)
+    paths = calls_of(inference_module, "_cls_logits")
+    optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    assert relative_error(optimized(x), expected) < 1e-5 and not paths
+
+
+def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
+    """num_classes=0 gives the normed cls features; under a dispatch mode (here a FLOP counter) the kernels go
+    through their custom ops, which the mode sees, with the same numbers."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=0)
+    optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(x)
+    features = optimized(x)
+    assert features.shape == (2, model.num_features) and relative_error(features, expected) < 1e-5
+    through_ops = calls_of(add_layernorm_module, "_cpp_op")
+    with FlopCounterMode(display=False) as counter:
+        counted = optimized(x)
+    assert counter.get_total_flops() > 0 and torch.equal(counted, features)
+    if backend.unavailable_reason("cpp", "cpu") is None:
+        assert len(through_ops) == 2 * len(model.blocks)
 
 
 # ----------------------------------------------------------------------- the CPU attention kernel choice

@@ -105,6 +105,13 @@ def _validate_cpp_op(qkv, num_heads, scale):
 def _cpp_op(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """The C++ forward (no autograd is registered: :func:`cpp_unsupported` sends training to the torch path)."""
     _validate_cpp_op(qkv, num_heads, scale)
+    return run_cpp(qkv, num_heads, scale)
+
+
+def run_cpp(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """The C++ kernel on an input that :func:`cpp_unsupported` took (the caller checked it), without the
+    dispatcher or further checks: for eager CPU inference, where a call's own Python would cost as much as the
+    kernel at batch 1 (the extension still checks every buffer it reads or writes)."""
     batch, tokens, width = qkv.shape
     out = new_output((batch, tokens, width // 3), qkv.dtype, qkv.device)
     if batch == 0 or tokens == 0:
