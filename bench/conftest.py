@@ -13,7 +13,8 @@ Ceilings, measured once per pytest run, in the same run as the benchmarks (see :
 
 Helpers:
 
-* ``cpu_threads``: ``torch.set_num_threads(2)`` for the test (the CPU protocol), restored afterwards.
+* ``cpu_threads``: ``torch.set_num_threads(2)`` for the test (the CPU protocol), restored afterwards; glibc's
+  malloc keeps freed memory from then on (``t2t_fast.bench.keep_freed_memory``).
 * ``timed(fn, input_sets, rounds, warmup_rounds=1) -> seconds``: pytest-benchmark pedantic over
   ``fn(*input_sets[i % n])`` (use several input sets of fresh random data); CUDA events on CUDA. Returns the
   median seconds per call and records ``median_ms`` / ``timer`` in ``extra_info``.
@@ -97,7 +98,9 @@ def _seed():
 
 @pytest.fixture
 def cpu_threads():
-    """The CPU protocol's thread count (2), set for the duration of the test."""
+    """The CPU protocol: 2 threads, set for the duration of the test, and malloc keeping freed memory (for the
+    rest of the run: :func:`t2t_fast.bench.keep_freed_memory`)."""
+    bench.keep_freed_memory()
     with bench.cpu_threads(bench.CPU_THREADS) as count:
         yield count
 

@@ -3,6 +3,7 @@
 CUDA is timed with CUDA events after warm-up, the CPU with ``time.perf_counter`` at a fixed thread count;
 the ceilings (device copy bandwidth, a large matmul) are measured in the same run as the benchmarks."""
 import contextlib
+import ctypes
 import gc
 import itertools
 import statistics
@@ -88,6 +89,29 @@ def pedantic_timed(benchmark, fn, input_sets, rounds, warmup_rounds=1):
     benchmark.extra_info.update(median_ms=round(median * 1e3, 4), min_ms=round(best * 1e3, 4), timer=timer,
                                 rounds=rounds)
     return median
+
+
+# glibc's mallopt parameters (malloc.h): keep up to 1 GiB of freed heap; mmap only past 32 MiB (its maximum)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEPT_BYTES, _MMAP_BYTES = 1 << 30, 32 << 20
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory in the process instead of returning the top of its heap to the
+    kernel after large frees, for the rest of the process (what ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_``
+    do from the environment, or another allocator such as jemalloc). By default glibc trims and re-grows its heap
+    when the largest activations come and go, and every step then pays page faults on fresh pages for them, or
+    not, from one process to the next: the CPU benchmarks switch that off so that every provider in the process
+    runs in the same, steady state. Returns a description for the run's environment, or None where the C library
+    is not glibc (nothing is changed there)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    if not (mallopt(_M_TRIM_THRESHOLD, _KEPT_BYTES) and mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)):
+        return None
+    return "glibc malloc keeps freed memory (M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB)"
 
 
 @contextlib.contextmanager

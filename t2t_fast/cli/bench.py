@@ -33,7 +33,7 @@ import torch
 
 from t2t_fast.backend import cpu_has_fast_matmul
 from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, environment, format_table,
-                            is_cuda, is_t2t, log, measure_ceilings, plot, run)
+                            is_cuda, is_t2t, keep_freed_memory, log, measure_ceilings, plot, run)
 from t2t_fast.bench.openvino import compare as compare_openvino
 from t2t_fast.bench.openvino import format_comparison, openvino_version
 from t2t_fast.cli._options import CommandParser
@@ -122,6 +122,8 @@ def _measure(args, plan, command):
     with cpu_threads(args.threads) if not plan.cuda else contextlib.nullcontext():
         env = environment(plan.device)
         env["command"] = command
+        if not plan.cuda:
+            env["malloc"] = keep_freed_memory() or "the C library's defaults"
         log(f"t2t-fast bench on {env['device']}: models {plan.models}, batches {plan.batches}, modes {plan.modes}, "
             f"providers {plan.providers}, {_dtype_name(plan.dtype)}, load average {env.get('load_average')}")
         ceilings = None
@@ -172,7 +174,8 @@ def _ceilings_text(ceilings):
 def _report(args, plan, env, ceilings, results, comparison):
     """The tables on stdout, the JSON and the plot in ``--output``."""
     print(f"t2t-fast bench: {env['device']}, torch {env['torch']}, {_dtype_name(plan.dtype)}"
-          + (f", {env.get('threads')} threads" if not plan.cuda else "") + f", {args.img_size} px")
+          + (f", {env.get('threads')} threads" if not plan.cuda else "") + f", {args.img_size} px"
+          + (f"; {env['malloc']}" if "malloc" in env else ""))
     if ceilings:
         print(f"ceilings: {_ceilings_text(ceilings)}")
     print(format_table(results))
