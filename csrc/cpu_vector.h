@@ -45,15 +45,55 @@ static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 static inline Vec vmin(Vec a, Vec b) { return a < b ? a : b; }
 static inline float fmax_scalar(float a, float b) { return a > b ? a : b; }
 
+// v with its halves, quarters, ... swapped: the steps of a tree reduction (log2(kLanes) shuffles instead of a
+// chain of kLanes dependent scalar operations, which is what a plain loop must compile to without -ffast-math).
+static inline Vec swap_halves(Vec v) {
+#if T2T_VECTOR_BYTES == 64
+  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+#elif T2T_VECTOR_BYTES == 32
+  return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+#else
+  return __builtin_shufflevector(v, v, 2, 3, 0, 1);
+#endif
+}
+static inline Vec swap_pairs_of_two(Vec v) {
+#if T2T_VECTOR_BYTES == 64
+  return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+#elif T2T_VECTOR_BYTES == 32
+  return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+#else
+  return __builtin_shufflevector(v, v, 2, 3, 0, 1);
+#endif
+}
+static inline Vec swap_neighbours(Vec v) {
+#if T2T_VECTOR_BYTES == 64
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#elif T2T_VECTOR_BYTES == 32
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+#else
+  return __builtin_shufflevector(v, v, 1, 0, 3, 2);
+#endif
+}
+static inline Vec swap_quarters(Vec v) {  // within each half of a 512-bit vector; the identity below that
+#if T2T_VECTOR_BYTES == 64
+  return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+#else
+  return v;
+#endif
+}
+
 static inline float reduce_add(Vec v) {
-  float sum = 0.0f;
-  for (int i = 0; i < kLanes; ++i) sum += v[i];
-  return sum;
+  v += swap_halves(v);
+  if (kLanes == 16) v += swap_quarters(v);
+  if (kLanes >= 8) v += swap_pairs_of_two(v);
+  v += swap_neighbours(v);
+  return v[0];
 }
 static inline float reduce_max(Vec v) {
-  float best = v[0];
-  for (int i = 1; i < kLanes; ++i) best = v[i] > best ? v[i] : best;
-  return best;
+  v = vmax(v, swap_halves(v));
+  if (kLanes == 16) v = vmax(v, swap_quarters(v));
+  if (kLanes >= 8) v = vmax(v, swap_pairs_of_two(v));
+  return vmax(v, swap_neighbours(v))[0];
 }
 
 // Lanes i < n set, as a select mask.

@@ -11,7 +11,8 @@ the affine at that precision too, which lowers the logits' error) and the FAVOR+
 layers (the op computes them in fp32 whatever its inputs). Everything else, the fixed sinusoid ``pos_embed``
 included, is cast. On a CPU the linear layers run through oneDNN's linear primitive with their weights packed
 once and the MLPs' GELU fused (:mod:`t2t_fast.onednn`), and the backbone's attention kernel follows
-:func:`t2t_fast.backend.cpu_attention` (per CPU class, dtype and grad mode).
+:func:`t2t_fast.backend.cpu_attention` (per CPU class, dtype and grad mode). There the logits of a plain T2T-ViT
+come from :func:`_cls_logits`, which does less work than the model's forward for the same numbers.
 """
 import copy
 import warnings
@@ -79,8 +80,7 @@ class _BlockKernels:
     def __init__(self, x, norm, linear_weight, direct):
         self.direct = direct
         self.onednn = direct and onednn.takes(x, linear_weight)
-        self.cpp_add_layernorm = direct and norm.weight.dtype == torch.float32 \
-            and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
+        self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
         self.cpp_attention = None  # decided at the first call, from its qkv
 
     def linear(self, module, x):
@@ -131,7 +131,8 @@ def _cls_logits(model, images):
             mixed = kernels.attention(qkv, attn)
         x, h = kernels.add_layernorm(x, kernels.linear(attn.proj, mixed), block.norm2)
         hidden = mlp.act(kernels.linear(mlp.fc1, h))
-        x, h = kernels.add_layernorm(x, kernels.linear(mlp.fc2, hidden), model.norm if last else blocks[index + 1].norm1)
+        next_norm = model.norm if last else blocks[index + 1].norm1
+        x, h = kernels.add_layernorm(x, kernels.linear(mlp.fc2, hidden), next_norm)
     return model.head(h[:, 0])
 
 

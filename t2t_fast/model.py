@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from t2t_fast import onednn, ops, reference
 from t2t_fast.backend import autocast_enabled, check_backend_name, cpu_attention
 from t2t_fast.geometry import image_token_grids
+from t2t_fast.ops.add_layernorm import add_layernorm_ref
 from t2t_fast.ops.favor_attention import favor_attention_ref
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_ref
 from t2t_fast.ops.soft_split_layernorm import soft_split_layernorm_ref
@@ -69,6 +70,15 @@ def linear_attention(k, q, v, w, eps: float, backend: Optional[str]) -> torch.Te
         return ops.favor_attention(k, q, v, w, eps=eps, backend=backend)
 
 
+def residual_norm(x, residual, norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float,
+                  backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x + residual`` and its LayerNorm, in one pass where :func:`t2t_fast.ops.add_layernorm` can."""
+    if torch.jit.is_scripting():
+        return add_layernorm_ref(x, residual, norm_weight, norm_bias, eps)
+    else:
+        return ops.add_layernorm(x, residual, norm_weight, norm_bias, eps, backend=backend)
+
+
 def restructurize_split(x, grid_size: Tuple[int, int], split: Tuple[int, int, int],
                         backend: Optional[str]) -> torch.Tensor:
     """Tokens (B, H*W, C) on ``grid_size`` -> the unfolded rows of the last soft split."""
@@ -101,8 +111,9 @@ def attention(qkv, num_heads: int, dropout_p: float, scale: float) -> torch.Tens
     kernel :func:`t2t_fast.backend.cpu_attention` picks (the C++ kernel of
     :func:`t2t_fast.ops.multihead_attention` for fp32/bf16 inference where it was measured fastest), else
     :func:`attend` on the split heads. ``dropout_p``: the attention dropout, 0 outside training."""
-    if not torch.jit.is_scripting() and qkv.device.type == "cpu" and cpp_attention_chosen(qkv, num_heads, dropout_p):
-        return ops.multihead_attention(qkv, num_heads, scale, backend="cpp")
+    if not torch.jit.is_scripting():
+        if qkv.device.type == "cpu" and cpp_attention_chosen(qkv, num_heads, dropout_p):
+            return ops.multihead_attention(qkv, num_heads, scale, backend="cpp")
     q, k, v = split_heads(qkv, num_heads)
     return attend(q, k, v, dropout_p, scale)
 
@@ -131,8 +142,8 @@ def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
 
 
 # Leaves for torch.fx: their arguments' shapes and devices steer them, and they run the fused kernels.
-for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "restructurize_split", "attention",
-              "attend"):
+for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "residual_norm", "restructurize_split",
+              "attention", "attend"):
     torch.fx.wrap(_leaf)
 
 
@@ -148,7 +159,7 @@ class _FusedSoftSplit:
 
 
 class TokenPerformer(_FusedSoftSplit, layers.TokenPerformer):
-    """Performer T2T layer: fused soft split + LN -> kqv -> FAVOR+ on strided k/q/v -> proj + v-skip -> MLP."""
+    """Performer T2T layer: fused soft split + LN -> kqv -> FAVOR+ on strided k/q/v -> proj + v-skip and LN -> MLP."""
 
     def forward(self, x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]] = None):
         """``x``: the stage input, ``split``: its (kernel, stride, padding), ``grid_size``: its token grid when
@@ -157,12 +168,13 @@ class TokenPerformer(_FusedSoftSplit, layers.TokenPerformer):
                                  self.kqv.weight, self.kqv.bias, self.backend, self.recompute())
         k, q, v = kqv.split(self.emb, dim=-1)
         y = linear_attention(k, q, v, self.w, self.eps, self.backend)
-        y = v + self.dp(self.proj(y))
-        return y + self.mlp(self.norm2(y))
+        y, normed = residual_norm(v, self.dp(self.proj(y)), self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                  self.backend)
+        return y + self.mlp(normed)
 
 
 class TokenTransformer(_FusedSoftSplit, layers.TokenTransformer):
-    """Transformer T2T layer: fused soft split + LN -> qkv -> SDPA (one head) -> proj + v-skip -> MLP."""
+    """Transformer T2T layer: fused soft split + LN -> qkv -> SDPA (one head) -> proj + v-skip and LN -> MLP."""
 
     def forward(self, x, split: Tuple[int, int, int], grid_size: Optional[Tuple[int, int]] = None):
         """Arguments as :meth:`TokenPerformer.forward`."""
@@ -172,8 +184,9 @@ class TokenTransformer(_FusedSoftSplit, layers.TokenTransformer):
         y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                                            dropout_p=self.attn.attn_drop.p if self.training else 0.0,
                                            scale=self.attn.scale).squeeze(1)
-        y = v + self.attn.proj_drop(self.attn.proj(y))
-        return y + self.mlp(self.norm2(y))
+        y, normed = residual_norm(v, self.attn.proj_drop(self.attn.proj(y)), self.norm2.weight, self.norm2.bias,
+                                  self.norm2.eps, self.backend)
+        return y + self.mlp(normed)
 
 
 class T2TModule(layers.T2TModule):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from t2t_fast._native import native_module
-from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
+from t2t_fast.backend import cpu_isa, is_exporting, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, new_output,
                                   storage_extent)
 
@@ -77,20 +77,16 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
             :func:`t2t_fast.optimize_for_inference` model).
         eps: the LayerNorm's epsilon.
         backend: None/'auto', 'cpp' or 'torch' (see :mod:`t2t_fast.backend`). 'cpp' runs the C++ kernel where
-            :func:`cpp_unsupported` allows; otherwise (and for 'torch') :func:`add_layernorm_ref` runs. A forced
-            'cpp' that cannot take the input raises.
+            :func:`cpp_unsupported` allows; otherwise (and for 'torch') :func:`add_layernorm_ref` runs, as for a
+            model forced to 'cpp' that trains (a backend the extension cannot run at all raises).
 
     Returns:
         ``(sum, normed)``, both shaped and typed as ``x``. Differentiable through the torch path.
     """
     _validate(x, residual, weight, bias, eps)
-    chosen = select_backend(_OP, x.device, ("cpp", "torch"), backend)
-    if chosen == "cpp":
-        reason = cpp_unsupported(x, residual, weight, bias)
-        if reason is None:
-            return _cpp_op(x, residual, weight, bias, float(eps))
-        if requested_backend(backend) != "auto":
-            backend_cannot_take(_OP, "cpp", reason)
+    if select_backend(_OP, x.device, ("cpp", "torch"), backend) == "cpp" \
+            and cpp_unsupported(x, residual, weight, bias) is None:
+        return _cpp_op(x, residual, weight, bias, float(eps))
     return add_layernorm_ref(x, residual, weight, bias, eps)
 
 
