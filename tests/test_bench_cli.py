@@ -29,6 +29,8 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
 
     data = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())
     assert data["environment"]["threads"] == bench.CPU_THREADS
+    title = next(line for line in out.splitlines() if line.startswith("t2t-fast bench:"))
+    assert data["environment"]["malloc"] in title  # what the CPU run set (or that it kept the defaults)
     assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
     results = data["results"]
     assert len(results) == 4
@@ -120,3 +122,17 @@ def test_commit_of_the_benchmarked_checkout(tmp_path):
                           text=True, check=True).stdout.strip()
     assert bench.git_commit(tmp_path) == head
     assert bench.git_commit(tmp_path / "nowhere") is None
+
+
+def test_keep_freed_memory_reports_what_it_set(monkeypatch):
+    """With glibc, malloc's trim and mmap thresholds are set and said so; elsewhere nothing is changed (None)."""
+    import ctypes
+    import platform
+
+    described = bench.keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert described.startswith("glibc malloc keeps freed memory")
+    else:
+        assert described is None
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError("no C library")))
+    assert bench.keep_freed_memory() is None
