@@ -41,25 +41,36 @@ def inference_dtype(dtype):
     return resolved
 
 
+_ATTENTIONS = (layers.Attention, fast_model.Attention)
+
+
 def _plain_backbone(model):
-    """Whether ``model`` computes its logits as a plain T2T-ViT: its class's forward is the T2T-ViT one (not a
-    variant's), its blocks are pre-norm blocks of softmax attention and an MLP, then a LayerNorm and a linear head
-    on the cls token. For such a model :func:`_cls_logits` computes the same logits."""
-    if not isinstance(model, reference_model.T2TViT) or type(model.norm) is not nn.LayerNorm:
+    """Whether ``model`` computes its logits as a plain T2T-ViT in eval mode: its class's forward is the T2T-ViT
+    one (not a variant's), its blocks are pre-norm blocks of softmax attention and an MLP with LayerNorms, then a
+    LayerNorm and a linear head on the cls token. For such a model :func:`_cls_logits` computes the same logits.
+    Checked on every call (a few microseconds): the model may have been changed since it was converted (pruned,
+    its classifier reset, a module replaced)."""
+    if not isinstance(model, reference_model.T2TViT) or model.training:
         return False
-    if any(getattr(type(model), name) is not getattr(reference_model.T2TViT, name)
-           for name in ("forward", "forward_features", "forward_head")):
+    cls = type(model)
+    if (cls.forward, cls.forward_features, cls.forward_head) != (
+            reference_model.T2TViT.forward, reference_model.T2TViT.forward_features,
+            reference_model.T2TViT.forward_head):
         return False
-    if not isinstance(model.head, (nn.Linear, nn.Identity)) or len(model.blocks) == 0:
+    modules = model._modules
+    if type(modules["norm"]) is not nn.LayerNorm or not isinstance(modules["head"], (nn.Linear, nn.Identity)):
         return False
-    for block in model.blocks:
-        if type(block) is not layers.Block or type(block.attn) not in (layers.Attention, fast_model.Attention):
+    blocks = modules["blocks"]._modules.values()
+    if not blocks:
+        return False
+    norms = [modules["norm"]]
+    for block in blocks:
+        parts = block._modules
+        if type(block) is not layers.Block or type(parts["attn"]) not in _ATTENTIONS \
+                or type(parts["mlp"]) is not layers.Mlp or not isinstance(parts["mlp"]._modules["fc1"], nn.Linear):
             return False
-        if type(block.mlp) is not layers.Mlp or not isinstance(block.mlp.fc1, nn.Linear):
-            return False
-        if any(type(norm) is not nn.LayerNorm or norm.weight is None for norm in (block.norm1, block.norm2)):
-            return False
-    return True
+        norms += (parts["norm1"], parts["norm2"])
+    return all(type(norm) is nn.LayerNorm and norm._parameters["weight"] is not None for norm in norms)
 
 
 def _direct_calls_allowed(images):
@@ -150,14 +161,13 @@ class InferenceModel(nn.Module):
         # not a submodule: the compiled wrapper holds the same parameters, which must not appear twice
         object.__setattr__(self, "_call", compiled if compiled is not None else model)
         self.compiled = compiled is not None
-        self._plain = compiled is None and _plain_backbone(model)
 
     def forward(self, x):
         """Logits of the image batch ``x`` (B, C, H, W), in ``x``'s dtype."""
         image = x.to(self.dtype) if x.is_floating_point() else x  # anything else: the model's own error
         with torch.inference_mode():
-            if self._plain and image.device.type == "cpu" and not backend.is_exporting() \
-                    and not torch.compiler.is_compiling():
+            if not self.compiled and image.device.type == "cpu" and not backend.is_exporting() \
+                    and not torch.compiler.is_compiling() and _plain_backbone(self.model):
                 logits = _cls_logits(self.model, image)
             else:
                 logits = self._call(image)

@@ -179,6 +179,25 @@ def test_variants_run_their_own_forward(name, depth, calls_of):
     assert relative_error(optimized(x), expected) < 1e-5 and not paths
 
 
+def test_changed_models_leave_the_logits_path(calls_of):
+    """The check is made on every call: a converted model pruned afterwards, or put in train mode, runs its own
+    forward (and gives its logits)."""
+    torch.manual_seed(0)
+    optimized = t2t_fast.optimize_for_inference(t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=10),
+                                                dtype=torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    paths = calls_of(inference_module, "_cls_logits")
+    optimized(x)
+    assert len(paths) == 1
+    optimized.model.prune_intermediate_layers(indices=2, prune_norm=True, prune_head=False)
+    with torch.inference_mode():
+        expected = optimized.model(x)
+    assert torch.equal(optimized(x), expected) and len(paths) == 1
+    optimized.model.train()
+    optimized(x)
+    assert len(paths) == 1
+
+
 def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
     """num_classes=0 gives the normed cls features; under a dispatch mode (here a FLOP counter) the kernels go
     through their custom ops, which the mode sees, with the same numbers."""
