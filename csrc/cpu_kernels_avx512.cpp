@@ -1,5 +1,7 @@
 // The kernels of cpu_kernels.inc for AVX-512 (F, BW, DQ, VL), as t2t::avx512::kernels.
 // Everything with external linkage is included before the target pragma (see cpu_vector.h).
+#include <immintrin.h>
+
 #include <cstdint>
 
 #include "cpu_isa.h"
@@ -12,6 +14,7 @@
 
 #define T2T_VECTOR_BYTES 64
 #define T2T_VECTOR_REGISTERS 32
+#define T2T_MASKED_TAILS 1
 
 namespace t2t {
 namespace avx512 {

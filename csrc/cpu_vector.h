@@ -32,12 +32,15 @@ static inline Vec load_bf16(const uint16_t* p) {
   __builtin_memcpy(&h, p, sizeof(h));
   return reinterpret_cast<Vec>(__builtin_convertvector(h, VecU) << 16);
 }
-static inline void store_bf16(uint16_t* p, Vec v) {
+static inline VecH to_bf16_bits(Vec v) {
   const VecU u = reinterpret_cast<VecU>(v);
   const VecU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const VecU nan = (u >> 16) | 0x40u;
   const VecU bits = reinterpret_cast<VecU>(v != v ? reinterpret_cast<VecI>(nan) : reinterpret_cast<VecI>(rounded));
-  const VecH h = __builtin_convertvector(bits, VecH);
+  return __builtin_convertvector(bits, VecH);
+}
+static inline void store_bf16(uint16_t* p, Vec v) {
+  const VecH h = to_bf16_bits(v);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
