@@ -48,56 +48,34 @@ static inline Vec vmax(Vec a, Vec b) { return a > b ? a : b; }
 static inline Vec vmin(Vec a, Vec b) { return a < b ? a : b; }
 static inline float fmax_scalar(float a, float b) { return a > b ? a : b; }
 
-// v with its halves, quarters, ... swapped: the steps of a tree reduction (log2(kLanes) shuffles instead of a
-// chain of kLanes dependent scalar operations, which is what a plain loop must compile to without -ffast-math).
-static inline Vec swap_halves(Vec v) {
-#if T2T_VECTOR_BYTES == 64
-  return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-#elif T2T_VECTOR_BYTES == 32
-  return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
-#else
-  return __builtin_shufflevector(v, v, 2, 3, 0, 1);
-#endif
+// The steps of a tree reduction: log2(kLanes) shuffles instead of the chain of kLanes dependent scalar
+// operations that a plain loop must compile to without -ffast-math. swap_lanes<d>: lane i takes lane i ^ d.
+template <int... I>
+struct LaneIndices {};
+template <int N, int... I>
+struct MakeLaneIndices : MakeLaneIndices<N - 1, N - 1, I...> {};
+template <int... I>
+struct MakeLaneIndices<0, I...> {
+  using type = LaneIndices<I...>;
+};
+
+template <int Distance, int... I>
+static inline Vec swap_lanes(Vec v, LaneIndices<I...>) {
+  return __builtin_shufflevector(v, v, (I ^ Distance)...);
 }
-static inline Vec swap_pairs_of_two(Vec v) {
-#if T2T_VECTOR_BYTES == 64
-  return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-#elif T2T_VECTOR_BYTES == 32
-  return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
-#else
-  return __builtin_shufflevector(v, v, 2, 3, 0, 1);
-#endif
-}
-static inline Vec swap_neighbours(Vec v) {
-#if T2T_VECTOR_BYTES == 64
-  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-#elif T2T_VECTOR_BYTES == 32
-  return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-#else
-  return __builtin_shufflevector(v, v, 1, 0, 3, 2);
-#endif
-}
-static inline Vec swap_quarters(Vec v) {  // within each half of a 512-bit vector; the identity below that
-#if T2T_VECTOR_BYTES == 64
-  return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-#else
+
+// combine(v, swap_lanes<d>(v)) for d = kLanes / 2, ..., 1: every lane then holds the reduction of all lanes.
+template <int Distance = kLanes / 2, typename Combine>
+static inline Vec tree_reduce(Vec v, Combine combine) {
+  v = combine(v, swap_lanes<Distance>(v, typename MakeLaneIndices<kLanes>::type{}));
+  if constexpr (Distance > 1) return tree_reduce<Distance / 2>(v, combine);
   return v;
-#endif
 }
 
 static inline float reduce_add(Vec v) {
-  v += swap_halves(v);
-  if (kLanes == 16) v += swap_quarters(v);
-  if (kLanes >= 8) v += swap_pairs_of_two(v);
-  v += swap_neighbours(v);
-  return v[0];
+  return tree_reduce(v, [](Vec a, Vec b) { return a + b; })[0];
 }
-static inline float reduce_max(Vec v) {
-  v = vmax(v, swap_halves(v));
-  if (kLanes == 16) v = vmax(v, swap_quarters(v));
-  if (kLanes >= 8) v = vmax(v, swap_pairs_of_two(v));
-  return vmax(v, swap_neighbours(v))[0];
-}
+static inline float reduce_max(Vec v) { return tree_reduce(v, vmax)[0]; }
 
 // Lanes i < n set, as a select mask.
 static inline VecI lanes_below(int64_t n) {
