@@ -2,6 +2,7 @@
 model against the official state_dict record."""
 import torch
 
+from t2t_fast.bench.timing import cpu_threads
 from t2t_fast.ops._common import poison_outputs  # noqa: F401  (re-exported for tests)
 
 # max-abs error over max-abs of the expected value, for kernels that only reorder fp32 arithmetic.
@@ -38,6 +39,16 @@ def assert_within_reference_error(actual, reference_lowp, exact, factor=2.0, flo
     assert torch.isfinite(actual.detach().float()).all(), f"{what}: non-finite values"
     assert ours <= factor * theirs + floor, (
         f"{what}: error vs float64 {ours:.3e} > {factor} x reference error {theirs:.3e} (+{floor:g})")
+
+
+def results_at_thread_counts(fn, counts=(1, 2)):
+    """``fn()`` once at each of torch's thread ``counts`` (the count restored afterwards): the results in order,
+    for tests that a kernel's output does not depend on how its work is split across threads."""
+    results = []
+    for count in counts:
+        with cpu_threads(count):
+            results.append(fn())
+    return results
 
 
 def frozen_buffer_count(model):

@@ -10,7 +10,8 @@ import torch
 from t2t_fast import backend
 from t2t_fast._native import native_cpu_isas, native_module
 from t2t_fast.ops import add_layernorm, add_layernorm_ref
-from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import (assert_relative_close, assert_within_reference_error, poison_outputs,
+                              results_at_thread_counts)
 
 add_layernorm_module = importlib.import_module("t2t_fast.ops.add_layernorm")
 needs_extension = pytest.mark.skipif(backend.unavailable_reason("cpp", "cpu") is not None,
@@ -89,14 +90,7 @@ def test_nan_and_large_values_stay_in_their_rows():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_deterministic_across_thread_counts(dtype):
     inputs = _inputs((8, 197, 384), dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _cpp(*inputs)
-        torch.set_num_threads(2)
-        two = _cpp(*inputs)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = results_at_thread_counts(lambda: _cpp(*inputs))
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 

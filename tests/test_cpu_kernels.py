@@ -14,7 +14,7 @@ from t2t_fast._native import native_cpu_isas, native_module
 from t2t_fast.backend import BackendUnavailableError, set_cpu_isa, unavailable_reason
 from t2t_fast.ops import favor_attention, favor_attention_ref, soft_split_layernorm, soft_split_layernorm_ref
 from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
-                              poison_outputs)
+                              poison_outputs, results_at_thread_counts)
 
 favor_module = importlib.import_module("t2t_fast.ops.favor_attention")  # the module (ops exports the function)
 ISAS = native_cpu_isas()
@@ -154,14 +154,7 @@ def test_favor_strides(isa):
 def test_favor_deterministic_across_thread_counts(isa):
     w = _projection(32, 64)
     k, q, v = _kqv(3, 700, 64, torch.float32)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _cpp(k, q, v, w)
-        torch.set_num_threads(2)
-        two = _cpp(k, q, v, w)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = results_at_thread_counts(lambda: _cpp(k, q, v, w))
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
 
@@ -271,14 +264,8 @@ def test_split_layernorm_statistics(isa, case):
 def test_split_layernorm_deterministic_across_thread_counts(isa):
     x = torch.randn(3, 56 * 56, 64)
     weight, bias = torch.randn(576), torch.randn(576)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(soft_split_layernorm(x, 3, 2, 1, weight, bias, grid_size=(56, 56), backend="cpp"))
-    finally:
-        torch.set_num_threads(threads)
+    results = results_at_thread_counts(
+        lambda: soft_split_layernorm(x, 3, 2, 1, weight, bias, grid_size=(56, 56), backend="cpp"))
     assert torch.equal(*results)
 
 

@@ -12,7 +12,8 @@ from t2t_fast import backend, model as fast_model
 from t2t_fast._native import native_attention_bf16, native_module
 from t2t_fast.backend import BackendUnavailableError, cpu_attention
 from t2t_fast.ops import multihead_attention, multihead_attention_ref
-from t2t_fast.testing import assert_relative_close, assert_within_reference_error, poison_outputs
+from t2t_fast.testing import (assert_relative_close, assert_within_reference_error, poison_outputs,
+                              results_at_thread_counts)
 
 attention_module = importlib.import_module("t2t_fast.ops.multihead_attention")
 needs_kernel = pytest.mark.skipif(not native_attention_bf16(),
@@ -77,14 +78,7 @@ def test_strided_qkv_and_large_logits(dtype):
 def test_deterministic_across_thread_counts(dtype):
     """One image of one head splits its query rows across threads: the rows are computed alike."""
     qkv = _qkv(1, 197, 1, 64, dtype=dtype)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = _cpp(qkv, 1, 0.125)
-        torch.set_num_threads(2)
-        two = _cpp(qkv, 1, 0.125)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = results_at_thread_counts(lambda: _cpp(qkv, 1, 0.125))
     assert torch.equal(one, two)
 
 
