@@ -88,9 +88,10 @@ class _BlockKernels:
     has the same shapes and dtypes): where a C++ kernel / oneDNN takes the input, it is called directly (its
     checks made here, once), else through the ops that choose per call."""
 
-    def __init__(self, x, norm, linear_weight, direct):
+    def __init__(self, x, block, direct):
         self.direct = direct
-        self.onednn = direct and onednn.takes(x, linear_weight)
+        self.onednn = direct and onednn.takes(x, block.attn.qkv.weight)
+        norm = block.norm2
         self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
         self.cpp_attention = None  # decided at the first call, from its qkv
 
@@ -129,9 +130,8 @@ def _cls_logits(model, images):
     the kernels called directly where they take the input (see :class:`_BlockKernels`)."""
     x = model.forward_tokens(images)
     blocks = model.blocks
-    kernels = _BlockKernels(x, blocks[0].norm2, blocks[0].attn.qkv.weight, _direct_calls_allowed(images))
-    norm = blocks[0].norm1
-    h = torch.nn.functional.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    kernels = _BlockKernels(x, blocks[0], _direct_calls_allowed(images))
+    h = blocks[0].norm1(x)
     for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
         last = index + 1 == len(blocks)
