@@ -2,8 +2,8 @@
 :func:`t2t_fast.optimize_for_inference` beside OpenVINO.
 
 * ``test_cpu_attention``: one backbone attention of T2T-ViT-14 (6 heads of 64, 197 tokens) from its (B, T, 3*384)
-  qkv projection to the (B, T, 384) heads: the extension's kernel (``cpp``: fp32/bf16 inference on AVX512-BF16
-  CPUs), torch's CPU flash kernel (``sdpa``) and matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward
+  qkv projection to the (B, T, 384) heads: the extension's kernel (``cpp-<isa>``: fp32/bf16 inference on
+  AVX512-BF16 CPUs, with AMX tiles (``cpp-amx``) and without (``cpp-avx512``)), torch's CPU flash kernel (``sdpa``) and matmul + softmax (``matmul``), fp32 / bf16 / fp16, forward
   without grad (``infer``) and forward + backward (``train``), batch 1 and 8, 2 threads: the measurements the
   choice table is made of.
 * ``test_cpu_inference``: T2T-ViT-14 at 224 px, 2 threads, batch 1 and 8: ``optimize_for_inference`` at fp32 and
@@ -46,7 +46,9 @@ def _cpp_attention(qkv):
     return t2t_fast.ops.multihead_attention(qkv, HEADS, HEAD_DIM ** -0.5, backend="cpp")
 
 
-KERNELS = {"cpp": _cpp_attention, "sdpa": _sdpa_attention, "matmul": _matmul_attention}
+KERNELS = {"sdpa": _sdpa_attention, "matmul": _matmul_attention}
+# the C++ kernel with each instruction set it runs with on this CPU ('amx': its bf16 products on tiles)
+KERNELS.update({f"cpp-{isa}": _cpp_attention for isa in t2t_fast._native.native_cpu_isas() if isa in ("amx", "avx512")})
 
 
 @pytest.mark.parametrize("dtype,mode,batch,kernel", list(itertools.product(DTYPES, ("infer", "train"), (1, 8),
@@ -56,12 +58,12 @@ def test_cpu_attention(benchmark, cpu_threads, timed, dtype, mode, batch, kernel
     grad = mode == "train"
     inputs = [(torch.randn(batch, TOKENS, 3 * HEADS * HEAD_DIM, dtype=DTYPES[dtype], requires_grad=grad),)
               for _ in range(3)]
-    if kernel == "cpp":
-        reason = t2t_fast.ops.multihead_attention_cpp_unsupported(inputs[0][0], HEADS)
-        if reason is not None and not grad:
-            pytest.skip(f"the C++ kernel cannot take this input: {reason}")
+    if kernel.startswith("cpp"):
         if grad:
             pytest.skip("the C++ kernel is forward-only")
+        reason = t2t_fast.ops.multihead_attention_cpp_unsupported(inputs[0][0], HEADS)
+        if reason is not None:
+            pytest.skip(f"the C++ kernel cannot take this input: {reason}")
     dy = torch.randn(batch, TOKENS, HEADS * HEAD_DIM, dtype=DTYPES[dtype])
     fn = KERNELS[kernel]
 
@@ -72,7 +74,11 @@ def test_cpu_attention(benchmark, cpu_threads, timed, dtype, mode, batch, kernel
             with torch.inference_mode():
                 fn(qkv)
 
-    timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
+    try:
+        t2t_fast.backend.set_cpu_isa(kernel[4:] if kernel.startswith("cpp") else None)
+        timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
+    finally:
+        t2t_fast.backend.set_cpu_isa(None)
     benchmark.extra_info.update(kernel=kernel, chosen=t2t_fast.backend.cpu_attention(DTYPES[dtype], grad))
 
 
@@ -135,7 +141,7 @@ def _t2t_case(case, dtype):
 
 
 @pytest.mark.parametrize("case,dtype,provider", list(itertools.product(
-    T2T_CASES, ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_cpu_isas()] + ["torch"])))
+    T2T_CASES, ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_vector_isas()] + ["torch"])))
 def test_cpu_t2t_kernels(benchmark, cpu_threads, timed, case, dtype, provider):
     benchmark.group = f"cpu T2T kernel {case} {dtype} B=8"
     inputs, flops = _t2t_case(case, DTYPES[dtype])
@@ -168,7 +174,7 @@ def test_cpu_t2t_kernels(benchmark, cpu_threads, timed, case, dtype, provider):
 
 
 @pytest.mark.parametrize("batch,dtype,provider", list(itertools.product(
-    (1, 8), ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_cpu_isas()] + ["torch"])))
+    (1, 8), ("fp32", "bf16"), [f"cpp-{isa}" for isa in t2t_fast._native.native_vector_isas()] + ["torch"])))
 def test_cpu_add_layernorm(benchmark, cpu_threads, timed, batch, dtype, provider):
     """A backbone residual add + the next LayerNorm of T2T-ViT-14 ((B, 197, 384)): the C++ kernel per ISA against
     torch's add then layer_norm."""

@@ -1,6 +1,6 @@
 // The attention kernel of attention_cpu.h for AVX-512 with BF16 dot products (vdpbf16ps), as
-// t2t::avx512_bf16::attention_head. Everything with external linkage is included before the target pragma
-// (see cpu_vector.h).
+// t2t::avx512_bf16::attention_head, and its bfloat16 products on AMX tiles, as attention_head_tiles. Everything
+// with external linkage is included before the target pragma (see cpu_vector.h).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 #include "restructurize_unfold.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2,amx-tile,amx-bf16")
 #endif
 
 #define T2T_VECTOR_BYTES 64
@@ -92,41 +92,35 @@ static void product_rows(const T* a, int64_t a_stride, int64_t steps, const T* b
   }
 }
 
-// exp(x) for the softmax's shifted scores x <= 0: 0 below -87.3 (and for -inf), NaN stays NaN; within 3e-6
-// relative of expf, far below the bf16 rounding of the probabilities. x = n ln2 + r, |r| <= ln2/2, e^r by its
-// degree-5 Taylor polynomial, 2^n (n in [-126, 0]) through the exponent bits.
-static inline Vec exp_nonpositive(Vec x) {
-  const Vec lo = splat(-87.33654f);
-  const VecI under = x < lo, nan = x != x;
-  const Vec y = vmax(x, lo);
-  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const Vec shifted = y * 1.44269504088896341f + magic;
-  const Vec n = shifted - magic;
-  const Vec r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
-  Vec p = splat(1.0f / 120);
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * (r * r) + r + 1.0f;
-  const VecI e = reinterpret_cast<VecI>(shifted) - reinterpret_cast<VecI>(magic);
-  Vec result = p * reinterpret_cast<Vec>((e + 127) << 23);
-  result = under ? splat(0.0f) : result;
-  return nan ? x : result;
+// 2^t for the softmax's shifted scores t = (s - max s) scale log2(e) <= 0: 0 below -125 (and for -inf), NaN stays
+// NaN; within 3e-6 relative of exp2f, far below the bf16 rounding of the probabilities. t = n + f, n an integer,
+// |f| <= 1/2, 2^f by its degree-5 Taylor polynomial, times 2^n by vscalefps. Results stay normal numbers (a denormal
+// one would cost a microcode assist in the sum).
+static inline Vec exp2_nonpositive(Vec t) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec f = t - n;
+  Vec p = splat(1.3333558146428443e-3f);  // (ln 2)^k / k!, k = 5 .. 0
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 0.24022650695910071f;
+  p = p * f + 0.69314718055994531f;
+  p = p * f + 1.0f;
+  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
-// The padding keys' scores (their packed k is 0) set to -inf: they drop out of the softmax. Only the last vector
-// of a row holds padding (keys_pad is keys rounded up to 16).
+// The padding keys' scores (their packed k is 0) set to -inf: they drop out of the softmax.
 static void mask_padding_keys(int64_t rows, int64_t keys, const AttentionWork& w) {
-  if (keys % kLanes == 0) return;
-  const int64_t last = w.keys_pad - kLanes;
   for (int64_t r = 0; r < rows; ++r) {
-    float* s = w.scores + r * w.keys_pad + last;
-    store(s, lanes_below(keys - last) ? load(s) : splat(-__builtin_inff()));
+    for (int64_t c = keys / kLanes * kLanes; c < w.keys_pad; c += kLanes) {
+      float* s = w.scores + r * w.keys_pad + c;
+      store(s, lanes_below(keys - c) ? load(s) : splat(-__builtin_inff()));
+    }
   }
 }
 
 // Rows of scores (-inf past the keys) -> unnormalised probabilities exp(scale (s - max s)) in the dtype T of
-// w.probs, and the reciprocal of each row's float32 sum. bfloat16 rounds them, so exp_nonpositive suffices
+// w.probs, and the reciprocal of each row's float32 sum. bfloat16 rounds them, so exp2_nonpositive suffices
 // there; float32 takes vexp (within 2 ulp of expf).
 template <typename T>
 static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, float* inv_sum) {
@@ -138,14 +132,13 @@ static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, floa
     const float shift = reduce_max(top);
     Vec sum = splat(0.0f);
     for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
-      const Vec x = (load(s + c) - shift) * scale;
       if constexpr (sizeof(T) == 2) {
-        const Vec e = exp_nonpositive(x);
+        const Vec e = exp2_nonpositive((load(s + c) - shift) * (scale * 1.44269504088896341f));
         const __m256bh h = _mm512_cvtneps_pbh(e);
         __builtin_memcpy(probs + c, &h, sizeof(h));
         sum += e;
       } else {
-        const Vec e = vexp(x);
+        const Vec e = vexp((load(s + c) - shift) * scale);
         store(probs + c, e);
         sum += e;
       }
@@ -161,7 +154,8 @@ static void gather_key_words(const char* k, int64_t row_bytes, int64_t tokens, i
                                           _mm512_set1_epi32(static_cast<int>(row_bytes)));
   uint32_t* out = static_cast<uint32_t*>(w.keys);
   for (int64_t t = 0; t < w.keys_pad; t += 16) {
-    const __mmask16 valid = static_cast<__mmask16>(tokens - t >= 16 ? 0xffff : (1u << (tokens - t)) - 1u);
+    const int64_t left = tokens - t;
+    const __mmask16 valid = static_cast<__mmask16>(left >= 16 ? 0xffff : left <= 0 ? 0 : (1u << left) - 1u);
     const char* block = k + t * row_bytes;
     for (int64_t i = 0; i < words; ++i) {
       _mm512_storeu_si512(out + i * w.keys_pad + t,
@@ -214,6 +208,89 @@ static void attention_tile(const T* q, const T* v, int64_t stride, int64_t width
                   });
 }
 
+// ------------------------------------------------------------------------------------------------ AMX tiles
+
+// Every tile 16 rows of 64 bytes: 16 x 32 bf16 of q or P (tmm0: rows 0-15, tmm1: rows 16-31), 16 pairs x 16
+// columns of packed k or v (tmm2, tmm3), 16 x 16 float32 products: tmm4 = tmm0 x tmm2, tmm5 = tmm0 x tmm3,
+// tmm6 = tmm1 x tmm2, tmm7 = tmm1 x tmm3. Each A and B tile loaded serves two products.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+static void load_tile_config() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes_per_row[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+static inline void zero_products() {
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+}
+
+// One step of 32 bf16 along the reduced dimension: a0/a1 the A tiles' first elements (rows a_bytes apart), b the
+// first B tile's (rows b_bytes apart; the second 16 words to its right).
+static inline void product_step(const void* a0, const void* a1, int64_t a_bytes, const uint32_t* b, int64_t b_bytes) {
+  _tile_loadd(0, a0, a_bytes);
+  _tile_loadd(1, a1, a_bytes);
+  _tile_loadd(2, b, b_bytes);
+  _tile_loadd(3, b + 16, b_bytes);
+  _tile_dpbf16ps(4, 0, 2);
+  _tile_dpbf16ps(5, 0, 3);
+  _tile_dpbf16ps(6, 1, 2);
+  _tile_dpbf16ps(7, 1, 3);
+}
+
+// The 32 x 32 float32 products to c (rows ld floats apart).
+static inline void store_products(float* c, int64_t ld) {
+  _tile_stored(4, c, 4 * ld);
+  _tile_stored(5, c + 16, 4 * ld);
+  _tile_stored(6, c + 16 * ld, 4 * ld);
+  _tile_stored(7, c + 16 * ld + 16, 4 * ld);
+}
+
+// kAttentionTileRows query rows (q: rows q_stride elements apart, zero past `rows`): scores against every key,
+// the softmax of the first `rows`, P v normalised into out; k and v packed in pairs, keys_pad a multiple of 32.
+static void attention_tile_amx(const uint16_t* q, int64_t q_stride, int64_t rows, int64_t width, int64_t keys,
+                               float scale, const AttentionWork& w, uint16_t* out, int64_t out_stride) {
+  const uint32_t* k = static_cast<const uint32_t*>(w.keys);
+  for (int64_t c = 0; c < w.keys_pad; c += 32) {
+    zero_products();
+    for (int64_t i = 0; i < width; i += 32) {
+      product_step(q + i, q + 16 * q_stride + i, 2 * q_stride, k + i / 2 * w.keys_pad + c, 4 * w.keys_pad);
+    }
+    store_products(w.scores + c, w.keys_pad);
+  }
+  float inv_sum[kAttentionTileRows];
+  mask_padding_keys(rows, keys, w);
+  softmax_rows<uint16_t>(rows, scale, w, inv_sum);
+  uint16_t* probs = static_cast<uint16_t*>(w.probs);
+  __builtin_memset(probs + rows * w.keys_pad, 0, sizeof(uint16_t) * (kAttentionTileRows - rows) * w.keys_pad);
+  for (int64_t c = 0; c < width; c += 32) {
+    zero_products();
+    for (int64_t j = 0; j < w.keys_pad; j += 32) {
+      product_step(probs + j, probs + 16 * w.keys_pad + j, 2 * w.keys_pad, w.v_pairs + j / 2 * width + c, 4 * width);
+    }
+    store_products(w.out_rows + c, width);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const Vec factor = splat(inv_sum[r]);
+    for (int64_t i = 0; i < width; i += kLanes) {
+      const __m256bh h = _mm512_cvtneps_pbh(load(w.out_rows + r * width + i) * factor);
+      __builtin_memcpy(out + r * out_stride + i, &h, sizeof(h));
+    }
+  }
+}
+
 }  // namespace
 
 void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int64_t first, int64_t count,
@@ -238,6 +315,28 @@ void attention_head(const AttentionProblem& p, int64_t image, int64_t head, int6
     pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
     rows(base, static_cast<uint16_t*>(p.out) + at);
   }
+}
+
+void attention_head_tiles(const AttentionProblem& p, int64_t image, int64_t head, int64_t first, int64_t count,
+                          const AttentionWork& work) {
+  const int64_t d = p.head_dim, stride = p.stride_t, out_stride = p.heads * d;
+  const uint16_t* base = static_cast<const uint16_t*>(p.qkv) + image * p.stride_b + head * d;
+  uint16_t* out = static_cast<uint16_t*>(p.out) + (image * p.tokens) * out_stride + head * d;
+  pack_keys_values(base + p.heads * d, base + 2 * p.heads * d, stride, p.tokens, d, work);
+  load_tile_config();
+  for (int64_t r = first; r < first + count; r += kAttentionTileRows) {
+    const int64_t rows = first + count - r < kAttentionTileRows ? first + count - r : kAttentionTileRows;
+    const uint16_t* q = base + r * stride;
+    int64_t q_stride = stride;
+    if (rows < kAttentionTileRows) {  // a tile reads all its rows: the last ones from a zero-padded copy
+      for (int64_t i = 0; i < rows; ++i) __builtin_memcpy(work.q_rows + i * d, q + i * stride, sizeof(uint16_t) * d);
+      __builtin_memset(work.q_rows + rows * d, 0, sizeof(uint16_t) * (kAttentionTileRows - rows) * d);
+      q = work.q_rows;
+      q_stride = d;
+    }
+    attention_tile_amx(q, q_stride, rows, d, p.tokens, p.scale, work, out + r * out_stride, out_stride);
+  }
+  _tile_release();
 }
 
 }  // namespace avx512_bf16

@@ -170,10 +170,10 @@ void def_checked(py::module_& m, const char* name, Fn* fn, const std::array<cons
         py::arg("strides"), py::arg("dtype"), extra..., doc);
 }
 
-// The ISA of the vectorised CPU kernels from its name ("avx512", "avx2", "baseline"); a ValueError for an unknown
+// The ISA of the vectorised CPU kernels from its name ("amx", "avx512", "avx2", "baseline"); a ValueError for an unknown
 // name or one this CPU cannot run.
 t2t::Isa parse_isa(const std::string& op, const std::string& name) {
-  for (t2t::Isa isa : {t2t::Isa::kAvx512, t2t::Isa::kAvx2, t2t::Isa::kBaseline}) {
+  for (t2t::Isa isa : t2t::kIsas) {
     if (name != t2t::isa_name(isa)) continue;
     if (static_cast<int>(isa) > static_cast<int>(t2t::best_cpu_isa())) {
       throw py::value_error(op + ": this CPU cannot run the " + name + " kernels (best: " +
@@ -181,12 +181,12 @@ t2t::Isa parse_isa(const std::string& op, const std::string& name) {
     }
     return isa;
   }
-  throw py::value_error(op + ": unknown CPU kernel ISA '" + name + "' (avx512, avx2, baseline)");
+  throw py::value_error(op + ": unknown CPU kernel ISA '" + name + "' (amx, avx512, avx2, baseline)");
 }
 
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
-  for (t2t::Isa isa : {t2t::Isa::kAvx512, t2t::Isa::kAvx2, t2t::Isa::kBaseline}) {
+  for (t2t::Isa isa : t2t::kIsas) {
     if (static_cast<int>(isa) <= static_cast<int>(t2t::best_cpu_isa())) names.push_back(t2t::isa_name(isa));
   }
   return names;
@@ -289,9 +289,13 @@ void favor_attention_forward(const Operand& k, const Operand& q, const Operand& 
 }
 
 void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
-                       double scale, const Buffer& out, int threads) {
+                       double scale, const Buffer& out, const std::string& isa, int threads) {
   const std::string op = "multihead_attention";
   if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  const t2t::Isa chosen = parse_isa(op, isa);
+  if (chosen != t2t::Isa::kAmx && chosen != t2t::Isa::kAvx512) {
+    throw py::value_error(op + ": the attention kernel runs with amx or avx512, not " + isa);
+  }
   check_fast_dtype(op, "qkv", dtype);
   if (batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 16 != 0) {
     throw py::value_error(op + ": batch, tokens and heads must be positive and head_dim a positive multiple of 16");
@@ -312,7 +316,7 @@ void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tok
   t2t::AttentionProblem p{dtype,    batch,    tokens, heads, head_dim, reinterpret_cast<const void*>(address),
                           stride_b, stride_t, static_cast<float>(scale), reinterpret_cast<void*>(out.first)};
   py::gil_scoped_release release;
-  t2t::attention_forward_cpu(p, threads);
+  t2t::attention_forward_cpu(p, chosen, threads);
 }
 // One of x, residual: its address, extent and row stride; elements along a row are adjacent.
 using Rows = std::tuple<std::uintptr_t, int64_t, int64_t>;
@@ -388,10 +392,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");
   m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("dtype"), py::arg("batch"),
-        py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("threads"),
+        py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("isa"),
+        py::arg("threads"),
         "Softmax attention forward in float32 or bfloat16: out (B, T, heads*head_dim) contiguous from qkv viewed as "
         "(B, T, 3, heads, head_dim), given as (address, extent, batch stride, token stride) with adjacent "
-        "elements along the last dimension; out as (address, extent)");
+        "elements along the last dimension; out as (address, extent); isa 'amx' (bfloat16 products on AMX tiles "
+        "where the head size is a multiple of 32) or 'avx512'");
 
   constexpr auto kForward = Direction::kForward;
   constexpr auto kBackward = Direction::kBackward;

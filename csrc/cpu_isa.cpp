@@ -4,14 +4,38 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace t2t {
+
+namespace {
+
+// Linux hands out the AMX tile registers' state (8 KiB per thread) only to a process that asks for it
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); a tile instruction without it is a SIGILL.
+bool amx_usable() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool usable = [] {
+    constexpr int kArchRequestComponentPermission = 0x1023, kTileData = 18;
+    return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           syscall(SYS_arch_prctl, kArchRequestComponentPermission, kTileData) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
 
 Isa best_cpu_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-    return Isa::kAvx512;
+    return amx_usable() ? Isa::kAmx : Isa::kAvx512;
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
@@ -20,6 +44,8 @@ Isa best_cpu_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx:
+      return "amx";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -35,6 +61,7 @@ const CpuKernels& cpu_kernels(Isa isa) {
                                 isa_name(best_cpu_isa()) + ")");
   }
   switch (isa) {
+    case Isa::kAmx:
     case Isa::kAvx512:
       return avx512::kernels;
     case Isa::kAvx2:

@@ -10,8 +10,10 @@
 
 namespace t2t {
 
-// Ordered: a CPU that runs one runs those below it.
-enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+// Ordered: a CPU that runs one runs those below it. kAmx is AVX-512 with AMX-BF16 tiles that the OS lets this
+// process use: the kernels with tile code (the attention kernel's bfloat16 products) take them, the others run
+// their AVX-512 code.
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 struct FavorProblem;  // favor_attention_cpu.h
 
@@ -42,9 +44,13 @@ namespace avx512 { extern const CpuKernels kernels; }
 namespace avx2 { extern const CpuKernels kernels; }
 namespace baseline { extern const CpuKernels kernels; }
 
-// The best ISA this CPU runs (AVX-512 needs F, BW, DQ and VL; AVX2 needs FMA too).
+// Every ISA, best first.
+constexpr Isa kIsas[] = {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kBaseline};
+
+// The best ISA this CPU runs (AVX-512 needs F, BW, DQ and VL; AVX2 needs FMA too; AMX needs AVX-512, AMX-TILE,
+// AMX-BF16 and the kernel's permission for the tile data, asked for once).
 Isa best_cpu_isa();
-// The kernels for `isa`; std::invalid_argument when this CPU cannot run it.
+// The kernels for `isa` (kAmx: the AVX-512 ones); std::invalid_argument when this CPU cannot run it.
 const CpuKernels& cpu_kernels(Isa isa);
 const char* isa_name(Isa isa);
 

@@ -44,9 +44,15 @@ def native_cuda_compiled():
 
 
 def native_cpu_isas():
-    """Instruction sets of the vectorised CPU kernels this CPU runs, best first (``'avx512'``, ``'avx2'``,
-    ``'baseline'``); empty without the extension."""
+    """Instruction sets of the vectorised CPU kernels this CPU runs, best first (``'amx'``, ``'avx512'``,
+    ``'avx2'``, ``'baseline'``); empty without the extension."""
     return _cpu_isas
+
+
+def native_vector_isas():
+    """:func:`native_cpu_isas` without ``'amx'``: the instruction sets the vectorised kernels have code of their
+    own for (with ``'amx'`` they run their AVX-512 code; only the attention kernel has tile code)."""
+    return tuple(isa for isa in _cpu_isas if isa != "amx")
 
 
 def native_attention_bf16():

@@ -179,9 +179,9 @@ CPU_CLASSES = ("amx", "avx512_bf16", "none")
 # pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
 # hardware, are many times slower than the flash kernel, which does its maths in fp32. RESULTS.md says which
 # CPU each row was measured on; the AMX fp16 row was not measured and follows the other classes.
-# Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, fp32/bf16 inference on AVX512-BF16) can take
-# the input, it runs instead on the classes in _CPU_ATTENTION_CPP_CLASSES, where it was measured fastest; the
-# table's choice is what runs where it cannot.
+# Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, fp32/bf16 inference on AVX512-BF16; bf16 on
+# AMX tiles where the CPU has them) can take the input, it runs instead on the classes in
+# _CPU_ATTENTION_CPP_CLASSES, where it was measured fastest; the table's choice is what runs where it cannot.
 _CPU_ATTENTION_TABLE = {
     ("amx", torch.float32): ("sdpa", "sdpa"),
     ("amx", torch.bfloat16): ("sdpa", "matmul"),
@@ -193,7 +193,7 @@ _CPU_ATTENTION_TABLE = {
     ("none", torch.bfloat16): ("sdpa", "sdpa"),
     ("none", torch.float16): ("sdpa", "sdpa"),
 }
-_CPU_ATTENTION_CPP_CLASSES = ("avx512_bf16",)
+_CPU_ATTENTION_CPP_CLASSES = ("avx512_bf16", "amx")
 _cpu_attention_override = None
 
 
@@ -273,9 +273,12 @@ _cpu_isa_override = None
 
 
 def set_cpu_isa(isa):
-    """Run the vectorised CPU kernels of the extension (fused soft split + LayerNorm, FAVOR+) with instruction
-    set ``isa`` (``'avx512'``, ``'avx2'``, ``'baseline'``), or the best this CPU has (``'auto'``/None). Wins over
-    ``T2T_FAST_CPU_ISA``; an ISA this CPU cannot run is a ValueError naming the ones it can."""
+    """Run the vectorised CPU kernels of the extension (fused soft split + LayerNorm, FAVOR+, residual add +
+    LayerNorm, attention) with instruction set ``isa`` (``'amx'``, ``'avx512'``, ``'avx2'``, ``'baseline'``), or
+    the best this CPU has (``'auto'``/None). ``'amx'`` is AVX-512 with AMX tiles, which the attention kernel's
+    bfloat16 products take (the other kernels run their AVX-512 code); the attention kernel runs with ``'amx'`` or
+    ``'avx512'`` only. Wins over ``T2T_FAST_CPU_ISA``; an ISA this CPU cannot run is a ValueError naming the
+    ones it can."""
     global _cpu_isa_override
     _cpu_isa_override = None if isa in (None, "auto") else _check_cpu_isa(isa, "set_cpu_isa")
 
@@ -289,7 +292,7 @@ def _check_cpu_isa(isa, source):
 
 def cpu_isa():
     """The instruction set the vectorised CPU kernels run with: :func:`set_cpu_isa`, then
-    ``T2T_FAST_CPU_ISA`` (``avx512``/``avx2``/``baseline``/``auto``), then the best this CPU has."""
+    ``T2T_FAST_CPU_ISA`` (``amx``/``avx512``/``avx2``/``baseline``/``auto``), then the best this CPU has."""
     if _cpu_isa_override is not None:
         return _cpu_isa_override
     requested = os.environ.get(CPU_ISA_ENV_VAR) or "auto"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t2t_fast import backend
-from t2t_fast._native import native_cpu_isas, native_module
+from t2t_fast._native import native_module, native_vector_isas
 from t2t_fast.ops import add_layernorm, add_layernorm_ref
 from t2t_fast.testing import (assert_relative_close, assert_within_reference_error, poison_outputs,
                               results_at_thread_counts)
@@ -47,7 +47,7 @@ SHAPES = ((2, 197, 384), (1, 197, 768), (3, 50, 64), (5, 147), (2, 3, 17), (1, 1
 
 
 @needs_extension
-@pytest.mark.parametrize("isa", native_cpu_isas())
+@pytest.mark.parametrize("isa", native_vector_isas())
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(shape, dtype, isa, monkeypatch):

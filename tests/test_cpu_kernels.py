@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from t2t_fast import backend
-from t2t_fast._native import native_cpu_isas, native_module
+from t2t_fast._native import native_cpu_isas, native_module, native_vector_isas
 from t2t_fast.backend import BackendUnavailableError, set_cpu_isa, unavailable_reason
 from t2t_fast.ops import favor_attention, favor_attention_ref, soft_split_layernorm, soft_split_layernorm_ref
 from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
                               poison_outputs, results_at_thread_counts)
 
 favor_module = importlib.import_module("t2t_fast.ops.favor_attention")  # the module (ops exports the function)
-ISAS = native_cpu_isas()
+ISAS = native_vector_isas()
 pytestmark = pytest.mark.skipif(not ISAS, reason="needs the native extension t2t_fast._C")
 FAVOR = torch.ops.t2t_fast.favor_attention_cpp
 
@@ -272,10 +272,10 @@ def test_split_layernorm_deterministic_across_thread_counts(isa):
 # ----------------------------------------------------------------------------- ISA choice, extension checks
 
 def test_isa_choice(monkeypatch):
-    assert ISAS[-1] == "baseline" and backend.cpu_isa() == ISAS[0]
+    assert ISAS[-1] == "baseline" and backend.cpu_isa() == native_cpu_isas()[0]
     with pytest.raises(ValueError, match="set_cpu_isa: 'sse9'"):
         set_cpu_isa("sse9")
-    for missing in {"avx512", "avx2"} - set(ISAS):
+    for missing in {"amx", "avx512", "avx2"} - set(native_cpu_isas()):
         with pytest.raises(ValueError, match=f"{missing!r} is not an instruction set this CPU runs"):
             set_cpu_isa(missing)
     monkeypatch.setenv(backend.CPU_ISA_ENV_VAR, "baseline")

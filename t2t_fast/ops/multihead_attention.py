@@ -8,7 +8,9 @@ The ``cpp`` backend is a C++ kernel for inference on CPUs with AVX-512 and BF16 
 float32: per image and head it packs k (and, in bf16, v) once, then per 12 query rows computes their scores against
 every key in float32 registers (bf16: dot products of bf16 pairs; fp32: FMAs), the softmax's exponentials in
 float32 (in bf16 rounded to bf16, as the reference's bf16 probabilities are) and P v, normalised by the float32
-row sums; q, k, v are read in place and the heads written straight into the (B, T, H*d) output. In bf16 its
+row sums; q, k, v are read in place and the heads written straight into the (B, T, H*d) output. Where
+:func:`t2t_fast.backend.cpu_isa` is ``'amx'``, the bf16 products of a head size that is a multiple of 32 run on AMX
+tiles, 32 query rows at a time (float32 products in the tiles, the same softmax). In bf16 its
 scores are float32 where the reference rounds them to bf16 before the softmax, so it is closer to the float64
 result than the bf16 reference. Forward only: with a gradient to compute, another dtype, or a head size that is not
 a multiple of 16, the torch path runs.
@@ -18,12 +20,13 @@ from typing import Optional
 import torch
 
 from t2t_fast._native import native_attention_bf16, native_attention_max_token_stride, native_module
-from t2t_fast.backend import is_exporting, requested_backend, select_backend, unavailable_reason
+from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, is_int, new_output,
                                   storage_extent)
 
 _OP = "multihead_attention"
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
+_CPP_ISAS = ("amx", "avx512")
 
 
 def multihead_attention_ref(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -49,13 +52,15 @@ def _validate(qkv, num_heads, scale):
 
 def cpp_unsupported(qkv: torch.Tensor, num_heads: int) -> Optional[str]:
     """Why the C++ kernel cannot take this (validated) input, or None: it needs the extension, a CPU with
-    AVX512-BF16, float32 or bfloat16 ``qkv`` with adjacent elements along its last dim, a head size that is a
+    AVX512-BF16 and :func:`t2t_fast.backend.cpu_isa` ``'amx'`` or ``'avx512'``, float32 or bfloat16 ``qkv`` with adjacent elements along its last dim, a head size that is a
     multiple of 16, no gradient to compute, and no export in progress."""
     reason = unavailable_reason("cpp", qkv.device.type)
     if reason is not None:
         return reason
     if not native_attention_bf16():
         return "this CPU has no AVX512-BF16 instructions"
+    if cpu_isa() not in _CPP_ISAS:
+        return f"the CPU kernels' instruction set is {cpu_isa()} (the C++ kernel runs with {' or '.join(_CPP_ISAS)})"
     if qkv.dtype not in _CPP_DTYPES:
         return f"dtype {qkv.dtype} (the C++ kernel takes float32 and bfloat16)"
     if qkv.shape[2] // (3 * num_heads) % 16 != 0:
@@ -118,7 +123,8 @@ def run_cpp(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         return out
     native_module().attention_forward_cpu(
         (qkv.data_ptr(), storage_extent(qkv), qkv.stride(0), qkv.stride(1)), DTYPE_CODES[qkv.dtype], batch, tokens,
-        num_heads, width // (3 * num_heads), scale, (out.data_ptr(), storage_extent(out)), torch.get_num_threads())
+        num_heads, width // (3 * num_heads), scale, (out.data_ptr(), storage_extent(out)), cpu_isa(),
+        torch.get_num_threads())
     return out
 
 
