@@ -119,31 +119,53 @@ static void mask_padding_keys(int64_t rows, int64_t keys, const AttentionWork& w
   }
 }
 
-// Rows of scores (-inf past the keys) -> unnormalised probabilities exp(scale (s - max s)) in the dtype T of
-// w.probs, and the reciprocal of each row's float32 sum. bfloat16 rounds them, so exp2_nonpositive suffices
-// there; float32 takes vexp (within 2 ulp of expf).
-template <typename T>
-static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, float* inv_sum) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = w.scores + r * w.keys_pad;
-    T* probs = static_cast<T*>(w.probs) + r * w.keys_pad;
-    Vec top = splat(-__builtin_inff());
-    for (int64_t c = 0; c < w.keys_pad; c += kLanes) top = vmax(top, load(s + c));
-    const float shift = reduce_max(top);
-    Vec sum = splat(0.0f);
-    for (int64_t c = 0; c < w.keys_pad; c += kLanes) {
+// R rows of scores (-inf past the keys; rows w.keys_pad apart from s) -> unnormalised probabilities
+// exp(scale (s - max s)) in the dtype T of probs, and the reciprocal of each row's float32 sum. The rows' chains of
+// maxima, sums and reductions are independent, which keeps the vector units busy where one row's would wait on
+// their latency. bfloat16 rounds the probabilities, so exp2_nonpositive suffices there; float32 takes vexp
+// (within 2 ulp of expf).
+template <int R, typename T>
+static inline void softmax_row_block(const float* s, T* probs, int64_t keys_pad, float scale, float* inv_sum) {
+  Vec top[R];
+  for (int r = 0; r < R; ++r) top[r] = load(s + r * keys_pad);
+  for (int64_t c = kLanes; c < keys_pad; c += kLanes) {
+    for (int r = 0; r < R; ++r) top[r] = vmax(top[r], load(s + r * keys_pad + c));
+  }
+  float shift[R];
+  Vec sum[R];
+  for (int r = 0; r < R; ++r) {
+    shift[r] = reduce_max(top[r]);
+    sum[r] = splat(0.0f);
+  }
+  for (int64_t c = 0; c < keys_pad; c += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      const Vec x = load(s + r * keys_pad + c) - shift[r];
       if constexpr (sizeof(T) == 2) {
-        const Vec e = exp2_nonpositive((load(s + c) - shift) * (scale * 1.44269504088896341f));
+        const Vec e = exp2_nonpositive(x * (scale * 1.44269504088896341f));
         const __m256bh h = _mm512_cvtneps_pbh(e);
-        __builtin_memcpy(probs + c, &h, sizeof(h));
-        sum += e;
+        __builtin_memcpy(probs + r * keys_pad + c, &h, sizeof(h));
+        sum[r] += e;
       } else {
-        const Vec e = vexp((load(s + c) - shift) * scale);
-        store(probs + c, e);
-        sum += e;
+        const Vec e = vexp(x * scale);
+        store(probs + r * keys_pad + c, e);
+        sum[r] += e;
       }
     }
-    inv_sum[r] = 1.0f / reduce_add(sum);
+  }
+  for (int r = 0; r < R; ++r) inv_sum[r] = 1.0f / reduce_add(sum[r]);
+}
+
+// The first `rows` rows of w.scores -> w.probs and inv_sum, kSoftmaxRows at a time.
+constexpr int kSoftmaxRows = 4;
+
+template <typename T>
+static void softmax_rows(int64_t rows, float scale, const AttentionWork& w, float* inv_sum) {
+  const int64_t kp = w.keys_pad;
+  for (int64_t r = 0; r < rows; r += kSoftmaxRows) {
+    with_count<kSoftmaxRows>(rows - r, [&](auto block) {
+      softmax_row_block<decltype(block)::value>(w.scores + r * kp, static_cast<T*>(w.probs) + r * kp, kp, scale,
+                                                inv_sum + r);
+    });
   }
 }
 
