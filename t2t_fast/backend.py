@@ -175,17 +175,17 @@ CPU_CLASSES = ("amx", "avx512_bf16", "none")
 # The backbone's softmax attention on CPU tensors: ``'sdpa'`` (``F.scaled_dot_product_attention``, torch's
 # flash kernel on CPU) or ``'matmul'`` (q @ k^T, softmax, @ v, as the reference), per (CPU class, maths dtype):
 # (grad off, grad on). From the per-call times in bench/RESULTS.md ("CPU attention kernel"): the matmul
-# form wins only where bf16 matmuls run on bf16 hardware and the flash kernel's per-block overhead does not
-# pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
+# form wins only where bf16 (fp16) matmuls run on bf16 (fp16) hardware and the flash kernel's per-block overhead
+# does not pay off at the backbone's 197 tokens; fp16 matmuls without fp16 hardware, and bf16 ones without bf16
 # hardware, are many times slower than the flash kernel, which does its maths in fp32. RESULTS.md says which
-# CPU each row was measured on; the AMX fp16 row was not measured and follows the other classes.
+# CPU each row was measured on (the AMX CPUs so far have AVX512-FP16 as well).
 # Where the C++ kernel (``'cpp'``: t2t_fast.ops.multihead_attention, fp32/bf16 inference on AVX512-BF16; bf16 on
 # AMX tiles where the CPU has them) can take the input, it runs instead on the classes in
 # _CPU_ATTENTION_CPP_CLASSES, where it was measured fastest; the table's choice is what runs where it cannot.
 _CPU_ATTENTION_TABLE = {
     ("amx", torch.float32): ("sdpa", "sdpa"),
     ("amx", torch.bfloat16): ("sdpa", "matmul"),
-    ("amx", torch.float16): ("sdpa", "sdpa"),
+    ("amx", torch.float16): ("sdpa", "matmul"),
     ("avx512_bf16", torch.float32): ("sdpa", "sdpa"),
     ("avx512_bf16", torch.bfloat16): ("matmul", "matmul"),
     ("avx512_bf16", torch.float16): ("sdpa", "sdpa"),
