@@ -18,6 +18,7 @@
 namespace t2t {
 namespace avx512_bf16 {
 #include "cpu_vector.h"
+#include "amx_tiles.h"
 
 namespace {
 
@@ -90,23 +91,6 @@ static void product_rows(const T* a, int64_t a_stride, int64_t steps, const T* b
                                                 [&](int r, int64_t column, __m512 acc) { store(r, c + column, acc); });
     });
   }
-}
-
-// 2^t for the softmax's shifted scores t = (s - max s) scale log2(e) <= 0: 0 below -125 (and for -inf), NaN stays
-// NaN; within 3e-6 relative of exp2f, far below the bf16 rounding of the probabilities. t = n + f, n an integer,
-// |f| <= 1/2, 2^f by its degree-5 Taylor polynomial, times 2^n by vscalefps. Results stay normal numbers (a denormal
-// one would cost a microcode assist in the sum).
-static inline Vec exp2_nonpositive(Vec t) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec f = t - n;
-  Vec p = splat(1.3333558146428443e-3f);  // (ln 2)^k / k!, k = 5 .. 0
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 0.24022650695910071f;
-  p = p * f + 0.69314718055994531f;
-  p = p * f + 1.0f;
-  return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
 // The padding keys' scores (their packed k is 0) set to -inf: they drop out of the softmax.
@@ -232,54 +216,6 @@ static void attention_tile(const T* q, const T* v, int64_t stride, int64_t width
 
 // ------------------------------------------------------------------------------------------------ AMX tiles
 
-// Every tile 16 rows of 64 bytes: 16 x 32 bf16 of q or P (tmm0: rows 0-15, tmm1: rows 16-31), 16 pairs x 16
-// columns of packed k or v (tmm2, tmm3), 16 x 16 float32 products: tmm4 = tmm0 x tmm2, tmm5 = tmm0 x tmm3,
-// tmm6 = tmm1 x tmm2, tmm7 = tmm1 x tmm3. Each A and B tile loaded serves two products.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-static void load_tile_config() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.bytes_per_row[t] = 64;
-    config.rows[t] = 16;
-  }
-  _tile_loadconfig(&config);
-}
-
-static inline void zero_products() {
-  _tile_zero(4);
-  _tile_zero(5);
-  _tile_zero(6);
-  _tile_zero(7);
-}
-
-// One step of 32 bf16 along the reduced dimension: a0/a1 the A tiles' first elements (rows a_bytes apart), b the
-// first B tile's (rows b_bytes apart; the second 16 words to its right).
-static inline void product_step(const void* a0, const void* a1, int64_t a_bytes, const uint32_t* b, int64_t b_bytes) {
-  _tile_loadd(0, a0, a_bytes);
-  _tile_loadd(1, a1, a_bytes);
-  _tile_loadd(2, b, b_bytes);
-  _tile_loadd(3, b + 16, b_bytes);
-  _tile_dpbf16ps(4, 0, 2);
-  _tile_dpbf16ps(5, 0, 3);
-  _tile_dpbf16ps(6, 1, 2);
-  _tile_dpbf16ps(7, 1, 3);
-}
-
-// The 32 x 32 float32 products to c (rows ld floats apart).
-static inline void store_products(float* c, int64_t ld) {
-  _tile_stored(4, c, 4 * ld);
-  _tile_stored(5, c + 16, 4 * ld);
-  _tile_stored(6, c + 16 * ld, 4 * ld);
-  _tile_stored(7, c + 16 * ld + 16, 4 * ld);
-}
-
 // kAttentionTileRows query rows (q: rows q_stride elements apart, zero past `rows`): scores against every key,
 // the softmax of the first `rows`, P v normalised into out; k and v packed in pairs, keys_pad a multiple of 32.
 static void attention_tile_amx(const uint16_t* q, int64_t q_stride, int64_t rows, int64_t width, int64_t keys,
@@ -288,7 +224,8 @@ static void attention_tile_amx(const uint16_t* q, int64_t q_stride, int64_t rows
   for (int64_t c = 0; c < w.keys_pad; c += 32) {
     zero_products();
     for (int64_t i = 0; i < width; i += 32) {
-      product_step(q + i, q + 16 * q_stride + i, 2 * q_stride, k + i / 2 * w.keys_pad + c, 4 * w.keys_pad);
+      const uint32_t* b = k + i / 2 * w.keys_pad + c;
+      product_step(q + i, q + 16 * q_stride + i, 2 * q_stride, b, b + 16, 4 * w.keys_pad);
     }
     store_products(w.scores + c, w.keys_pad);
   }
@@ -300,7 +237,8 @@ static void attention_tile_amx(const uint16_t* q, int64_t q_stride, int64_t rows
   for (int64_t c = 0; c < width; c += 32) {
     zero_products();
     for (int64_t j = 0; j < w.keys_pad; j += 32) {
-      product_step(probs + j, probs + 16 * w.keys_pad + j, 2 * w.keys_pad, w.v_pairs + j / 2 * width + c, 4 * width);
+      const uint32_t* b = w.v_pairs + j / 2 * width + c;
+      product_step(probs + j, probs + 16 * w.keys_pad + j, 2 * w.keys_pad, b, b + 16, 4 * width);
     }
     store_products(w.out_rows + c, width);
   }

@@ -15,10 +15,12 @@
 #include "attention_cpu.h"
 #include "cpu_isa.h"
 #include "favor_attention_cpu.h"
+#include "linear_cpu.h"
 #include "restructurize_unfold.h"
 #include "soft_split_layernorm_cpu.h"
 
 namespace py = pybind11;
+
 
 namespace {
 bool compiled_with_cuda() {
@@ -31,7 +33,7 @@ bool compiled_with_cuda() {
 
 std::vector<std::string> compiled_kernels() {
   std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu",
-                                    "attention_cpu", "add_layernorm_cpu"};
+                                    "attention_cpu", "add_layernorm_cpu", "linear_cpu_amx"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
@@ -357,6 +359,50 @@ void add_layernorm_forward(const Rows& x, const Rows& residual, int dtype, int64
   py::gil_scoped_release release;
   t2t::add_layernorm_forward_cpu(p, chosen, threads);
 }
+// The AMX linear's sizes: positive, in and out features multiples of 32.
+void check_linear_sizes(const std::string& op, int64_t out_features, int64_t in_features) {
+  if (out_features <= 0 || in_features <= 0 || out_features % t2t::kLinearMultiple != 0 ||
+      in_features % t2t::kLinearMultiple != 0) {
+    throw py::value_error(op + ": in_features and out_features must be positive multiples of " +
+                          std::to_string(t2t::kLinearMultiple));
+  }
+}
+
+void linear_pack_weight(const Buffer& weight, int64_t out_features, int64_t in_features, const Buffer& packed) {
+  const std::string op = "amx_linear";
+  check_linear_sizes(op, out_features, in_features);
+  const int64_t elements = checked_mul(out_features, in_features);
+  check_extent(op, "weight", weight.first, weight.second, elements, 2);
+  check_extent(op, "packed", packed.first, packed.second, elements, 2);
+  py::gil_scoped_release release;
+  t2t::pack_linear_weight(reinterpret_cast<const uint16_t*>(weight.first), out_features, in_features,
+                          reinterpret_cast<uint16_t*>(packed.first));
+}
+
+void linear_forward(const Rows& x, int64_t rows, const Buffer& packed, int64_t out_features, int64_t in_features,
+                    const Buffer& bias, bool gelu, const Buffer& y, int threads) {
+  const std::string op = "amx_linear";
+  check_linear_sizes(op, out_features, in_features);
+  if (rows <= 0) throw py::value_error(op + ": rows must be positive");
+  const auto& [address, extent, stride] = x;
+  if (stride < in_features) throw py::value_error(op + ": the row stride of x is below its width");
+  check_extent(op, "x", address, extent, checked_add(checked_mul(rows - 1, stride), in_features), 2);
+  check_extent(op, "packed", packed.first, packed.second, checked_mul(out_features, in_features), 2);
+  if (bias.first != 0) check_extent(op, "bias", bias.first, bias.second, out_features, 2);
+  check_extent(op, "y", y.first, y.second, checked_mul(rows, out_features), 2);
+  const t2t::LinearProblem p{rows,
+                             in_features,
+                             out_features,
+                             reinterpret_cast<const uint16_t*>(address),
+                             stride,
+                             reinterpret_cast<const uint16_t*>(packed.first),
+                             reinterpret_cast<const uint16_t*>(bias.first),
+                             gelu,
+                             reinterpret_cast<uint16_t*>(y.first)};
+  py::gil_scoped_release release;
+  t2t::linear_forward_amx(p, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -388,6 +434,16 @@ PYBIND11_MODULE(_C, m) {
         "residual as (address, extent, row stride) with adjacent elements along a row; the rest as (address, "
         "extent)");
 
+  m.def("linear_pack_weight_cpu", &linear_pack_weight, py::arg("weight"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("packed"),
+        "A bf16 (out_features, in_features) weight, contiguous, into the layout of linear_forward_cpu (the same "
+        "number of elements); both as (address, extent)");
+  m.def("linear_forward_cpu", &linear_forward, py::arg("x"), py::arg("rows"), py::arg("packed"),
+        py::arg("out_features"), py::arg("in_features"), py::arg("bias"), py::arg("gelu"), py::arg("y"),
+        py::arg("threads"),
+        "bf16 linear on AMX tiles: y (rows, out_features) contiguous = x packed^T + bias, then the exact GELU if "
+        "gelu; x as (address, extent, row stride) with adjacent elements along a row, bias (address, extent) or "
+        "address 0 for none; in and out features multiples of 32");
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");

@@ -86,17 +86,22 @@ def _direct_calls_allowed(images):
 class _BlockKernels:
     """The kernels of one forward of :func:`_cls_logits`, chosen once from its first block's tensors (every block
     has the same shapes and dtypes): where a C++ kernel / oneDNN takes the input, it is called directly (its
-    checks made here, once), else through the ops that choose per call."""
+    checks made here, once; per linear only the sizes of :func:`t2t_fast.onednn.tiles_fit`), else through the ops
+    that choose per call."""
 
     def __init__(self, x, block, direct):
         self.direct = direct
-        self.onednn = direct and onednn.takes(x, block.attn.qkv.weight)
+        qkv = block.attn.qkv
+        self.onednn = direct and onednn.takes(x, qkv.weight)
+        self.tiles = direct and onednn.tiles_take(x, qkv.weight, qkv.bias)
         norm = block.norm2
         self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
         self.cpp_attention = None  # decided at the first call, from its qkv
 
     def linear(self, module, x):
         gelu = getattr(module, "gelu", False)
+        if self.tiles and onednn.tiles_fit(x, module.weight):
+            return onednn.run_tiles(x, module.weight, module.bias, gelu)
         if self.onednn:
             return onednn.run(x, module.weight, module.bias, gelu)
         return onednn.linear(x, module.weight, module.bias, gelu)

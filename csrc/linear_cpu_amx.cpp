@@ -1,0 +1,83 @@
+// The AMX tile code of the linear of linear_cpu.h (linear_rows_amx; the threads in linear_cpu.cpp). Everything
+// with external linkage is included before the target pragma (see cpu_vector.h).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "linear_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c,bmi2,amx-tile,amx-bf16")
+#endif
+
+#define T2T_VECTOR_BYTES 64
+#define T2T_VECTOR_REGISTERS 32
+
+namespace t2t {
+namespace amx_linear {
+#include "cpu_vector.h"
+#include "amx_tiles.h"
+
+namespace {
+
+// The exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, far
+// below the bf16 rounding of the output) and its reciprocal by rcp14 and one Newton step.
+inline Vec gelu(Vec x) {
+  const Vec z = x * 0.70710678118654752f;
+  const Vec az = _mm512_abs_ps(z);
+  const Vec d = 1.0f + 0.3275911f * az;
+  const Vec r = _mm512_rcp14_ps(d);
+  const Vec t = r * (2.0f - d * r);
+  Vec p = splat(1.061405429f);
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  p = p * t;
+  const Vec erf_abs = 1.0f - p * exp2_nonpositive(-(az * az) * 1.44269504088896341f);
+  const Vec half = 0.5f * x;
+  return half + (z < 0.0f ? -erf_abs : erf_abs) * half;
+}
+
+constexpr int64_t kRows = kLinearRows;
+constexpr int64_t kTileElements = 512;
+
+// Output rows [row, row + rows) x features [32 pair, 32 pair + 32): the products over K on the tiles, then bias,
+// GELU and the bf16 rounding from float32. a: the kRows rows (a_stride elements apart, zero past `rows`).
+void block(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows, int64_t pair,
+           float* acc) {
+  const int64_t steps = p.in_features / 32;
+  const uint16_t* b0 = p.packed + 2 * pair * steps * kTileElements;
+  const uint16_t* b1 = b0 + steps * kTileElements;
+  zero_products();
+  for (int64_t s = 0; s < steps; ++s) {
+    product_step(a + 32 * s, a + 16 * a_stride + 32 * s, 2 * a_stride, b0 + s * kTileElements,
+                 b1 + s * kTileElements, 64);
+  }
+  store_products(acc, 32);
+  const int64_t column = 32 * pair;
+  Vec bias[2] = {splat(0.0f), splat(0.0f)};
+  if (p.bias != nullptr) bias[0] = load_bf16(p.bias + column), bias[1] = load_bf16(p.bias + column + 16);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int c = 0; c < 2; ++c) {
+      Vec v = load(acc + r * 32 + 16 * c) + bias[c];
+      if (p.gelu) v = gelu(v);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      __builtin_memcpy(p.y + (row + r) * p.out_features + column + 16 * c, &h, sizeof(h));
+    }
+  }
+}
+
+}  // namespace
+
+}  // namespace amx_linear
+
+void linear_rows_amx(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows,
+                     int64_t first_pair, int64_t last_pair) {
+  alignas(64) float acc[amx_linear::kRows * 32];
+  amx_linear::load_tile_config();
+  for (int64_t pair = first_pair; pair < last_pair; ++pair) amx_linear::block(p, a, a_stride, row, rows, pair, acc);
+  _tile_release();
+}
+
+}  // namespace t2t
