@@ -7,3 +7,4 @@ from t2t_fast.ops.multihead_attention import multihead_attention, multihead_atte
 from t2t_fast.ops.multihead_attention import cpp_unsupported as multihead_attention_cpp_unsupported  # noqa: F401
 from t2t_fast.ops.add_layernorm import add_layernorm, add_layernorm_ref  # noqa: F401
 from t2t_fast.ops.amx_linear import amx_linear, amx_linear_ref  # noqa: F401
+from t2t_fast.ops.amx_linear import cpp_unsupported as amx_linear_cpp_unsupported  # noqa: F401
