@@ -34,13 +34,19 @@ def amx_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def _validate(x, weight, bias, gelu):
     check_float_tensor("x", x, _OP)
     check_float_tensor("weight", weight, _OP)
+    if weight.dim() != 2:
+        raise ValueError(f"{_OP}: weight must be (out_features, in_features), got {tuple(weight.shape)}")
+    _validate_sizes(x, weight.shape, bias, gelu)
+
+
+def _validate_sizes(x, weight_shape, bias, gelu):
     if bias is not None:
         check_float_tensor("bias", bias, _OP)
-    if x.dim() == 0 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+    if x.dim() == 0 or x.shape[-1] != weight_shape[1]:
         raise ValueError(f"{_OP}: x (..., in_features) and weight (out_features, in_features) do not match: "
-                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"{_OP}: bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+                         f"{tuple(x.shape)} and {tuple(weight_shape)}")
+    if bias is not None and tuple(bias.shape) != (weight_shape[0],):
+        raise ValueError(f"{_OP}: bias must be ({weight_shape[0]},), got {tuple(bias.shape)}")
     if not isinstance(gelu, bool):
         raise TypeError(f"{_OP}: gelu must be a bool, got {gelu!r}")
 
@@ -49,23 +55,32 @@ def cpp_unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """Why the AMX kernel cannot take this (validated) input, or None: it needs the extension, a CPU whose
     :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, bfloat16 tensors, in and out features that are multiples of
     32, rows of ``x`` with adjacent elements (the leading dims one stride apart), no gradient to compute, no
-    ``torch.compile`` trace, a weight not created under ``torch.inference_mode`` (its packing is cached by its
-    version), and no export in progress."""
+    export in progress, no ``torch.compile`` trace (the weight is packed outside graphs; inductor makes its own
+    GEMMs), and a weight not created under ``torch.inference_mode`` (its packing is cached by its version)."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    reason = _kernel_unsupported(x, weight.shape, weight.dtype, bias, grad)
+    if reason is None and torch.compiler.is_compiling():
+        return "torch.compile is tracing (the weight is packed outside graphs; inductor makes its own GEMMs)"
+    if reason is None and weight.is_inference():
+        return "a weight created under torch.inference_mode (no version counter to tell an in-place change)"
+    return reason
+
+
+def _kernel_unsupported(x, weight_shape, weight_dtype, bias, grad):
+    """What the kernel itself needs of a call (:func:`cpp_unsupported` less what concerns the packing)."""
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
     if cpu_isa() != "amx":
         return f"the CPU kernels' instruction set is {cpu_isa()} (the kernel needs amx: AMX tiles)"
-    if any(t is not None and t.dtype != torch.bfloat16 for t in (x, weight, bias)):
+    if x.dtype != torch.bfloat16 or weight_dtype != torch.bfloat16 or (bias is not None
+                                                                       and bias.dtype != torch.bfloat16):
         return "a dtype other than bfloat16 (the kernel takes bfloat16)"
-    if weight.shape[0] % MULTIPLE or weight.shape[1] % MULTIPLE:
-        return f"weight {tuple(weight.shape)} (the kernel takes in and out features that are multiples of {MULTIPLE})"
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if weight_shape[0] % MULTIPLE or weight_shape[1] % MULTIPLE:
+        return (f"weight {tuple(weight_shape)} (the kernel takes in and out features that are multiples of "
+                f"{MULTIPLE})")
+    if grad:
         return "a gradient is needed (the kernel is forward-only)"
-    if torch.compiler.is_compiling():
-        return "torch.compile is tracing (the weight is packed outside graphs; inductor makes its own GEMMs)"
-    if weight.is_inference():
-        return "a weight created under torch.inference_mode (no version counter to tell an in-place change)"
     if _rows(x) is None:
         return f"strides {tuple(x.stride())} (the kernel reads rows of adjacent elements, one stride apart)"
     if is_exporting():
@@ -132,13 +147,14 @@ def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
 def _validate_cpp_op(x, packed, bias, out_features, gelu):
     check_float_tensor("x", x, _OP)
-    if packed.dtype != torch.bfloat16 or packed.numel() != out_features * x.shape[-1]:
-        raise ValueError(f"{_OP}: packed must hold out_features x in_features = {out_features} x {x.shape[-1]} "
-                         f"bfloat16 elements, got {packed.numel()} of {packed.dtype}")
-    weight_shape = torch.empty(out_features, x.shape[-1], dtype=packed.dtype, device="meta")
-    _validate(x, weight_shape, bias, gelu)
-    reason = cpp_unsupported(x, weight_shape, bias)
-    if reason is not None and not reason.startswith(("a weight created", "torch.compile")):
+    weight_shape = (out_features, x.shape[-1] if x.dim() else 0)
+    if packed.dtype != torch.bfloat16 or packed.numel() != weight_shape[0] * weight_shape[1]:
+        raise ValueError(f"{_OP}: packed must hold out_features x in_features = {weight_shape[0]} x "
+                         f"{weight_shape[1]} bfloat16 elements, got {packed.numel()} of {packed.dtype}")
+    _validate_sizes(x, weight_shape, bias, gelu)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias))
+    reason = _kernel_unsupported(x, weight_shape, packed.dtype, bias, grad)
+    if reason is not None:
         backend_cannot_take(_OP, "cpp", reason)
 
 
