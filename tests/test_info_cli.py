@@ -21,6 +21,10 @@ def test_info_reports_versions_and_backends(tmp_path):
     assert details["native CPU kernels"] == "compiled"
     assert details["backend torch on cpu"] == "available"
     assert details["backend cpp on cpu"] == "available"
+    from t2t_fast import backend
+
+    assert details["CPU class (kernel choices)"] == backend.cpu_class()
+    assert details["CPU kernel ISA"].startswith(f"{backend.cpu_isa()} (this CPU runs: ")
     from t2t_fast.training import requirements_problem
 
     assert details["train extra (timm, torchvision, ...)"] == (requirements_problem() or "usable")

@@ -10,7 +10,7 @@ def collect():
 
     import t2t_fast
     from t2t_fast import backend
-    from t2t_fast._native import native_cuda_compiled, native_error, native_module
+    from t2t_fast._native import native_cpu_isas, native_cuda_compiled, native_error, native_module
 
     info = {
         "t2t_fast": f"{t2t_fast.__version__} ({os.path.dirname(t2t_fast.__file__)})",
@@ -35,6 +35,10 @@ def collect():
     info["native CPU kernels"] = "compiled" if module is not None else "missing"
     info["native kernels"] = ", ".join(module.compiled_kernels()) if module is not None else "none"
     info["native CUDA kernels"] = "compiled" if native_cuda_compiled() else "not compiled"
+    info["CPU class (kernel choices)"] = backend.cpu_class()
+    isas = native_cpu_isas()
+    info["CPU kernel ISA"] = (f"{backend.cpu_isa()} (this CPU runs: {', '.join(isas)})" if isas
+                              else "none: the extension is not loaded")
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
     info[backend.ENV_VAR] = os.environ.get(backend.ENV_VAR, "") or "(unset: auto)"
     from t2t_fast.training import requirements_problem
