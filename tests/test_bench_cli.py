@@ -30,6 +30,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     data = json.loads((tmp_path / "t2t_fast_bench_cpu.json").read_text())
     assert data["environment"]["threads"] == bench.CPU_THREADS
     title = next(line for line in out.splitlines() if line.startswith("t2t-fast bench:"))
+    assert f"CPU class {data['environment']['cpu_class']}, kernels {data['environment']['cpu_isa']}," in title
     assert data["environment"]["malloc"] in title  # what the CPU run set (or that it kept the defaults)
     assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
     results = data["results"]

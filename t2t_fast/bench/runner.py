@@ -19,7 +19,8 @@ from t2t_fast.bench.timing import compute_info, is_cuda, time_calls
 
 
 def environment(device):
-    """Versions, device name, git commit, thread count and load average recorded with every result."""
+    """Versions, device name, git commit, thread count (CPU: and the CPU's class and kernel ISA) and load average
+    recorded with every result."""
     import t2t_fast
 
     info = {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -36,8 +37,12 @@ def environment(device):
         info["cuda"] = torch.version.cuda
         info["driver"] = nvidia_driver()
     else:
+        from t2t_fast import backend
+
         info["device"] = cpu_name()
         info["threads"] = torch.get_num_threads()
+        info["cpu_class"] = backend.cpu_class()  # what the kernel choices follow
+        info["cpu_isa"] = backend.cpu_isa()  # what the C++ kernels run with
     if hasattr(os, "getloadavg"):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
     return info

@@ -173,8 +173,9 @@ def _ceilings_text(ceilings):
 
 def _report(args, plan, env, ceilings, results, comparison):
     """The tables on stdout, the JSON and the plot in ``--output``."""
-    print(f"t2t-fast bench: {env['device']}, torch {env['torch']}, {_dtype_name(plan.dtype)}"
-          + (f", {env.get('threads')} threads" if not plan.cuda else "") + f", {args.img_size} px"
+    cpu = f", CPU class {env['cpu_class']}, kernels {env['cpu_isa']}" if not plan.cuda else ""
+    print(f"t2t-fast bench: {env['device']}{cpu}, torch {env['torch']}, {_dtype_name(plan.dtype)}"
+          + (f", {env['threads']} threads" if not plan.cuda else "") + f", {args.img_size} px"
           + (f"; {env['malloc']}" if "malloc" in env else ""))
     if ceilings:
         print(f"ceilings: {_ceilings_text(ceilings)}")
