@@ -294,10 +294,7 @@ void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tok
                        double scale, const Buffer& out, const std::string& isa, int threads) {
   const std::string op = "multihead_attention";
   if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
-  const t2t::Isa chosen = parse_isa(op, isa);
-  if (chosen != t2t::Isa::kAmx && chosen != t2t::Isa::kAvx512) {
-    throw py::value_error(op + ": the attention kernel runs with amx or avx512, not " + isa);
-  }
+  const t2t::Isa chosen = parse_isa(op, isa);  // attention_forward_cpu takes amx or avx512 of those
   check_fast_dtype(op, "qkv", dtype);
   if (batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 16 != 0) {
     throw py::value_error(op + ": batch, tokens and heads must be positive and head_dim a positive multiple of 16");

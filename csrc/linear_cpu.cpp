@@ -3,6 +3,7 @@
 
 #include <omp.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -33,26 +34,28 @@ void linear_forward_amx(const LinearProblem& p, int threads) {
   threads = threads < 1 ? 1 : threads;
   const int64_t pairs = p.out_features / 32, row_blocks = (p.rows + kLinearRows - 1) / kLinearRows;
   const bool split_rows = pairs < threads;
-  // per thread: the last row block, zero-padded to kLinearRows rows
-  std::vector<uint16_t> padded(static_cast<std::size_t>(threads) * kLinearRows * p.in_features);
+  // The tiles read kLinearRows rows: a last, partial row block is read from a zero-padded copy, made once here
+  // for every thread that reads it.
+  const int64_t last_row = (row_blocks - 1) * kLinearRows, last_rows = p.rows - last_row;
+  std::vector<uint16_t> padded;
+  if (last_rows < kLinearRows) {
+    padded.assign(kLinearRows * p.in_features, 0);
+    for (int64_t r = 0; r < last_rows; ++r) {
+      std::memcpy(padded.data() + r * p.in_features, p.x + (last_row + r) * p.x_stride,
+                  sizeof(uint16_t) * p.in_features);
+    }
+  }
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t items = split_rows ? row_blocks : pairs, share = (items + team - 1) / team;
     const int64_t first = me * share < items ? me * share : items;
     const int64_t last = first + share < items ? first + share : items;
-    uint16_t* own = padded.data() + me * kLinearRows * p.in_features;
     for (int64_t block = split_rows ? first : 0; block < (split_rows ? last : row_blocks); ++block) {
       const int64_t row = block * kLinearRows, rows = p.rows - row < kLinearRows ? p.rows - row : kLinearRows;
-      const uint16_t* a = p.x + row * p.x_stride;
-      int64_t a_stride = p.x_stride;
-      if (rows < kLinearRows) {
-        for (int64_t r = 0; r < kLinearRows; ++r) {
-          for (int64_t i = 0; i < p.in_features; ++i) own[r * p.in_features + i] = r < rows ? a[r * p.x_stride + i] : 0;
-        }
-        a = own;
-        a_stride = p.in_features;
-      }
+      const bool partial = rows < kLinearRows;
+      const uint16_t* a = partial ? padded.data() : p.x + row * p.x_stride;
+      const int64_t a_stride = partial ? p.in_features : p.x_stride;
       if (split_rows) {
         linear_rows_amx(p, a, a_stride, row, rows, 0, pairs);
       } else if (first < last) {
