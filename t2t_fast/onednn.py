@@ -14,9 +14,9 @@ it (:func:`t2t_fast.optimize_for_inference` converts a model's linears to it).
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast import backend
+from t2t_fast.ops._common import PerWeightCache
 from t2t_fast.ops.amx_linear import MULTIPLE as _AMX_MULTIPLE
 from t2t_fast.ops.amx_linear import cpp_unsupported as _amx_unsupported
 from t2t_fast.ops.amx_linear import packed_weight as _amx_packed_weight
@@ -41,19 +41,8 @@ def takes(x, weight):
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and backend.cpu_has_fast_matmul(x.dtype))
 
 
-# frozen weight -> ((address, version) it was packed from, the weight in oneDNN's blocked layout)
-_packed_weights = WeakIdKeyDictionary()
-
-
-def _packed(weight):
-    """``weight`` reordered once into oneDNN's blocked layout (the GEMM then skips that reorder on every call),
-    rebuilt when the weight is changed in place; kept only as long as the weight lives."""
-    key = (weight.data_ptr(), weight._version)
-    entry = _packed_weights.get(weight)
-    if entry is None or entry[0] != key:
-        entry = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-        _packed_weights[weight] = entry
-    return entry[1]
+# ``weight`` reordered once into oneDNN's blocked layout (the GEMM then skips that reorder on every call)
+_packed = PerWeightCache(lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
 
 
 def tiles_fit(x, weight):

@@ -5,6 +5,7 @@ import numbers
 from typing import Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast.backend import BackendUnavailableError
 
@@ -102,6 +103,24 @@ def storage_extent(tensor):
     """Elements ``tensor``'s storage holds from its first element: the extension checks what a kernel will
     reach against it."""
     return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
+
+
+class PerWeightCache:
+    """``cache(weight)``: ``build(weight)`` made once per weight and rebuilt when the weight is changed in place (its
+    address or version counter moves), kept only as long as the weight lives: a weight packed or reordered for a
+    kernel. Not for weights created under ``torch.inference_mode`` (no version counter)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._entries = WeakIdKeyDictionary()  # weight -> ((address, version) it was built from, the result)
+
+    def __call__(self, weight):
+        key = (weight.data_ptr(), weight._version)
+        entry = self._entries.get(weight)
+        if entry is None or entry[0] != key:
+            entry = (key, self._build(weight))
+            self._entries[weight] = entry
+        return entry[1]
 
 
 def cdiv(a, b):

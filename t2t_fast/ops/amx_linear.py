@@ -14,11 +14,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, new_output, storage_extent
+from t2t_fast.ops._common import (PerWeightCache, backend_cannot_take, check_float_tensor, new_output,
+                                  storage_extent)
 
 _OP = "amx_linear"
 MULTIPLE = 32  # in and out features of the kernel are multiples of this
@@ -100,23 +100,21 @@ def _rows(x):
     return rows
 
 
-# weight -> ((address, version) it was packed from, the packed weight)
-_packed_weights = WeakIdKeyDictionary()
+def _pack(weight):
+    source = weight.detach().contiguous()
+    packed = torch.empty(source.numel(), dtype=torch.bfloat16)
+    native_module().linear_pack_weight_cpu((source.data_ptr(), storage_extent(source)), source.shape[0],
+                                           source.shape[1], (packed.data_ptr(), storage_extent(packed)))
+    return packed
+
+
+_packed_weights = PerWeightCache(_pack)
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` (bf16, (out_features, in_features), features multiples of 32) in the kernel's layout: packed
     once, rebuilt when the weight is changed in place, kept only as long as the weight lives."""
-    key = (weight.data_ptr(), weight._version)
-    entry = _packed_weights.get(weight)
-    if entry is None or entry[0] != key:
-        source = weight.detach().contiguous()
-        packed = torch.empty(source.numel(), dtype=torch.bfloat16)
-        native_module().linear_pack_weight_cpu((source.data_ptr(), storage_extent(source)), source.shape[0],
-                                               source.shape[1], (packed.data_ptr(), storage_extent(packed)))
-        entry = (key, packed)
-        _packed_weights[weight] = entry
-    return entry[1]
+    return _packed_weights(weight)
 
 
 def amx_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, gelu: bool = False,
