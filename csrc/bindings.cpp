@@ -14,6 +14,7 @@
 #include "add_layernorm_cpu.h"
 #include "attention_cpu.h"
 #include "cpu_isa.h"
+#include "encoder_cpu.h"
 #include "favor_attention_cpu.h"
 #include "linear_cpu.h"
 #include "restructurize_unfold.h"
@@ -33,7 +34,7 @@ bool compiled_with_cuda() {
 
 std::vector<std::string> compiled_kernels() {
   std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu",
-                                    "attention_cpu", "add_layernorm_cpu", "linear_cpu_amx"};
+                                    "attention_cpu", "add_layernorm_cpu", "linear_cpu_amx", "encoder_cpu_amx"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
@@ -400,6 +401,72 @@ void linear_forward(const Rows& x, int64_t rows, const Buffer& packed, int64_t o
   t2t::linear_forward_amx(p, threads);
 }
 
+// A LayerNorm for encoder_forward: weight and bias (float32) as (address, extent), and eps.
+using EncoderNormArgs = std::tuple<Buffer, Buffer, double>;
+// One block for encoder_forward: norm1; the linears' packed weights and biases as (address, extent), in the order
+// qkv, qkv bias, proj, proj bias, fc1, fc1 bias, fc2, fc2 bias (a bias (0, 0) for none); norm2; the attention's
+// scale.
+using EncoderBlockArgs = std::tuple<EncoderNormArgs, std::array<Buffer, 8>, EncoderNormArgs, double>;
+
+t2t::EncoderNorm encoder_norm(const std::string& op, const char* name, const EncoderNormArgs& args, int64_t dim) {
+  const auto& [weight, bias, eps] = args;
+  check_extent(op, (std::string(name) + " weight").c_str(), weight.first, weight.second, dim, 4);
+  check_extent(op, (std::string(name) + " bias").c_str(), bias.first, bias.second, dim, 4);
+  if (!(eps >= 0.0) || !std::isfinite(eps)) throw py::value_error(op + ": eps must be finite and non-negative");
+  return {reinterpret_cast<const float*>(weight.first), reinterpret_cast<const float*>(bias.first),
+          static_cast<float>(eps)};
+}
+
+void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderNormArgs& final_norm, int64_t batch,
+                     int64_t tokens, int64_t dim, int64_t hidden, int64_t heads, const Buffer& x, const Buffer& h,
+                     int threads) {
+  const std::string op = "encoder_blocks";
+  if (blocks.empty()) throw py::value_error(op + ": no blocks");
+  if (batch <= 0 || tokens <= 0 || heads <= 0 || dim % heads != 0 || (dim / heads) % 16 != 0) {
+    throw py::value_error(op + ": batch, tokens and heads must be positive and dim / heads a multiple of 16");
+  }
+  check_linear_sizes(op, hidden, dim);
+  if (checked_mul(3, dim) > t2t::kAttentionMaxTokenStride) throw py::value_error(op + ": dim is too large");
+  if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  const int64_t elements = checked_mul(checked_mul(batch, tokens), dim);
+  check_extent(op, "x", x.first, x.second, elements, 2);
+  check_extent(op, "h", h.first, h.second, elements, 2);
+  if (x.first < h.first + 2 * elements && h.first < x.first + 2 * elements) {
+    throw py::value_error(op + ": x and h overlap");
+  }
+  const char* linear_names[4] = {"qkv", "proj", "fc1", "fc2"};
+  const int64_t linear_sizes[4][2] = {{3 * dim, dim}, {dim, dim}, {hidden, dim}, {dim, hidden}};
+  std::vector<t2t::EncoderBlock> table(blocks.size());
+  for (std::size_t i = 0; i < blocks.size(); ++i) {
+    const auto& [norm1, linears, norm2, scale] = blocks[i];
+    const uint16_t* pointers[8];
+    for (int l = 0; l < 4; ++l) {
+      const auto [out_features, in_features] = linear_sizes[l];
+      const Buffer &weight = linears[2 * l], &bias = linears[2 * l + 1];
+      check_extent(op, linear_names[l], weight.first, weight.second, checked_mul(out_features, in_features), 2);
+      if (bias.first != 0) check_extent(op, linear_names[l], bias.first, bias.second, out_features, 2);
+      pointers[2 * l] = reinterpret_cast<const uint16_t*>(weight.first);
+      pointers[2 * l + 1] = reinterpret_cast<const uint16_t*>(bias.first);
+    }
+    if (!(scale > 0.0) || !std::isfinite(scale)) throw py::value_error(op + ": scale must be positive and finite");
+    table[i] = {encoder_norm(op, "norm1", norm1, dim), pointers[0], pointers[1], static_cast<float>(scale),
+                pointers[2], pointers[3], encoder_norm(op, "norm2", norm2, dim), pointers[4], pointers[5],
+                pointers[6], pointers[7]};
+  }
+  const t2t::EncoderProblem p{batch,
+                              tokens,
+                              dim,
+                              hidden,
+                              heads,
+                              table.data(),
+                              static_cast<int64_t>(table.size()),
+                              encoder_norm(op, "final norm", final_norm, dim),
+                              reinterpret_cast<uint16_t*>(x.first),
+                              reinterpret_cast<uint16_t*>(h.first)};
+  py::gil_scoped_release release;
+  t2t::encoder_forward_amx(p, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -441,6 +508,14 @@ PYBIND11_MODULE(_C, m) {
         "bf16 linear on AMX tiles: y (rows, out_features) contiguous = x packed^T + bias, then the exact GELU if "
         "gelu; x as (address, extent, row stride) with adjacent elements along a row, bias (address, extent) or "
         "address 0 for none; in and out features multiples of 32");
+  m.def("encoder_forward_cpu", &encoder_forward, py::arg("blocks"), py::arg("final_norm"), py::arg("batch"),
+        py::arg("tokens"), py::arg("dim"), py::arg("hidden"), py::arg("heads"), py::arg("x"), py::arg("h"),
+        py::arg("threads"),
+        "bf16 pre-norm blocks on AMX tiles, in order: x (batch * tokens, dim) the residual stream, overwritten "
+        "with the last block's output, and h written with final_norm of it, both contiguous (address, extent); "
+        "blocks: per block (norm1, (qkv, qkv bias, proj, proj bias, fc1, fc1 bias, fc2, fc2 bias), norm2, scale), "
+        "a norm as (weight, bias, eps) with float32 parameters, weights packed as linear_pack_weight_cpu packs "
+        "them, biases bf16 or (0, 0); fc1 is followed by the exact GELU");
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");

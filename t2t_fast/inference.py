@@ -23,6 +23,8 @@ from torch import nn
 from t2t_fast import backend, model as fast_model, onednn, ops
 from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
 from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
+from t2t_fast.ops.encoder_blocks import cpp_unsupported as encoder_blocks_unsupported
+from t2t_fast.ops.encoder_blocks import run_cpp as encoder_blocks_cpp
 from t2t_fast.ops.multihead_attention import run_cpp as multihead_attention_cpp
 from t2t_fast.reference import layers, model as reference_model
 
@@ -98,6 +100,17 @@ class _BlockKernels:
         self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
         self.cpp_attention = None  # decided at the first call, from its qkv
 
+    def encoder(self, x, blocks):
+        """Whether all blocks but the last run as one :func:`t2t_fast.ops.encoder_blocks` call: where the AMX linear
+        takes the blocks' rows, the attention table chooses the C++ kernel and the encoder's kernels take them."""
+        if len(blocks) < 2 or not self.tiles or not onednn.tiles_fit(x, blocks[0].mlp.fc1.weight) \
+                or not self.cpp_add_layernorm:
+            return False
+        qkv_shape = (*x.shape[:-1], blocks[0].attn.qkv.weight.shape[0])
+        if not fast_model.cpp_attention_chosen(x.new_empty(qkv_shape), blocks[0].attn.num_heads, 0.0):
+            return False
+        return encoder_blocks_unsupported(x, blocks[:-1], blocks[-1].norm1) is None
+
     def linear(self, module, x):
         gelu = getattr(module, "gelu", False)
         if self.tiles and onednn.tiles_fit(x, module.weight):
@@ -134,10 +147,16 @@ def _cls_logits(model, images):
     block only the cls token's row past the attention's k and v (the logits depend on nothing else there), and
     the kernels called directly where they take the input (see :class:`_BlockKernels`)."""
     x = model.forward_tokens(images)
-    blocks = model.blocks
+    blocks = list(model.blocks)
     kernels = _BlockKernels(x, blocks[0], _direct_calls_allowed(images))
-    h = blocks[0].norm1(x)
-    for index, block in enumerate(blocks):
+    first = 0
+    if kernels.encoder(x, blocks):
+        first = len(blocks) - 1
+        x, h = encoder_blocks_cpp(x, blocks[:first], blocks[first].norm1)
+    else:
+        h = blocks[0].norm1(x)
+    for index in range(first, len(blocks)):
+        block = blocks[index]
         attn, mlp = block.attn, block.mlp
         last = index + 1 == len(blocks)
         qkv = kernels.linear(attn.qkv, h)
