@@ -195,38 +195,40 @@ def test_cpu_add_layernorm(benchmark, cpu_threads, timed, batch, dtype, provider
     benchmark.extra_info.update(batch=batch, dtype=dtype, provider=provider)
 
 
-# The backbone's four linears of T2T-ViT-14 (qkv, proj, fc1 with its GELU, fc2) at B images of 197 tokens, bf16:
-# the AMX kernel (where this CPU has the tiles) against oneDNN's primitive with the weight reordered once (what
-# t2t_fast.onednn runs otherwise), both called directly: the measurements behind
-# t2t_fast.onednn.AMX_LINEAR_MAX_ROWS.
+# The backbone's four linears of T2T-ViT-14 (qkv, proj, fc1 with its GELU, fc2) at B images of 197 tokens, bf16 and
+# fp32: the extension's kernel for a packed weight (bf16 on AMX tiles, fp32 on AVX-512) against oneDNN's primitive
+# with the weight reordered once (what t2t_fast.onednn runs otherwise), both called directly: the measurements
+# behind t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS and PACKED_FLOAT32_CLASSES.
 LINEARS = {"qkv": (384, 1152, False), "proj": (384, 384, False), "fc1_gelu": (384, 1152, True),
            "fc2": (1152, 384, False)}
 
 
-@pytest.mark.parametrize("linear,batch,provider", list(itertools.product(LINEARS, (1, 2, 4, 8), ("amx", "onednn"))))
-def test_cpu_linear(benchmark, cpu_threads, timed, linear, batch, provider):
-    benchmark.group = f"cpu bf16 linear {linear} B={batch} ({batch * TOKENS} rows)"
+@pytest.mark.parametrize("linear,batch,dtype,provider",
+                         list(itertools.product(LINEARS, (1, 2, 4, 8), ("bfloat16", "float32"), ("packed", "onednn"))))
+def test_cpu_linear(benchmark, cpu_threads, timed, linear, batch, dtype, provider):
+    benchmark.group = f"cpu {dtype} linear {linear} B={batch} ({batch * TOKENS} rows)"
+    torch_dtype = getattr(torch, dtype)
     in_features, out_features, gelu = LINEARS[linear]
-    weight = (torch.randn(out_features, in_features) / in_features ** 0.5).bfloat16()
-    bias = torch.randn(out_features).bfloat16()
-    inputs = [(torch.randn(batch, TOKENS, in_features).bfloat16(),) for _ in range(3)]
-    if provider == "amx":
-        reason = t2t_fast.ops.amx_linear_cpp_unsupported(inputs[0][0], weight, bias)
+    weight = (torch.randn(out_features, in_features) / in_features ** 0.5).to(torch_dtype)
+    bias = torch.randn(out_features).to(torch_dtype)
+    inputs = [(torch.randn(batch, TOKENS, in_features).to(torch_dtype),) for _ in range(3)]
+    if provider == "packed":
+        reason = t2t_fast.ops.packed_linear_cpp_unsupported(inputs[0][0], weight, bias)
         if reason is not None:
-            pytest.skip(f"the AMX kernel cannot take this input: {reason}")
+            pytest.skip(f"the packed-weight kernel cannot take this input: {reason}")
 
         def step(x):  # as the logits path calls it: the checks made once, not per call
-            return t2t_fast.onednn.run_tiles(x, weight, bias, gelu)
+            return t2t_fast.onednn.run_packed(x, weight, bias, gelu)
     else:
         if not t2t_fast.onednn.takes(inputs[0][0], weight):
-            pytest.skip("oneDNN's primitive does not take bf16 here (no bf16 matmul instructions)")
+            pytest.skip(f"oneDNN's primitive does not take {dtype} here (no {dtype} matmul instructions)")
 
         def step(x):
             return t2t_fast.onednn.run(x, weight, bias, gelu)
     with torch.inference_mode():
         seconds = timed(step, inputs, rounds=40 if batch == 1 else 15, warmup_rounds=3)
-    benchmark.extra_info.update(linear=linear, batch=batch, provider=provider)
+    benchmark.extra_info.update(linear=linear, batch=batch, dtype=dtype, provider=provider)
     if seconds is not None:
-        ceiling = bench.measure_matmul_ceiling("cpu", torch.bfloat16)
+        ceiling = bench.measure_matmul_ceiling("cpu", torch_dtype)
         benchmark.extra_info.update(**bench.compute_info(2 * batch * TOKENS * in_features * out_features, seconds,
                                                          ceiling))

@@ -53,19 +53,3 @@ static inline void store_products(float* c, int64_t ld) {
   _tile_stored(6, c + 16 * ld, 4 * ld);
   _tile_stored(7, c + 16 * ld + 16, 4 * ld);
 }
-
-// 2^t for t <= 0: 0 below -125 (and for -inf), NaN stays NaN; within 3e-6 relative of exp2f. t = n + f, n an
-// integer, |f| <= 1/2, 2^f by its degree-5 Taylor polynomial, times 2^n by vscalefps. Results stay normal numbers
-// (a denormal one would cost a microcode assist in the sums that take it).
-static inline Vec exp2_nonpositive(Vec t) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-125.0f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec f = t - n;
-  Vec p = splat(1.3333558146428443e-3f);  // (ln 2)^k / k!, k = 5 .. 0
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 0.24022650695910071f;
-  p = p * f + 0.69314718055994531f;
-  p = p * f + 1.0f;
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}

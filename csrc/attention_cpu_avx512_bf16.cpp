@@ -19,6 +19,7 @@ namespace t2t {
 namespace avx512_bf16 {
 #include "cpu_vector.h"
 #include "amx_tiles.h"
+#include "avx512_math.h"
 
 namespace {
 

@@ -357,48 +357,59 @@ void add_layernorm_forward(const Rows& x, const Rows& residual, int dtype, int64
   py::gil_scoped_release release;
   t2t::add_layernorm_forward_cpu(p, chosen, threads);
 }
-// The AMX linear's sizes: positive, in and out features multiples of 32.
-void check_linear_sizes(const std::string& op, int64_t out_features, int64_t in_features) {
-  if (out_features <= 0 || in_features <= 0 || out_features % t2t::kLinearMultiple != 0 ||
-      in_features % t2t::kLinearMultiple != 0) {
-    throw py::value_error(op + ": in_features and out_features must be positive multiples of " +
+// The linear's sizes: positive; in bfloat16 (AMX tiles) in and out features multiples of 32.
+void check_linear_sizes(const std::string& op, int dtype, int64_t out_features, int64_t in_features) {
+  check_fast_dtype(op, "the weight", dtype);
+  if (out_features <= 0 || in_features <= 0) throw py::value_error(op + ": in_features and out_features must be positive");
+  if (dtype == t2t::kBFloat16 &&
+      (out_features % t2t::kLinearMultiple != 0 || in_features % t2t::kLinearMultiple != 0)) {
+    throw py::value_error(op + ": bfloat16 in_features and out_features must be multiples of " +
                           std::to_string(t2t::kLinearMultiple));
   }
 }
 
-void linear_pack_weight(const Buffer& weight, int64_t out_features, int64_t in_features, const Buffer& packed) {
-  const std::string op = "amx_linear";
-  check_linear_sizes(op, out_features, in_features);
-  const int64_t elements = checked_mul(out_features, in_features);
-  check_extent(op, "weight", weight.first, weight.second, elements, 2);
-  check_extent(op, "packed", packed.first, packed.second, elements, 2);
-  py::gil_scoped_release release;
-  t2t::pack_linear_weight(reinterpret_cast<const uint16_t*>(weight.first), out_features, in_features,
-                          reinterpret_cast<uint16_t*>(packed.first));
+// Elements of a packed weight (ValueError where they would not fit int64_t).
+int64_t packed_elements(int dtype, int64_t out_features, int64_t in_features) {
+  checked_mul(checked_add(out_features, t2t::kLinearPanel), in_features);  // bounds the size rounded up to panels
+  return t2t::packed_linear_elements(dtype, out_features, in_features);
 }
 
-void linear_forward(const Rows& x, int64_t rows, const Buffer& packed, int64_t out_features, int64_t in_features,
-                    const Buffer& bias, bool gelu, const Buffer& y, int threads) {
-  const std::string op = "amx_linear";
-  check_linear_sizes(op, out_features, in_features);
+void linear_pack_weight(const Buffer& weight, int dtype, int64_t out_features, int64_t in_features,
+                        const Buffer& packed) {
+  const std::string op = "packed_linear";
+  check_linear_sizes(op, dtype, out_features, in_features);
+  const int64_t elem = element_size(dtype);
+  check_extent(op, "weight", weight.first, weight.second, checked_mul(out_features, in_features), elem);
+  check_extent(op, "packed", packed.first, packed.second, packed_elements(dtype, out_features, in_features), elem);
+  py::gil_scoped_release release;
+  t2t::pack_linear_weight(dtype, reinterpret_cast<const void*>(weight.first), out_features, in_features,
+                          reinterpret_cast<void*>(packed.first));
+}
+
+void linear_forward(const Rows& x, int dtype, int64_t rows, const Buffer& packed, int64_t out_features,
+                    int64_t in_features, const Buffer& bias, bool gelu, const Buffer& y, int threads) {
+  const std::string op = "packed_linear";
+  check_linear_sizes(op, dtype, out_features, in_features);
   if (rows <= 0) throw py::value_error(op + ": rows must be positive");
+  const int64_t elem = element_size(dtype);
   const auto& [address, extent, stride] = x;
   if (stride < in_features) throw py::value_error(op + ": the row stride of x is below its width");
-  check_extent(op, "x", address, extent, checked_add(checked_mul(rows - 1, stride), in_features), 2);
-  check_extent(op, "packed", packed.first, packed.second, checked_mul(out_features, in_features), 2);
-  if (bias.first != 0) check_extent(op, "bias", bias.first, bias.second, out_features, 2);
-  check_extent(op, "y", y.first, y.second, checked_mul(rows, out_features), 2);
-  const t2t::LinearProblem p{rows,
+  check_extent(op, "x", address, extent, checked_add(checked_mul(rows - 1, stride), in_features), elem);
+  check_extent(op, "packed", packed.first, packed.second, packed_elements(dtype, out_features, in_features), elem);
+  if (bias.first != 0) check_extent(op, "bias", bias.first, bias.second, out_features, elem);
+  check_extent(op, "y", y.first, y.second, checked_mul(rows, out_features), elem);
+  const t2t::LinearProblem p{dtype,
+                             rows,
                              in_features,
                              out_features,
-                             reinterpret_cast<const uint16_t*>(address),
+                             reinterpret_cast<const void*>(address),
                              stride,
-                             reinterpret_cast<const uint16_t*>(packed.first),
-                             reinterpret_cast<const uint16_t*>(bias.first),
+                             reinterpret_cast<const void*>(packed.first),
+                             reinterpret_cast<const void*>(bias.first),
                              gelu,
-                             reinterpret_cast<uint16_t*>(y.first)};
+                             reinterpret_cast<void*>(y.first)};
   py::gil_scoped_release release;
-  t2t::linear_forward_amx(p, threads);
+  t2t::linear_forward_cpu(p, threads);
 }
 
 // A LayerNorm for encoder_forward: weight and bias (float32) as (address, extent), and eps.
@@ -417,21 +428,22 @@ t2t::EncoderNorm encoder_norm(const std::string& op, const char* name, const Enc
           static_cast<float>(eps)};
 }
 
-void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderNormArgs& final_norm, int64_t batch,
-                     int64_t tokens, int64_t dim, int64_t hidden, int64_t heads, const Buffer& x, const Buffer& h,
-                     int threads) {
+void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderNormArgs& final_norm, int dtype,
+                     int64_t batch, int64_t tokens, int64_t dim, int64_t hidden, int64_t heads, const Buffer& x,
+                     const Buffer& h, bool cls_only_last, const std::string& isa, int threads) {
   const std::string op = "encoder_blocks";
+  check_fast_dtype(op, "x", dtype);
   if (blocks.empty()) throw py::value_error(op + ": no blocks");
   if (batch <= 0 || tokens <= 0 || heads <= 0 || dim % heads != 0 || (dim / heads) % 16 != 0) {
     throw py::value_error(op + ": batch, tokens and heads must be positive and dim / heads a multiple of 16");
   }
-  check_linear_sizes(op, hidden, dim);
+  check_linear_sizes(op, dtype, hidden, dim);
   if (checked_mul(3, dim) > t2t::kAttentionMaxTokenStride) throw py::value_error(op + ": dim is too large");
   if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
-  const int64_t elements = checked_mul(checked_mul(batch, tokens), dim);
-  check_extent(op, "x", x.first, x.second, elements, 2);
-  check_extent(op, "h", h.first, h.second, elements, 2);
-  if (x.first < h.first + 2 * elements && h.first < x.first + 2 * elements) {
+  const int64_t elements = checked_mul(checked_mul(batch, tokens), dim), elem = element_size(dtype);
+  check_extent(op, "x", x.first, x.second, elements, elem);
+  check_extent(op, "h", h.first, h.second, elements, elem);
+  if (x.first < h.first + elem * elements && h.first < x.first + elem * elements) {
     throw py::value_error(op + ": x and h overlap");
   }
   const char* linear_names[4] = {"qkv", "proj", "fc1", "fc2"};
@@ -439,21 +451,24 @@ void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderN
   std::vector<t2t::EncoderBlock> table(blocks.size());
   for (std::size_t i = 0; i < blocks.size(); ++i) {
     const auto& [norm1, linears, norm2, scale] = blocks[i];
-    const uint16_t* pointers[8];
+    const void* pointers[8];
     for (int l = 0; l < 4; ++l) {
       const auto [out_features, in_features] = linear_sizes[l];
       const Buffer &weight = linears[2 * l], &bias = linears[2 * l + 1];
-      check_extent(op, linear_names[l], weight.first, weight.second, checked_mul(out_features, in_features), 2);
-      if (bias.first != 0) check_extent(op, linear_names[l], bias.first, bias.second, out_features, 2);
-      pointers[2 * l] = reinterpret_cast<const uint16_t*>(weight.first);
-      pointers[2 * l + 1] = reinterpret_cast<const uint16_t*>(bias.first);
+      check_extent(op, linear_names[l], weight.first, weight.second,
+                   packed_elements(dtype, out_features, in_features), elem);
+      if (bias.first != 0) check_extent(op, linear_names[l], bias.first, bias.second, out_features, elem);
+      pointers[2 * l] = reinterpret_cast<const void*>(weight.first);
+      pointers[2 * l + 1] = reinterpret_cast<const void*>(bias.first);
     }
     if (!(scale > 0.0) || !std::isfinite(scale)) throw py::value_error(op + ": scale must be positive and finite");
     table[i] = {encoder_norm(op, "norm1", norm1, dim), pointers[0], pointers[1], static_cast<float>(scale),
                 pointers[2], pointers[3], encoder_norm(op, "norm2", norm2, dim), pointers[4], pointers[5],
                 pointers[6], pointers[7]};
   }
-  const t2t::EncoderProblem p{batch,
+  const t2t::EncoderProblem p{dtype,
+                              parse_isa(op, isa),
+                              batch,
                               tokens,
                               dim,
                               hidden,
@@ -461,10 +476,11 @@ void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderN
                               table.data(),
                               static_cast<int64_t>(table.size()),
                               encoder_norm(op, "final norm", final_norm, dim),
-                              reinterpret_cast<uint16_t*>(x.first),
-                              reinterpret_cast<uint16_t*>(h.first)};
+                              reinterpret_cast<void*>(x.first),
+                              reinterpret_cast<void*>(h.first),
+                              cls_only_last};
   py::gil_scoped_release release;
-  t2t::encoder_forward_amx(p, threads);
+  t2t::encoder_forward_cpu(p, threads);
 }
 
 }  // namespace
@@ -498,24 +514,28 @@ PYBIND11_MODULE(_C, m) {
         "residual as (address, extent, row stride) with adjacent elements along a row; the rest as (address, "
         "extent)");
 
-  m.def("linear_pack_weight_cpu", &linear_pack_weight, py::arg("weight"), py::arg("out_features"),
+  m.def("linear_pack_weight_cpu", &linear_pack_weight, py::arg("weight"), py::arg("dtype"), py::arg("out_features"),
         py::arg("in_features"), py::arg("packed"),
-        "A bf16 (out_features, in_features) weight, contiguous, into the layout of linear_forward_cpu (the same "
-        "number of elements); both as (address, extent)");
-  m.def("linear_forward_cpu", &linear_forward, py::arg("x"), py::arg("rows"), py::arg("packed"),
+        "A (out_features, in_features) weight, contiguous, into the layout of linear_forward_cpu "
+        "(linear_packed_elements elements); both as (address, extent)");
+  m.def("linear_packed_elements", &packed_elements, py::arg("dtype"), py::arg("out_features"),
+        py::arg("in_features"), "Elements of a weight packed by linear_pack_weight_cpu");
+  m.def("linear_forward_cpu", &linear_forward, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("packed"),
         py::arg("out_features"), py::arg("in_features"), py::arg("bias"), py::arg("gelu"), py::arg("y"),
         py::arg("threads"),
-        "bf16 linear on AMX tiles: y (rows, out_features) contiguous = x packed^T + bias, then the exact GELU if "
-        "gelu; x as (address, extent, row stride) with adjacent elements along a row, bias (address, extent) or "
-        "address 0 for none; in and out features multiples of 32");
-  m.def("encoder_forward_cpu", &encoder_forward, py::arg("blocks"), py::arg("final_norm"), py::arg("batch"),
-        py::arg("tokens"), py::arg("dim"), py::arg("hidden"), py::arg("heads"), py::arg("x"), py::arg("h"),
-        py::arg("threads"),
-        "bf16 pre-norm blocks on AMX tiles, in order: x (batch * tokens, dim) the residual stream, overwritten "
-        "with the last block's output, and h written with final_norm of it, both contiguous (address, extent); "
-        "blocks: per block (norm1, (qkv, qkv bias, proj, proj bias, fc1, fc1 bias, fc2, fc2 bias), norm2, scale), "
-        "a norm as (weight, bias, eps) with float32 parameters, weights packed as linear_pack_weight_cpu packs "
-        "them, biases bf16 or (0, 0); fc1 is followed by the exact GELU");
+        "Linear on a packed weight, bfloat16 on AMX tiles (in and out features multiples of 32) or float32 on "
+        "AVX-512: y (rows, out_features) contiguous = x packed^T + bias, then the exact GELU if gelu; x as "
+        "(address, extent, row stride) with adjacent elements along a row, bias (address, extent) or address 0 "
+        "for none");
+  m.def("encoder_forward_cpu", &encoder_forward, py::arg("blocks"), py::arg("final_norm"), py::arg("dtype"),
+        py::arg("batch"), py::arg("tokens"), py::arg("dim"), py::arg("hidden"), py::arg("heads"), py::arg("x"),
+        py::arg("h"), py::arg("cls_only_last"), py::arg("isa"), py::arg("threads"),
+        "Pre-norm blocks in order, bfloat16 (isa 'amx') or float32 (isa 'avx512' or 'amx'): x (batch * tokens, "
+        "dim) the residual stream, overwritten with the last block's output, and h written with final_norm of it, "
+        "both contiguous (address, extent); with cls_only_last the last block past its qkv for token 0 of each "
+        "image alone, x's and h's first batch rows then holding those rows; blocks: per block (norm1, (qkv, qkv bias, proj, proj bias, fc1, fc1 "
+        "bias, fc2, fc2 bias), norm2, scale), a norm as (weight, bias, eps) with float32 parameters, weights packed "
+        "as linear_pack_weight_cpu packs them, biases in dtype or (0, 0); fc1 is followed by the exact GELU");
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");

@@ -1,37 +1,61 @@
-// Threads of the AMX linear (linear_cpu_amx.cpp) and the weight packing.
+// Threads of the linears of linear_cpu.h (the AMX tiles in linear_cpu_amx.cpp, the float32 FMAs in
+// linear_cpu_avx512.cpp) and the weight packing.
 #include "linear_cpu.h"
 
 #include <omp.h>
 
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 #include <vector>
 
 #include "cpu_isa.h"
+#include "restructurize_unfold.h"
 
 namespace t2t {
 
-void pack_linear_weight(const uint16_t* w, int64_t out_features, int64_t in_features, uint16_t* packed) {
+int64_t packed_linear_elements(int dtype, int64_t out_features, int64_t in_features) {
+  if (dtype == kFloat32) return (out_features + kLinearPanel - 1) / kLinearPanel * kLinearPanel * in_features;
+  return out_features * in_features;
+}
+
+void pack_linear_weight(int dtype, const void* w, int64_t out_features, int64_t in_features, void* packed) {
+  if (dtype == kFloat32) {
+    const float* source = static_cast<const float*>(w);
+    float* out = static_cast<float*>(packed);
+    for (int64_t panel = 0; panel * kLinearPanel < out_features; ++panel) {
+      for (int64_t k = 0; k < in_features; ++k) {
+        for (int64_t c = 0; c < kLinearPanel; ++c) {
+          const int64_t n = panel * kLinearPanel + c;
+          *out++ = n < out_features ? source[n * in_features + k] : 0.0f;
+        }
+      }
+    }
+    return;
+  }
+  const uint16_t* source = static_cast<const uint16_t*>(w);
   const int64_t steps = in_features / 32;
   for (int64_t block = 0; block < out_features / 16; ++block) {
     for (int64_t s = 0; s < steps; ++s) {
-      uint16_t* tile = packed + (block * steps + s) * 512;
+      uint16_t* tile = static_cast<uint16_t*>(packed) + (block * steps + s) * 512;
       for (int64_t pair = 0; pair < 16; ++pair) {
         for (int64_t column = 0; column < 16; ++column) {
-          const uint16_t* source = w + (16 * block + column) * in_features + 32 * s + 2 * pair;
-          tile[(pair * 16 + column) * 2] = source[0];
-          tile[(pair * 16 + column) * 2 + 1] = source[1];
+          const uint16_t* from = source + (16 * block + column) * in_features + 32 * s + 2 * pair;
+          tile[(pair * 16 + column) * 2] = from[0];
+          tile[(pair * 16 + column) * 2 + 1] = from[1];
         }
       }
     }
   }
 }
 
+namespace {
+
 // Threads split the output features (each keeps its share of W in cache across the row blocks); with fewer feature
 // pairs than threads, the row blocks.
-void linear_forward_amx(const LinearProblem& p, int threads) {
+void forward_amx(const LinearProblem& p, int threads) {
   if (best_cpu_isa() != Isa::kAmx) throw std::invalid_argument("this CPU (or the OS) gives no AMX tiles");
-  threads = threads < 1 ? 1 : threads;
+  const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int64_t pairs = p.out_features / 32, row_blocks = (p.rows + kLinearRows - 1) / kLinearRows;
   const bool split_rows = pairs < threads;
   // The tiles read kLinearRows rows: a last, partial row block is read from a zero-padded copy, made once here
@@ -41,7 +65,7 @@ void linear_forward_amx(const LinearProblem& p, int threads) {
   if (last_rows < kLinearRows) {
     padded.assign(kLinearRows * p.in_features, 0);
     for (int64_t r = 0; r < last_rows; ++r) {
-      std::memcpy(padded.data() + r * p.in_features, p.x + (last_row + r) * p.x_stride,
+      std::memcpy(padded.data() + r * p.in_features, x + (last_row + r) * p.x_stride,
                   sizeof(uint16_t) * p.in_features);
     }
   }
@@ -54,7 +78,7 @@ void linear_forward_amx(const LinearProblem& p, int threads) {
     for (int64_t block = split_rows ? first : 0; block < (split_rows ? last : row_blocks); ++block) {
       const int64_t row = block * kLinearRows, rows = p.rows - row < kLinearRows ? p.rows - row : kLinearRows;
       const bool partial = rows < kLinearRows;
-      const uint16_t* a = partial ? padded.data() : p.x + row * p.x_stride;
+      const uint16_t* a = partial ? padded.data() : x + row * p.x_stride;
       const int64_t a_stride = partial ? p.in_features : p.x_stride;
       if (split_rows) {
         linear_rows_amx(p, a, a_stride, row, rows, 0, pairs);
@@ -63,6 +87,46 @@ void linear_forward_amx(const LinearProblem& p, int threads) {
       }
     }
   }
+}
+
+// Work items are (panel, block of rows), panel-major; each thread takes a contiguous run of them, so it keeps a
+// panel in cache across that panel's row blocks and fetches its next panel meanwhile. Rows are split only as far as
+// needed for the items to split evenly across the threads.
+void forward_f32(const LinearProblem& p, int threads) {
+  if (static_cast<int>(best_cpu_isa()) < static_cast<int>(Isa::kAvx512)) {
+    throw std::invalid_argument("this CPU has no AVX-512 for the float32 linear");
+  }
+  const int64_t panels = (p.out_features + kLinearPanel - 1) / kLinearPanel;
+  const int64_t row_groups = (p.rows + kLinearPanelRows - 1) / kLinearPanelRows;
+  int64_t row_blocks = threads / std::gcd(panels, static_cast<int64_t>(threads));
+  row_blocks = row_blocks < row_groups ? row_blocks : row_groups;
+  const int64_t block_rows = (row_groups + row_blocks - 1) / row_blocks * kLinearPanelRows;
+  const int64_t items = panels * row_blocks;
+  const float* packed = static_cast<const float*>(p.packed);
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num(), share = (items + team - 1) / team;
+    const int64_t first = me * share < items ? me * share : items;
+    const int64_t last = first + share < items ? first + share : items;
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t panel = item / row_blocks, row = item % row_blocks * block_rows;
+      const int64_t rows = p.rows - row < block_rows ? p.rows - row : block_rows;
+      const bool next = item + 1 < last && (item + 1) / row_blocks != panel;
+      if (rows > 0) {
+        linear_rows_f32(p, row, rows, panel,
+                        next ? packed + (panel + 1) * p.in_features * kLinearPanel : nullptr);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void linear_forward_cpu(const LinearProblem& p, int threads) {
+  threads = threads < 1 ? 1 : threads;
+  if (p.dtype == kBFloat16) return forward_amx(p, threads);
+  if (p.dtype == kFloat32) return forward_f32(p, threads);
+  throw std::invalid_argument("the linear kernels take bfloat16 or float32");
 }
 
 }  // namespace t2t

@@ -1,38 +1,52 @@
-// bfloat16 linear layers on AMX tiles, for CPU inference: y = x W^T + b, optionally followed by the exact GELU,
-// with W packed once into the layout the tiles load. At a few hundred rows (the backbone's linears at batch 1)
-// this runs the same GEMM with less around it than oneDNN's primitive.
+// Linear layers for CPU inference, y = x W^T + b, optionally followed by the exact GELU, with W packed once into
+// the layout the kernel loads: bfloat16 on AMX tiles, float32 on AVX-512 FMAs. At a few hundred rows (the
+// backbone's linears at batch 1) they run the same GEMMs with less around them than oneDNN's primitive.
 #pragma once
 
 #include <cstdint>
 
 namespace t2t {
 
-// in_features and out_features are multiples of this: a tile's depth in bf16, and the two tiles' width of a step.
+// bfloat16: in_features and out_features are multiples of this (a tile's depth in bf16, and the two tiles' width
+// of a step); rows of x per step: two A tiles.
 constexpr int64_t kLinearMultiple = 32;
-// Rows of x per step: two A tiles.
 constexpr int64_t kLinearRows = 32;
+// float32: output features per panel of the packed weight (four vectors; any sizes, the last panel zero-padded),
+// and rows per block of accumulators (6 x 4 vectors).
+constexpr int64_t kLinearPanel = 64;
+constexpr int64_t kLinearPanelRows = 6;
 
 struct LinearProblem {
+  int dtype;                                // of x, W, the bias and y: kBFloat16 or kFloat32 (restructurize_unfold.h)
   int64_t rows, in_features, out_features;  // M, K, N
-  const uint16_t* x;                        // M rows of K bf16, x_stride elements apart
+  const void* x;                            // M rows of K, x_stride elements apart
   int64_t x_stride;
-  const uint16_t* packed;  // W (N, K) as pack_linear_weight wrote it
-  const uint16_t* bias;    // N bf16, or nullptr
-  bool gelu;               // the exact GELU (erf) after the bias
-  uint16_t* y;             // (M, N) bf16, contiguous
+  const void* packed;  // W (N, K) as pack_linear_weight wrote it
+  const void* bias;    // N, or nullptr
+  bool gelu;           // the exact GELU (erf) after the bias
+  void* y;             // (M, N), contiguous
 };
 
-// W (N, K), row-major bf16 -> packed (N * K elements): for each block of 16 output features and each step of 32
-// inputs, one 1 KiB tile of 16 rows (input pairs) x 16 columns (features) x 2 (the pair).
-void pack_linear_weight(const uint16_t* w, int64_t out_features, int64_t in_features, uint16_t* packed);
+// Elements of W (N, K) packed: bfloat16 N * K, float32 N rounded up to kLinearPanel, times K.
+int64_t packed_linear_elements(int dtype, int64_t out_features, int64_t in_features);
 
-// The forward; std::invalid_argument when this CPU (or the OS) gives no AMX tiles.
-void linear_forward_amx(const LinearProblem& p, int threads);
+// W (N, K), row-major -> packed. bfloat16: for each block of 16 output features and each step of 32 inputs, one
+// 1 KiB tile of 16 rows (input pairs) x 16 columns (features) x 2 (the pair); float32: per panel of kLinearPanel
+// output features and per input, the panel's weights (zero past N).
+void pack_linear_weight(int dtype, const void* w, int64_t out_features, int64_t in_features, void* packed);
 
-// Output rows [row, row + rows) (rows <= kLinearRows) and feature pairs [first_pair, last_pair) (32 features each)
-// on the calling thread's tiles; a: those rows of x, a_stride elements apart, readable for kLinearRows rows (zero
-// past `rows`). linear_forward_amx's threads call it (linear_cpu_amx.cpp).
+// The forward; std::invalid_argument when this CPU (or the OS) cannot run the dtype's kernel (bfloat16: AMX tiles;
+// float32: AVX-512).
+void linear_forward_cpu(const LinearProblem& p, int threads);
+
+// bfloat16: output rows [row, row + rows) (rows <= kLinearRows) and feature pairs [first_pair, last_pair) (32
+// features each) on the calling thread's tiles; a: those rows of x, a_stride elements apart, readable for
+// kLinearRows rows (zero past `rows`). linear_forward_cpu's threads call it (linear_cpu_amx.cpp).
 void linear_rows_amx(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows,
                      int64_t first_pair, int64_t last_pair);
+
+// float32: output rows [row, row + rows) of panel `panel`; next_panel: the packed panel the calling thread computes
+// next (fetched into L2 meanwhile) or nullptr (linear_cpu_avx512.cpp).
+void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const float* next_panel);
 
 }  // namespace t2t

@@ -17,27 +17,9 @@ namespace t2t {
 namespace amx_linear {
 #include "cpu_vector.h"
 #include "amx_tiles.h"
+#include "avx512_math.h"
 
 namespace {
-
-// The exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, far
-// below the bf16 rounding of the output) and its reciprocal by rcp14 and one Newton step.
-inline Vec gelu(Vec x) {
-  const Vec z = x * 0.70710678118654752f;
-  const Vec az = _mm512_abs_ps(z);
-  const Vec d = 1.0f + 0.3275911f * az;
-  const Vec r = _mm512_rcp14_ps(d);
-  const Vec t = r * (2.0f - d * r);
-  Vec p = splat(1.061405429f);
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  p = p * t;
-  const Vec erf_abs = 1.0f - p * exp2_nonpositive(-(az * az) * 1.44269504088896341f);
-  const Vec half = 0.5f * x;
-  return half + (z < 0.0f ? -erf_abs : erf_abs) * half;
-}
 
 constexpr int64_t kRows = kLinearRows;
 constexpr int64_t kTileElements = 512;
@@ -47,7 +29,7 @@ constexpr int64_t kTileElements = 512;
 void block(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows, int64_t pair,
            float* acc) {
   const int64_t steps = p.in_features / 32;
-  const uint16_t* b0 = p.packed + 2 * pair * steps * kTileElements;
+  const uint16_t* b0 = static_cast<const uint16_t*>(p.packed) + 2 * pair * steps * kTileElements;
   const uint16_t* b1 = b0 + steps * kTileElements;
   zero_products();
   for (int64_t s = 0; s < steps; ++s) {
@@ -57,13 +39,14 @@ void block(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t 
   store_products(acc, 32);
   const int64_t column = 32 * pair;
   Vec bias[2] = {splat(0.0f), splat(0.0f)};
-  if (p.bias != nullptr) bias[0] = load_bf16(p.bias + column), bias[1] = load_bf16(p.bias + column + 16);
+  const uint16_t* b = static_cast<const uint16_t*>(p.bias);
+  if (b != nullptr) bias[0] = load_bf16(b + column), bias[1] = load_bf16(b + column + 16);
   for (int64_t r = 0; r < rows; ++r) {
     for (int c = 0; c < 2; ++c) {
       Vec v = load(acc + r * 32 + 16 * c) + bias[c];
-      if (p.gelu) v = gelu(v);
+      if (p.gelu) v = gelu<false>(v);
       const __m256bh h = _mm512_cvtneps_pbh(v);
-      __builtin_memcpy(p.y + (row + r) * p.out_features + column + 16 * c, &h, sizeof(h));
+      __builtin_memcpy(static_cast<uint16_t*>(p.y) + (row + r) * p.out_features + column + 16 * c, &h, sizeof(h));
     }
   }
 }

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from t2t_fast import backend, model as fast_model, onednn, ops
+from t2t_fast.ops._common import direct_calls_allowed
 from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
 from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
 from t2t_fast.ops.encoder_blocks import cpp_unsupported as encoder_blocks_unsupported
@@ -75,46 +76,35 @@ def _plain_backbone(model):
     return all(type(norm) is nn.LayerNorm and norm._parameters["weight"] is not None for norm in norms)
 
 
-def _direct_calls_allowed(images):
-    """Whether the kernels may be called without the dispatcher: a plain CPU tensor and no dispatch mode or
-    functorch transform that would need to see the calls (fake tensors, vmap, FLOP counters, ...)."""
-    if type(images) is not torch.Tensor or images.device.type != "cpu":
-        return False
-    in_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
-    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return in_mode is not None and not in_mode() and transforms is not None and not transforms()
-
-
 class _BlockKernels:
     """The kernels of one forward of :func:`_cls_logits`, chosen once from its first block's tensors (every block
     has the same shapes and dtypes): where a C++ kernel / oneDNN takes the input, it is called directly (its
-    checks made here, once; per linear only the sizes of :func:`t2t_fast.onednn.tiles_fit`), else through the ops
+    checks made here, once; per linear only the sizes of :func:`t2t_fast.onednn.packed_fits`), else through the ops
     that choose per call."""
 
     def __init__(self, x, block, direct):
         self.direct = direct
         qkv = block.attn.qkv
         self.onednn = direct and onednn.takes(x, qkv.weight)
-        self.tiles = direct and onednn.tiles_take(x, qkv.weight, qkv.bias)
+        self.packed = direct and onednn.packed_takes(x, qkv.weight, qkv.bias)
         norm = block.norm2
         self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
         self.cpp_attention = None  # decided at the first call, from its qkv
 
-    def encoder(self, x, blocks):
-        """Whether all blocks but the last run as one :func:`t2t_fast.ops.encoder_blocks` call: where the AMX linear
+    def encoder(self, x, blocks, final_norm):
+        """Whether the blocks run as one :func:`t2t_fast.ops.encoder_blocks` call: where the packed-weight linear
         takes the blocks' rows, the attention table chooses the C++ kernel and the encoder's kernels take them."""
-        if len(blocks) < 2 or not self.tiles or not onednn.tiles_fit(x, blocks[0].mlp.fc1.weight) \
-                or not self.cpp_add_layernorm:
+        if not self.packed or not onednn.packed_fits(x, blocks[0].mlp.fc1.weight) or not self.cpp_add_layernorm:
             return False
         qkv_shape = (*x.shape[:-1], blocks[0].attn.qkv.weight.shape[0])
         if not fast_model.cpp_attention_chosen(x.new_empty(qkv_shape), blocks[0].attn.num_heads, 0.0):
             return False
-        return encoder_blocks_unsupported(x, blocks[:-1], blocks[-1].norm1) is None
+        return encoder_blocks_unsupported(x, blocks, final_norm) is None
 
     def linear(self, module, x):
         gelu = getattr(module, "gelu", False)
-        if self.tiles and onednn.tiles_fit(x, module.weight):
-            return onednn.run_tiles(x, module.weight, module.bias, gelu)
+        if self.packed and onednn.packed_fits(x, module.weight):
+            return onednn.run_packed(x, module.weight, module.bias, gelu)
         if self.onednn:
             return onednn.run(x, module.weight, module.bias, gelu)
         return onednn.linear(x, module.weight, module.bias, gelu)
@@ -145,18 +135,15 @@ def _cls_logits(model, images):
     """The logits of a :func:`_plain_backbone` model in eval mode without autograd, with less work than its
     forward: each residual add and the LayerNorm after it as one :func:`t2t_fast.ops.add_layernorm`, in the last
     block only the cls token's row past the attention's k and v (the logits depend on nothing else there), and
-    the kernels called directly where they take the input (see :class:`_BlockKernels`)."""
+    the kernels called directly where they take the input (see :class:`_BlockKernels`): all blocks in one
+    :func:`t2t_fast.ops.encoder_blocks` call where its kernels take them."""
     x = model.forward_tokens(images)
     blocks = list(model.blocks)
-    kernels = _BlockKernels(x, blocks[0], _direct_calls_allowed(images))
-    first = 0
-    if kernels.encoder(x, blocks):
-        first = len(blocks) - 1
-        x, h = encoder_blocks_cpp(x, blocks[:first], blocks[first].norm1)
-    else:
-        h = blocks[0].norm1(x)
-    for index in range(first, len(blocks)):
-        block = blocks[index]
+    kernels = _BlockKernels(x, blocks[0], direct_calls_allowed(images))
+    if kernels.encoder(x, blocks, model.norm):
+        return model.head(encoder_blocks_cpp(x, blocks, model.norm, True)[1][:, 0])
+    h = blocks[0].norm1(x)
+    for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
         last = index + 1 == len(blocks)
         qkv = kernels.linear(attn.qkv, h)

@@ -1,11 +1,13 @@
 """The linear layers of CPU inference: oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the op
-inductor's CPU freezing passes emit, called directly) and, for bf16 on AMX CPUs at a few hundred rows, the
-extension's AMX kernel (:mod:`t2t_fast.ops.amx_linear`). On this library's shapes oneDNN's primitive runs the same
-GEMM as ``F.linear`` with less overhead around it (no bias copy into the output first), and can fuse the exact GELU
-into its epilogue; the AMX kernel does less again around its tiles at the backbone's 197 rows a batch-1 image.
+inductor's CPU freezing passes emit, called directly) and, at a few hundred rows, the extension's kernels for a
+packed weight (:mod:`t2t_fast.ops.packed_linear`: bf16 on AMX tiles, fp32 on AVX-512). On this library's shapes
+oneDNN's primitive runs the same GEMM as ``F.linear`` with less overhead around it (no bias copy into the output
+first), and can fuse the exact GELU into its epilogue; the extension's kernels do less again around their GEMMs at
+the backbone's 197 rows a batch-1 image.
 
-:func:`linear` takes the AMX kernel where :func:`tiles_take` allows (bf16, at most :data:`AMX_LINEAR_MAX_ROWS`
-rows, features multiples of 32, the CPU kernels' ISA ``'amx'``), else oneDNN's primitive where it applies (CPU
+:func:`linear` takes the extension's kernels where :func:`packed_takes` allows (at most
+:data:`PACKED_LINEAR_MAX_ROWS` rows; bf16 with features multiples of 32 where the CPU kernels' ISA is ``'amx'``,
+fp32 on the CPU classes of :data:`PACKED_FLOAT32_CLASSES`), else oneDNN's primitive where it applies (CPU
 tensors in float32, or bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an
 :func:`t2t_fast.optimize_for_inference` model, and no gradient to compute; neither an export nor
 ``torch.compile`` in progress), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls
@@ -16,15 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2t_fast import backend
-from t2t_fast.ops._common import PerWeightCache
-from t2t_fast.ops.amx_linear import MULTIPLE as _AMX_MULTIPLE
-from t2t_fast.ops.amx_linear import cpp_unsupported as _amx_unsupported
-from t2t_fast.ops.amx_linear import packed_weight as _amx_packed_weight
-from t2t_fast.ops.amx_linear import run_cpp as _amx_run
+from t2t_fast.ops._common import PerWeightCache, direct_calls_allowed
+from t2t_fast.ops.packed_linear import MULTIPLE as _BF16_MULTIPLE
+from t2t_fast.ops.packed_linear import cpp_unsupported as _packed_unsupported
+from t2t_fast.ops.packed_linear import packed_linear
+from t2t_fast.ops.packed_linear import packed_weight as _packed_weight
+from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 
-# bf16 linears of at most this many rows run on the AMX kernel where it takes them: measured faster than oneDNN's
-# primitive on the backbone's shapes up to ~800 rows and even at ~1200, not at 1576 (bench/RESULTS.md)
-AMX_LINEAR_MAX_ROWS = 1024
+# linears of at most this many rows run on the extension's kernels where they take them: measured faster than
+# oneDNN's primitive on the backbone's shapes up to ~800 rows (bf16 even at ~1200), not at 1576 (bench/RESULTS.md)
+PACKED_LINEAR_MAX_ROWS = 1024
+# CPU classes (t2t_fast.backend.cpu_class) whose fp32 linears run on the extension's kernel: where it was
+# measured faster than oneDNN's primitive
+PACKED_FLOAT32_CLASSES = ("amx",)
 
 _AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -45,29 +51,36 @@ def takes(x, weight):
 _packed = PerWeightCache(lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
 
 
-def tiles_fit(x, weight):
-    """Whether the AMX kernel is the faster choice for this call's sizes: at most :data:`AMX_LINEAR_MAX_ROWS` rows,
-    features multiples of 32 (the rest of :func:`tiles_take` depends on the model, not the call)."""
+def packed_fits(x, weight):
+    """Whether the extension's kernel is the faster choice for this call's sizes: at most
+    :data:`PACKED_LINEAR_MAX_ROWS` rows, and for bf16 features multiples of 32 (the rest of :func:`packed_takes`
+    depends on the model, not the call)."""
     out_features, in_features = weight.shape
-    return (x.numel() <= AMX_LINEAR_MAX_ROWS * in_features and out_features % _AMX_MULTIPLE == 0
-            and in_features % _AMX_MULTIPLE == 0)
+    if x.numel() > PACKED_LINEAR_MAX_ROWS * in_features:
+        return False
+    return x.dtype != torch.bfloat16 or (out_features % _BF16_MULTIPLE == 0 and in_features % _BF16_MULTIPLE == 0)
 
 
-def tiles_take(x, weight, bias=None):
-    """Whether :func:`linear` runs the AMX kernel for this input (:func:`tiles_fit`, and
-    :func:`t2t_fast.ops.amx_linear.cpp_unsupported` has no objection; not while ``torch.compile`` traces)."""
+def packed_takes(x, weight, bias=None):
+    """Whether :func:`linear` runs the extension's kernel for this input (:func:`packed_fits`; fp32 only on the
+    classes of :data:`PACKED_FLOAT32_CLASSES`; :func:`t2t_fast.ops.packed_linear.cpp_unsupported` has no
+    objection; not while ``torch.compile`` traces)."""
     if backend.is_exporting() or torch.compiler.is_compiling():  # before any size is compared: they may be symbols
         return False
-    return _amx_unsupported(x, weight, bias) is None and tiles_fit(x, weight)
+    if x.dtype == torch.float32 and backend.cpu_class() not in PACKED_FLOAT32_CLASSES:
+        return False
+    return _packed_unsupported(x, weight, bias) is None and packed_fits(x, weight)
 
 
 def linear(x, weight, bias=None, gelu=False):
-    """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu`` is set; on the AMX kernel where
-    :func:`tiles_take` allows, else through oneDNN's primitive where :func:`takes` allows, with the weight packed or
-    reordered for them once and cached (not a weight created under ``torch.inference_mode``: it has no version
-    counter that would tell an in-place change)."""
-    if tiles_take(x, weight, bias):
-        return run_tiles(x, weight, bias, gelu)
+    """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu`` is set; on the extension's kernel
+    where :func:`packed_takes` allows, else through oneDNN's primitive where :func:`takes` allows, with the weight
+    packed or reordered for them once and cached (not a weight created under ``torch.inference_mode``: it has no
+    version counter that would tell an in-place change)."""
+    if packed_takes(x, weight, bias):
+        if direct_calls_allowed(x):
+            return run_packed(x, weight, bias, gelu)
+        return packed_linear(x, weight, bias, gelu, backend="cpp")  # through the custom op, which modes see
     if takes(x, weight):
         return run(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)
@@ -81,9 +94,9 @@ def run(x, weight, bias=None, gelu=False):
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
 
 
-def run_tiles(x, weight, bias=None, gelu=False):
-    """:func:`linear` on the AMX kernel without asking :func:`tiles_take` (the caller has)."""
-    return _amx_run(x, _amx_packed_weight(weight), bias, weight.shape[0], gelu)
+def run_packed(x, weight, bias=None, gelu=False):
+    """:func:`linear` on the extension's kernel without asking :func:`packed_takes` (the caller has)."""
+    return _packed_run(x, _packed_weight(weight), bias, weight.shape[0], gelu)
 
 
 class OneDnnLinear(nn.Linear):

@@ -30,6 +30,7 @@ if [ "$(cd / && python -c 'import t2t_fast._C as c; print(c.__file__)')" != "$bu
 fi
 if [ "$#" -eq 0 ]; then
     set -- tests/test_restructurize_unfold.py tests/test_soft_split_layernorm.py tests/test_cpu_kernels.py \
-        tests/test_multihead_attention.py tests/test_add_layernorm.py tests/test_amx_linear.py -k "not triton"
+        tests/test_multihead_attention.py tests/test_add_layernorm.py tests/test_packed_linear.py \
+        tests/test_encoder_blocks.py -k "not triton"
 fi
 python -m pytest "$@" -q -p no:cacheprovider

@@ -1,9 +1,9 @@
-"""The backbone's blocks in one native call (t2t_fast.ops.encoder_blocks): against float64, within twice the error
-of the bf16 torch reference, at the real t2t_vit_14 shapes and small ones (with and without a qkv bias, batch > 1,
-rows off the 32-row blocks); bit for bit the kernels it chains, called one by one; alike at 1 and 2 threads; the
-logits path takes it and gives the same logits as without; changes to the blocks after a call are seen; which
-path runs when, and why not; the arguments checks of the wrapper and of the extension. The kernels' tests need a
-CPU with AMX; the reasons given elsewhere are checked everywhere."""
+"""The backbone's blocks in one native call (t2t_fast.ops.encoder_blocks), bf16 and fp32: against float64, within
+twice the error of the torch reference in the dtype, at the real t2t_vit_14 shapes and small ones (with and without
+a qkv bias, batch > 1, rows off the kernels' row blocks), all rows and the cls rows alone; bit for bit the kernels
+it chains, called one by one; alike at 1 and 2 threads; the logits path takes it, within the same error; changes
+to the blocks after a call are seen; which path runs when, and why not; the arguments checks of the wrapper and of
+the extension. The kernels' tests need a CPU with AMX; the reasons given elsewhere are checked everywhere."""
 import copy
 import importlib
 
@@ -15,7 +15,7 @@ import t2t_fast
 from t2t_fast import inference
 from t2t_fast._native import native_cpu_isas, native_module
 from t2t_fast.backend import BackendUnavailableError, set_cpu_isa
-from t2t_fast.ops import add_layernorm, amx_linear, multihead_attention
+from t2t_fast.ops import add_layernorm, multihead_attention, packed_linear
 from t2t_fast.reference import layers
 from t2t_fast.testing import assert_within_reference_error, poison_outputs, results_at_thread_counts
 
@@ -45,14 +45,14 @@ def _blocks(count, dim, heads, hidden, qkv_bias=False, dtype=torch.bfloat16):
     return blocks, final.requires_grad_(False)
 
 
-def _exact(x, blocks, final):
+def _exact(x, blocks, final, cls_only=False):
     wide = [copy.deepcopy(block).double() for block in blocks]
-    return encoder.encoder_blocks_ref(x.double(), wide, copy.deepcopy(final).double())
+    return encoder.encoder_blocks_ref(x.double(), wide, copy.deepcopy(final).double(), cls_only)
 
 
-def _run(x, blocks, final):
+def _run(x, blocks, final, cls_only=False):
     with torch.inference_mode(), poison_outputs():
-        return encoder.encoder_blocks(x, blocks, final, backend="cpp")
+        return encoder.encoder_blocks(x, blocks, final, cls_only, backend="cpp")
 
 
 # (count, batch, tokens, dim, heads, hidden, qkv bias): t2t_vit_14's 13 blocks before the last at batch 1 and 2;
@@ -62,47 +62,52 @@ SHAPES = ((13, 1, 197, 384, 6, 1152, False), (2, 2, 197, 384, 6, 1152, False), (
 
 
 @needs_amx
+@pytest.mark.parametrize("cls_only", [False, True], ids=("all_rows", "cls_only"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("-bias" if s[6] else ""))
-def test_matches_float64_reference(shape):
+def test_matches_float64_reference(shape, dtype, cls_only):
     count, batch, tokens, dim, heads, hidden, qkv_bias = shape
-    blocks, final = _blocks(count, dim, heads, hidden, qkv_bias)
-    x = torch.randn(batch, tokens, dim).bfloat16()
-    out = _run(x, blocks, final)
-    reference = encoder.encoder_blocks_ref(x, blocks, final)
-    for ours, theirs, exact, what in zip(out, reference, _exact(x, blocks, final), ("x", "normed")):
-        assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    blocks, final = _blocks(count, dim, heads, hidden, qkv_bias, dtype)
+    x = torch.randn(batch, tokens, dim).to(dtype)
+    out = _run(x, blocks, final, cls_only)
+    reference = encoder.encoder_blocks_ref(x, blocks, final, cls_only)
+    for ours, theirs, exact, what in zip(out, reference, _exact(x, blocks, final, cls_only), ("x", "normed")):
+        assert ours.dtype == dtype and ours.shape == (batch, 1 if cls_only else tokens, dim)
         assert_within_reference_error(ours, theirs, exact, what=what)
 
 
 @needs_amx
-def test_equals_the_kernels_called_one_by_one():
-    """The kernels it chains, called through their ops, give the same bits (the fc1 GELU fused or not)."""
-    blocks, final = _blocks(3, 64, 2, 128, qkv_bias=True)
-    x = torch.randn(2, 33, 64).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_equals_the_kernels_called_one_by_one(dtype):
+    """The kernels it chains, called through their ops, give the same bits."""
+    blocks, final = _blocks(3, 64, 2, 128, qkv_bias=True, dtype=dtype)
+    x = torch.randn(2, 33, 64).to(dtype)
     with torch.inference_mode():
         # the first LayerNorm: the kernel's rows as add_layernorm's LayerNorm of x + 0
         norm = blocks[0].norm1
         stream, h = add_layernorm(x, torch.zeros_like(x), norm.weight, norm.bias, norm.eps, backend="cpp")
         for index, block in enumerate(blocks):
             attn, mlp = block.attn, block.mlp
-            qkv = amx_linear(h, attn.qkv.weight, attn.qkv.bias, backend="cpp")
+            qkv = packed_linear(h, attn.qkv.weight, attn.qkv.bias, backend="cpp")
             mixed = multihead_attention(qkv, attn.num_heads, attn.scale, backend="cpp")
-            stream, h = add_layernorm(stream, amx_linear(mixed, attn.proj.weight, attn.proj.bias, backend="cpp"),
+            stream, h = add_layernorm(stream, packed_linear(mixed, attn.proj.weight, attn.proj.bias, backend="cpp"),
                                       block.norm2.weight, block.norm2.bias, block.norm2.eps, backend="cpp")
-            hidden = amx_linear(h, mlp.fc1.weight, mlp.fc1.bias, gelu=True, backend="cpp")
+            hidden = packed_linear(h, mlp.fc1.weight, mlp.fc1.bias, gelu=True, backend="cpp")
             norm = blocks[index + 1].norm1 if index + 1 < len(blocks) else final
-            stream, h = add_layernorm(stream, amx_linear(hidden, mlp.fc2.weight, mlp.fc2.bias, backend="cpp"),
+            stream, h = add_layernorm(stream, packed_linear(hidden, mlp.fc2.weight, mlp.fc2.bias, backend="cpp"),
                                       norm.weight, norm.bias, norm.eps, backend="cpp")
     out = _run(x, blocks, final)
     assert torch.equal(out[0], stream) and torch.equal(out[1], h)
 
 
 @needs_amx
-def test_deterministic_across_thread_counts():
-    blocks, final = _blocks(2, 384, 6, 1152)
-    x = torch.randn(1, 197, 384).bfloat16()
-    one, two = results_at_thread_counts(lambda: _run(x, blocks, final))
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_deterministic_across_thread_counts(dtype):
+    blocks, final = _blocks(2, 384, 6, 1152, dtype=dtype)
+    x = torch.randn(2, 197, 384).to(dtype)
+    for cls_only in (False, True):
+        one, two = results_at_thread_counts(lambda: _run(x, blocks, final, cls_only))
+        assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 @needs_amx
@@ -132,34 +137,41 @@ def test_sees_changes_to_the_blocks():
 
 
 @needs_amx
-def test_logits_path_takes_it(calls_of):
-    """A bf16 optimize_for_inference model at batch 1 runs all blocks but the last in one call; its logits equal
-    those of the kernels called one by one, and are within twice the bf16 reference's error of float64."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_path_takes_it(calls_of, dtype):
+    """An optimize_for_inference model at batch 2 runs all its blocks in one call (the last for the cls rows
+    alone); its logits are within twice the reference's error of float64 in the dtype, as those of the kernels
+    called one by one."""
     runs = calls_of(inference, "encoder_blocks_cpp")
     model = t2t_fast.create_model("t2t_vit_7", img_size=64).eval()
-    fast = t2t_fast.optimize_for_inference(model, torch.bfloat16)
+    fast = t2t_fast.optimize_for_inference(model, dtype)
     images = torch.randn(2, 3, 64, 64)
     logits = fast(images)
-    assert len(runs) == 1 and len(runs[0][1]) == len(model.blocks) - 1
+    assert len(runs) == 1 and len(runs[0][1]) == len(model.blocks) and runs[0][3] is True
     original = inference._BlockKernels.encoder
     try:
-        inference._BlockKernels.encoder = lambda self, x, blocks: False
-        assert torch.equal(fast(images), logits)
+        inference._BlockKernels.encoder = lambda self, x, blocks, final_norm: False
+        one_by_one = fast(images)
     finally:
         inference._BlockKernels.encoder = original
     with torch.no_grad():
-        reference = copy.deepcopy(model).bfloat16()(images.bfloat16()).float()
+        reference = copy.deepcopy(model).to(dtype)(images.to(dtype)).float()
         exact = model.double()(images.double())
     assert_within_reference_error(logits, reference, exact, what="logits")
+    assert_within_reference_error(one_by_one, reference, exact, what="logits, kernels one by one")
 
 
 def test_reasons_and_the_torch_path():
     """Every CPU: what the kernels cannot take says why, a forced 'cpp' then raises, and 'auto' runs the
-    reference (float32 here: every CPU's reason)."""
-    blocks, final = _blocks(2, 64, 2, 96, dtype=torch.float32)
-    x = torch.randn(1, 9, 64)
+    reference (float16 here: every CPU's reason)."""
+    blocks, final = _blocks(2, 64, 2, 96, dtype=torch.float16)
+    x = torch.randn(1, 9, 64).half()
     assert encoder.cpp_unsupported(x, blocks, final) is not None
     with torch.no_grad():
+        for cls_only in (False, True):
+            out = encoder.encoder_blocks(x.float(), _blocks(2, 64, 2, 96, dtype=torch.float32)[0], final, cls_only,
+                                         backend="torch")
+            assert out[0].shape == (1, 1 if cls_only else 9, 64)
         out = encoder.encoder_blocks(x, blocks, final)
         expected = encoder.encoder_blocks_ref(x, blocks, final)
         assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
@@ -168,10 +180,13 @@ def test_reasons_and_the_torch_path():
     if "amx" not in native_cpu_isas():
         return
     bf16_blocks, final = _blocks(2, 64, 2, 96)
-    xb = x.bfloat16()
+    fp32_blocks = _blocks(2, 64, 2, 96, dtype=torch.float32)[0]
+    xb = torch.randn(1, 9, 64).bfloat16()
     assert encoder.cpp_unsupported(xb, bf16_blocks, final) is None
-    assert "dtype" in encoder.cpp_unsupported(x, bf16_blocks, final)
-    assert "bfloat16" in encoder.cpp_unsupported(xb, blocks, final)
+    assert encoder.cpp_unsupported(xb.float(), fp32_blocks, final) is None
+    assert "one dtype throughout" in encoder.cpp_unsupported(xb.float(), bf16_blocks, final)
+    assert "float16" in encoder.cpp_unsupported(x, bf16_blocks, final)
+    assert "all in float32" in encoder.cpp_unsupported(xb, fp32_blocks[:1] + bf16_blocks[1:], final)
     assert "gradient" in encoder.cpp_unsupported(xb.clone().requires_grad_(), bf16_blocks, final)
     assert "multiples of 16" in encoder.cpp_unsupported(xb, _blocks(1, 64, 8, 96)[0], final)
     assert "multiples of 32" in encoder.cpp_unsupported(torch.randn(1, 9, 48).bfloat16(), *_blocks(1, 48, 1, 96))
@@ -183,6 +198,9 @@ def test_reasons_and_the_torch_path():
     set_cpu_isa("avx512")
     try:
         assert "instruction set is avx512" in encoder.cpp_unsupported(xb, bf16_blocks, final)
+        assert encoder.cpp_unsupported(xb.float(), fp32_blocks, final) is None
+        set_cpu_isa("avx2")
+        assert "float32 kernels need avx512" in encoder.cpp_unsupported(xb.float(), fp32_blocks, final)
     finally:
         set_cpu_isa(None)
 
@@ -198,6 +216,8 @@ def test_invalid_arguments():
             ((x, blocks, nn.LayerNorm(32)), ValueError, "affine nn.LayerNorm over the last dim")):
         with pytest.raises(error, match=match):
             encoder.encoder_blocks(*args)
+    with pytest.raises(TypeError, match="cls_only must be a bool"):
+        encoder.encoder_blocks(x, blocks, final, 1)
     blocks[0].train()
     with pytest.raises(ValueError, match="call .eval\\(\\)"):
         encoder.encoder_blocks(x, blocks, final)
@@ -209,8 +229,9 @@ def test_extension_checks_its_buffers():
     x = torch.randn(1, 5, 64).bfloat16()
     prepared = encoder._prepare(blocks, final)
     stream, normed = x.clone(), torch.empty_like(x)
-    args = dict(blocks=prepared.blocks, final_norm=prepared.final_norm, batch=1, tokens=5, dim=64, hidden=96,
-                heads=2, x=(stream.data_ptr(), stream.numel()), h=(normed.data_ptr(), normed.numel()), threads=1)
+    args = dict(blocks=prepared.blocks, final_norm=prepared.final_norm, dtype=2, batch=1, tokens=5, dim=64,
+                hidden=96, heads=2, x=(stream.data_ptr(), stream.numel()), h=(normed.data_ptr(), normed.numel()),
+                cls_only_last=False, isa="amx", threads=1)
     native_module().encoder_forward_cpu(**args)
     norm1, linears, norm2, scale = prepared.blocks[0]
     short_fc2 = (*linears[:6], (linears[6][0], 100), linears[7])
@@ -219,6 +240,9 @@ def test_extension_checks_its_buffers():
                            (dict(heads=3), "multiple of 16"), (dict(hidden=100), "multiples of 32"),
                            (dict(blocks=[(norm1, short_fc2, norm2, scale)]), "fc2 holds 100"),
                            (dict(blocks=[(norm1, linears, norm2, 0.0)]), "scale must be positive"),
-                           (dict(final_norm=(*prepared.final_norm[:2], -1.0)), "eps must be")):
+                           (dict(final_norm=(*prepared.final_norm[:2], -1.0)), "eps must be"),
+                           (dict(dtype=1), "float32 or bfloat16"), (dict(isa="avx3"), "avx3")):
         with pytest.raises(ValueError, match=match):
             native_module().encoder_forward_cpu(**{**args, **changes})
+    with pytest.raises(ValueError, match="do not run with avx512"):
+        native_module().encoder_forward_cpu(**{**args, "isa": "avx512"})

@@ -201,7 +201,8 @@ def test_changed_models_leave_the_logits_path(calls_of):
 
 def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
     """num_classes=0 gives the normed cls features; under a dispatch mode (here a FLOP counter) the kernels go
-    through their custom ops, which the mode sees, with the same numbers."""
+    through their custom ops, which the mode sees, with the same numbers to the float32 rounding (where all
+    blocks run in one encoder call, its cls attention sums in another order than torch's)."""
     torch.manual_seed(0)
     model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=0)
     optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
@@ -213,7 +214,7 @@ def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
     through_ops = calls_of(add_layernorm_module, "_cpp_op")
     with FlopCounterMode(display=False) as counter:
         counted = optimized(x)
-    assert counter.get_total_flops() > 0 and torch.equal(counted, features)
+    assert counter.get_total_flops() > 0 and relative_error(counted, features) < 1e-6
     if backend.unavailable_reason("cpp", "cpu") is None:  # each block's two, and the two T2T layers' v-skip
         assert len(through_ops) == 2 * len(model.blocks) + 2
 

@@ -6,5 +6,5 @@ from t2t_fast.ops.restructurize_unfold import restructurize_unfold, restructuriz
 from t2t_fast.ops.multihead_attention import multihead_attention, multihead_attention_ref  # noqa: F401
 from t2t_fast.ops.multihead_attention import cpp_unsupported as multihead_attention_cpp_unsupported  # noqa: F401
 from t2t_fast.ops.add_layernorm import add_layernorm, add_layernorm_ref  # noqa: F401
-from t2t_fast.ops.amx_linear import amx_linear, amx_linear_ref  # noqa: F401
-from t2t_fast.ops.amx_linear import cpp_unsupported as amx_linear_cpp_unsupported  # noqa: F401
+from t2t_fast.ops.packed_linear import packed_linear, packed_linear_ref  # noqa: F401
+from t2t_fast.ops.packed_linear import cpp_unsupported as packed_linear_cpp_unsupported  # noqa: F401

@@ -5,6 +5,7 @@ import numbers
 from typing import Optional, Tuple
 
 import torch
+import torch.utils._python_dispatch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast.backend import BackendUnavailableError
@@ -97,6 +98,17 @@ def as_image(x: torch.Tensor, grid_size: Optional[Tuple[int, int]]) -> torch.Ten
         return x
     batch, _, channels = x.shape
     return x.transpose(1, 2).reshape(batch, channels, grid_size[0], grid_size[1])
+
+
+def direct_calls_allowed(tensor):
+    """Whether the extension's kernels may be called on ``tensor`` without the dispatcher: a plain CPU tensor and
+    no dispatch mode or functorch transform that would need to see the calls (fake tensors, vmap, FLOP counters,
+    ...)."""
+    if type(tensor) is not torch.Tensor or tensor.device.type != "cpu":
+        return False
+    in_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return in_mode is not None and not in_mode() and transforms is not None and not transforms()
 
 
 def storage_extent(tensor):

@@ -1,16 +1,19 @@
-"""The backbone's pre-norm blocks for bfloat16 inference on AMX CPUs, a run of them in one native call.
+"""The backbone's pre-norm blocks for CPU inference, a run of them in one native call.
 
 ``encoder_blocks(x, blocks, final_norm)`` runs ``blocks`` (T2T-ViT / ViT pre-norm blocks in eval mode: softmax
 attention and an MLP with the exact GELU) on the residual stream ``x`` in order and returns the stream after the
-last one with ``final_norm`` of it: what the model's blocks and the LayerNorm after them compute.
+last one with ``final_norm`` of it: what the model's blocks and the LayerNorm after them compute. With
+``cls_only=True`` only the cls token's row (token 0) of both is returned, and the kernels compute the last block
+past its qkv projection for that row alone (a classifier's logits depend on nothing else).
 :func:`encoder_blocks_ref` is that computation in torch ops, with each residual add rounded to the dtype before the
 LayerNorm that reads it, as the model's forward rounds it.
 
 The ``cpp`` backend calls, per block and without returning to Python between them, the kernels that CPU inference
-otherwise calls one at a time: the AMX linear (:mod:`t2t_fast.ops.amx_linear`, the fc1 GELU fused), the attention
-kernel (:mod:`t2t_fast.ops.multihead_attention`) and the residual add + LayerNorm
+otherwise calls one at a time: the packed-weight linear (:mod:`t2t_fast.ops.packed_linear`, the fc1 GELU fused),
+the attention kernel (:mod:`t2t_fast.ops.multihead_attention`) and the residual add + LayerNorm
 (:mod:`t2t_fast.ops.add_layernorm`), so its numbers are theirs. Inference only: bfloat16 activations and linear
-weights (any float LayerNorm parameters), a CPU whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, no gradient,
+weights on a CPU whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, or float32 ones where it is ``'avx512'`` or
+``'amx'`` (any float LayerNorm parameters; a CPU with AVX512-BF16, which the attention kernel needs); no gradient;
 eager mode (it takes modules, so it is no ``torch.library`` op; ``torch.compile`` and exports take the torch path).
 """
 import weakref
@@ -22,9 +25,9 @@ from torch import nn
 
 from t2t_fast._native import native_attention_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import backend_cannot_take, check_float_tensor, new_output, storage_extent
+from t2t_fast.ops._common import DTYPE_CODES, backend_cannot_take, check_float_tensor, new_output, storage_extent
 from t2t_fast.ops.add_layernorm import add_layernorm_ref
-from t2t_fast.ops.amx_linear import MULTIPLE, packed_weight
+from t2t_fast.ops.packed_linear import MULTIPLE, packed_weight
 from t2t_fast.ops.multihead_attention import multihead_attention_ref
 from t2t_fast.reference import layers
 
@@ -49,10 +52,10 @@ def _layernorm(x, norm):
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def encoder_blocks_ref(x: torch.Tensor, blocks: Sequence[nn.Module],
-                       final_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+def encoder_blocks_ref(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm,
+                       cls_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The blocks' eval-mode forward on ``x`` in torch ops, then ``final_norm``: ``(x after the blocks, final_norm
-    of it)``."""
+    of it)``, (B, T, C) each, or their token 0 alone, (B, 1, C), with ``cls_only``."""
     h = _layernorm(x, blocks[0].norm1)
     for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp
@@ -62,7 +65,7 @@ def encoder_blocks_ref(x: torch.Tensor, blocks: Sequence[nn.Module],
         hidden = mlp.act(F.gelu(hidden) if _fused_gelu(mlp.fc1) else hidden)
         norm = blocks[index + 1].norm1 if index + 1 < len(blocks) else final_norm
         x, h = add_layernorm_ref(x, _linear(hidden, mlp.fc2), norm.weight, norm.bias, norm.eps)
-    return x, h
+    return (x[:, :1], h[:, :1]) if cls_only else (x, h)
 
 
 def _validate(x, blocks, final_norm):
@@ -94,22 +97,30 @@ def _validate(x, blocks, final_norm):
 
 def cpp_unsupported(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm) -> Optional[str]:
     """Why the C++ kernels cannot take these (validated) blocks and input, or None: they need the extension, a
-    CPU with AVX512-BF16 whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, bfloat16 ``x`` and linear weights,
-    blocks of one shape with the model's own attention and the exact GELU after fc1, features that are multiples
-    of 32 and a head size that is a multiple of 16, no gradient, no export or ``torch.compile`` trace, and weights
-    not created under ``torch.inference_mode`` (their packing is cached by version)."""
+    CPU with AVX512-BF16, ``x`` and linear weights of one dtype, bfloat16 where :func:`t2t_fast.backend.cpu_isa` is
+    ``'amx'`` (features multiples of 32) or float32 where it is ``'avx512'`` or ``'amx'``, blocks of one shape with
+    the model's own attention and the exact GELU after fc1, a head size that is a multiple of 16, no gradient, no
+    export or ``torch.compile`` trace, and weights not created under ``torch.inference_mode`` (their packing is
+    cached by version)."""
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
-    if cpu_isa() != "amx" or not native_attention_bf16():
-        return f"the CPU kernels' instruction set is {cpu_isa()} (the kernels need amx: AMX tiles)"
+    if not native_attention_bf16():
+        return "this CPU has no AVX512-BF16 instructions (the attention kernel needs them)"
     if is_exporting() or torch.compiler.is_compiling():
         return "an export or torch.compile trace is in progress (they record the torch ops)"
-    if x.dtype != torch.bfloat16:
-        return f"x of dtype {x.dtype} (the kernels take bfloat16)"
+    isa = cpu_isa()
+    if x.dtype == torch.bfloat16 and isa != "amx":
+        return f"the CPU kernels' instruction set is {isa} (the bfloat16 kernels need amx: AMX tiles)"
+    if x.dtype == torch.float32 and isa not in ("avx512", "amx"):
+        return f"the CPU kernels' instruction set is {isa} (the float32 kernels need avx512)"
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        return f"x of dtype {x.dtype} (the kernels take bfloat16 or float32)"
     prepared = _prepare(blocks, final_norm)
     if prepared.reason is not None:
         return prepared.reason
+    if x.dtype != prepared.dtype:
+        return f"x of dtype {x.dtype} for linears of {prepared.dtype} (the kernels take one dtype throughout)"
     if x.shape[-1] != prepared.dim:
         return f"x of {x.shape[-1]} features for blocks of {prepared.dim}"
     if torch.is_grad_enabled() and (x.requires_grad or any(
@@ -128,6 +139,7 @@ class _Prepared:
         first = blocks[0]
         self.dim, self.hidden = first.attn.proj.weight.shape[0], first.mlp.fc1.weight.shape[0]
         self.heads = first.attn.num_heads
+        self.dtype = first.attn.qkv.weight.dtype
         self.keep = []
         if self.reason is None:
             self.blocks = [(self._norm(block.norm1), sum((self._linear(l) for l in _linears(block)), ()),
@@ -154,8 +166,11 @@ def _blocks_unsupported(blocks):
     first = blocks[0]
     shapes = [linear.weight.shape for linear in _linears(first)]
     dim, hidden = shapes[1][0], shapes[2][0]
-    if shapes != [(3 * dim, dim), (dim, dim), (hidden, dim), (dim, hidden)] or dim % MULTIPLE or hidden % MULTIPLE:
-        return f"linear weights {[tuple(s) for s in shapes]} (the kernels take features that are multiples of 32)"
+    dtype = first.attn.qkv.weight.dtype
+    if shapes != [(3 * dim, dim), (dim, dim), (hidden, dim), (dim, hidden)]:
+        return f"linear weights {[tuple(s) for s in shapes]} (not those of a pre-norm block)"
+    if dtype == torch.bfloat16 and (dim % MULTIPLE or hidden % MULTIPLE):
+        return f"{dim} and {hidden} features (the bfloat16 kernels take multiples of {MULTIPLE})"
     heads = first.attn.num_heads
     if dim % heads or dim // heads % 16:
         return f"{heads} heads of {dim} features (the attention kernel takes head sizes that are multiples of 16)"
@@ -170,8 +185,8 @@ def _blocks_unsupported(blocks):
             if linear.weight.shape != shape:
                 return "blocks of different shapes"
             weights += [linear.weight] + ([linear.bias] if linear.bias is not None else [])
-    if any(t.dtype != torch.bfloat16 for t in weights):
-        return "a linear layer whose dtype is not bfloat16 (the kernels take bfloat16)"
+    if dtype not in (torch.bfloat16, torch.float32) or any(t.dtype != dtype for t in weights):
+        return "linear layers not all in bfloat16 or all in float32 (the kernels take one of them throughout)"
     if any(t.is_inference() for t in weights):
         return "a weight created under torch.inference_mode (no version counter to tell an in-place change)"
     return None
@@ -217,7 +232,7 @@ def _prepare(blocks, final_norm):
     return prepared
 
 
-def encoder_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm,
+def encoder_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm, cls_only: bool = False,
                    backend=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run pre-norm ``blocks`` on ``x`` in eval mode, then ``final_norm``, in one native call where the C++
     kernels take them.
@@ -227,35 +242,41 @@ def encoder_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.
         blocks: a sequence (or ``nn.Sequential`` / ``nn.ModuleList``) of :class:`t2t_fast.reference.layers.Block`
             in eval mode.
         final_norm: the ``nn.LayerNorm`` after the last block (a model's next block's ``norm1``, or its ``norm``).
+        cls_only: return token 0's rows alone (the kernels then compute the last block past its qkv projection
+            for those rows alone).
         backend: None/'auto', 'cpp' or 'torch' (see :mod:`t2t_fast.backend`). 'cpp' runs the C++ kernels where
             :func:`cpp_unsupported` allows; otherwise (and for 'torch') :func:`encoder_blocks_ref` runs. A forced
             'cpp' that cannot take the input raises.
 
     Returns:
-        ``(x, normed)``: the stream after the last block and ``final_norm`` of it, both (B, T, C) in ``x``'s dtype.
+        ``(x, normed)``: the stream after the last block and ``final_norm`` of it, both (B, T, C) in ``x``'s dtype
+        ((B, 1, C) with ``cls_only``).
     """
     blocks = _validate(x, blocks, final_norm)
+    if not isinstance(cls_only, bool):
+        raise TypeError(f"{_OP}: cls_only must be a bool, got {cls_only!r}")
     if select_backend(_OP, x.device, ("cpp", "torch"), backend) == "cpp":
         reason = cpp_unsupported(x, blocks, final_norm)
         if reason is None:
-            return run_cpp(x, blocks, final_norm)
+            return run_cpp(x, blocks, final_norm, cls_only)
         if requested_backend(backend) != "auto":
             backend_cannot_take(_OP, "cpp", reason)
-    return encoder_blocks_ref(x, blocks, final_norm)
+    return encoder_blocks_ref(x, blocks, final_norm, cls_only)
 
 
-def run_cpp(x: torch.Tensor, blocks: Sequence[nn.Module],
-            final_norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_cpp(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm,
+            cls_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernels on blocks and an input that :func:`cpp_unsupported` took (the caller checked them),
     without further checks (the extension still checks every buffer it reads or writes)."""
     prepared = _prepare(blocks, final_norm)
     batch, tokens, dim = x.shape
     stream, normed = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)
     stream.copy_(x)  # the kernels update the stream in place
-    if x.numel() == 0:
-        return stream, normed
-    native_module().encoder_forward_cpu(
-        prepared.blocks, prepared.final_norm, batch, tokens, dim, prepared.hidden, prepared.heads,
-        (stream.data_ptr(), storage_extent(stream)), (normed.data_ptr(), storage_extent(normed)),
-        torch.get_num_threads())
+    if x.numel() > 0:
+        native_module().encoder_forward_cpu(
+            prepared.blocks, prepared.final_norm, DTYPE_CODES[x.dtype], batch, tokens, dim, prepared.hidden,
+            prepared.heads, (stream.data_ptr(), storage_extent(stream)), (normed.data_ptr(), storage_extent(normed)),
+            cls_only, cpu_isa(), torch.get_num_threads())
+    if cls_only:  # the kernels leave the cls rows in the first rows
+        return stream.view(-1, dim)[:batch].view(batch, 1, dim), normed.view(-1, dim)[:batch].view(batch, 1, dim)
     return stream, normed
