@@ -1,4 +1,4 @@
-// Float maths of the AVX-512 translation units (the attention kernel's, the linears'): exp2 of non-positive
+// Float maths of the AVX-512 translation units (the attention kernel's, the linears'): exp and exp2 of non-positive
 // arguments and the exact GELU, on the Vec of cpu_vector.h.
 //
 // No include guard and internal linkage only, as cpu_vector.h: included once per unit, inside its namespace, after
@@ -20,10 +20,26 @@ static inline Vec exp2_nonpositive(Vec t) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 
+// e^x for x <= 0, within 2 ulp of expf: 0 below -87.3 (and for -inf), NaN stays NaN. x = n ln2 + r, |r| <= ln2/2,
+// e^r by Cephes' polynomial (as vexp of cpu_vector.h), times 2^n by vscalefps (half of vexp's instructions).
+static inline Vec exp_nonpositive(Vec x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
 // The exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, as
-// oneDNN's GELU takes it) and its reciprocal by rcp14 and one Newton step. Its exp: for a float32 result vexp (2
-// ulp); for one rounded to bfloat16, exp2_nonpositive (3e-6 relative, far below that rounding, in a third of the
-// instructions).
+// oneDNN's GELU takes it) and its reciprocal by rcp14 and one Newton step. Its exp: for a float32 result
+// exp_nonpositive (2 ulp); for one rounded to bfloat16, exp2_nonpositive (3e-6 relative, far below that rounding,
+// in fewer instructions).
 template <bool kFloat32Result>
 static inline Vec gelu(Vec x) {
   const Vec z = x * 0.70710678118654752f;
@@ -37,7 +53,7 @@ static inline Vec gelu(Vec x) {
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
   p = p * t;
-  const Vec gauss = kFloat32Result ? vexp(-(az * az)) : exp2_nonpositive(-(az * az) * 1.44269504088896341f);
+  const Vec gauss = kFloat32Result ? exp_nonpositive(-(az * az)) : exp2_nonpositive(-(az * az) * 1.44269504088896341f);
   const Vec erf_abs = 1.0f - p * gauss;
   const Vec half = 0.5f * x;
   return half + (z < 0.0f ? -erf_abs : erf_abs) * half;

@@ -22,6 +22,9 @@ namespace {
 
 constexpr int64_t kVectors = kLinearPanel / 16;
 
+// The first min(left, 16) lanes.
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1u); }
+
 // Rows [0, R) of a: R x 4 float32 accumulators over the panel's K inputs (per input one broadcast of each row's
 // element and 4 loads of the panel's weights), then bias, GELU and the stores of the `columns` valid outputs. Each
 // step also asks for one cache line of `prefetch` (the thread's next panel) while lines are left.
@@ -44,13 +47,17 @@ void rows_block(const LinearProblem& p, const float* a, const float* panel, cons
     }
   }
   for (int v = 0; v < kVectors && 16 * v < columns; ++v) {
-    const int64_t left = columns - 16 * v;
-    const __mmask16 lanes = left >= 16 ? 0xffff : static_cast<__mmask16>((1u << left) - 1u);
-    const Vec b = bias == nullptr ? splat(0.0f) : _mm512_maskz_loadu_ps(lanes, bias + 16 * v);
+    const Vec b = bias == nullptr ? splat(0.0f) : _mm512_maskz_loadu_ps(lanes(columns - 16 * v), bias + 16 * v);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * p.out_features + 16 * v, lanes(columns - 16 * v), acc[r][v] + b);
+  }
+  // the GELU once the accumulators are stored (with them live, its temporaries would spill), on rows still in L1
+  if (p.gelu) {
     for (int r = 0; r < R; ++r) {
-      Vec out = acc[r][v] + b;
-      if (p.gelu) out = gelu<true>(out);
-      _mm512_mask_storeu_ps(y + r * p.out_features + 16 * v, lanes, out);
+      for (int v = 0; v < kVectors && 16 * v < columns; ++v) {
+        float* out = y + r * p.out_features + 16 * v;
+        const __mmask16 valid = lanes(columns - 16 * v);
+        _mm512_mask_storeu_ps(out, valid, gelu<true>(_mm512_maskz_loadu_ps(valid, out)));
+      }
     }
   }
 }

@@ -6,7 +6,7 @@ first), and can fuse the exact GELU into its epilogue; the extension's kernels d
 the backbone's 197 rows a batch-1 image.
 
 :func:`linear` takes the extension's kernels where :func:`packed_takes` allows (at most
-:data:`PACKED_LINEAR_MAX_ROWS` rows; bf16 with features multiples of 32 where the CPU kernels' ISA is ``'amx'``,
+:data:`PACKED_LINEAR_MAX_ROWS` rows (per dtype); bf16 with features multiples of 32 where the CPU kernels' ISA is ``'amx'``,
 fp32 on the CPU classes of :data:`PACKED_FLOAT32_CLASSES`), else oneDNN's primitive where it applies (CPU
 tensors in float32, or bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an
 :func:`t2t_fast.optimize_for_inference` model, and no gradient to compute; neither an export nor
@@ -25,9 +25,10 @@ from t2t_fast.ops.packed_linear import packed_linear
 from t2t_fast.ops.packed_linear import packed_weight as _packed_weight
 from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 
-# linears of at most this many rows run on the extension's kernels where they take them: measured faster than
-# oneDNN's primitive on the backbone's shapes up to ~800 rows (bf16 even at ~1200), not at 1576 (bench/RESULTS.md)
-PACKED_LINEAR_MAX_ROWS = 1024
+# per dtype, linears of at most this many rows run on the extension's kernels where they take them: where the whole
+# model was measured faster so (with its blocks in one encoder call): bf16 up to batch 4 (788 backbone rows), not
+# at batch 5; fp32 up to batch 5 (985 rows), not at batch 8 (bench/RESULTS.md)
+PACKED_LINEAR_MAX_ROWS = {torch.bfloat16: 800, torch.float32: 1024}
 # CPU classes (t2t_fast.backend.cpu_class) whose fp32 linears run on the extension's kernel: where it was
 # measured faster than oneDNN's primitive
 PACKED_FLOAT32_CLASSES = ("amx",)
@@ -53,10 +54,10 @@ _packed = PerWeightCache(lambda weight: torch.ops.mkldnn._reorder_linear_weight(
 
 def packed_fits(x, weight):
     """Whether the extension's kernel is the faster choice for this call's sizes: at most
-    :data:`PACKED_LINEAR_MAX_ROWS` rows, and for bf16 features multiples of 32 (the rest of :func:`packed_takes`
+    :data:`PACKED_LINEAR_MAX_ROWS` rows of its dtype, and for bf16 features multiples of 32 (the rest of :func:`packed_takes`
     depends on the model, not the call)."""
     out_features, in_features = weight.shape
-    if x.numel() > PACKED_LINEAR_MAX_ROWS * in_features:
+    if x.numel() > PACKED_LINEAR_MAX_ROWS.get(x.dtype, 0) * in_features:
         return False
     return x.dtype != torch.bfloat16 or (out_features % _BF16_MULTIPLE == 0 and in_features % _BF16_MULTIPLE == 0)
 

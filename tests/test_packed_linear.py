@@ -179,11 +179,11 @@ def test_invalid_arguments(args, error, match):
 @needs_amx
 def test_onednn_linear_takes_the_kernels_at_few_rows(calls_of, monkeypatch):
     """t2t_fast.onednn.linear (an optimize_for_inference model's linears) runs the kernels up to
-    PACKED_LINEAR_MAX_ROWS rows (bf16 with features off 32; fp32 only on the CPU classes of
+    PACKED_LINEAR_MAX_ROWS rows of the dtype (bf16 with features off 32; fp32 only on the CPU classes of
     PACKED_FLOAT32_CLASSES), oneDNN's primitive past it, and nothing of them during a torch.compile trace."""
     runs = calls_of(onednn, "_packed_run")
     x, weight, bias = _case((197,), 384, 384)
-    big = torch.randn(onednn.PACKED_LINEAR_MAX_ROWS + 1, 384).bfloat16()
+    big = torch.randn(onednn.PACKED_LINEAR_MAX_ROWS[torch.bfloat16] + 1, 384).bfloat16()
     with torch.no_grad():
         out = onednn.linear(x, weight, bias, True)
         assert len(runs) == 1

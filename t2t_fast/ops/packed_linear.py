@@ -14,7 +14,7 @@ it changes in place), then:
 
 Forward only. :func:`t2t_fast.onednn.linear` (the linears of an :func:`t2t_fast.optimize_for_inference` model)
 takes these kernels where they were measured faster than oneDNN's primitive: up to
-:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS` rows, float32 on the CPU classes of
+:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS` rows of the dtype, float32 on the CPU classes of
 :data:`t2t_fast.onednn.PACKED_FLOAT32_CLASSES`.
 """
 from typing import Optional
