@@ -21,19 +21,11 @@ static inline Vec exp2_nonpositive(Vec t) {
 }
 
 // e^x for x <= 0, within 2 ulp of expf: 0 below -87.3 (and for -inf), NaN stays NaN. x = n ln2 + r, |r| <= ln2/2,
-// e^r by Cephes' polynomial (as vexp of cpu_vector.h), times 2^n by vscalefps (half of vexp's instructions).
+// e^r by exp_of_remainder (as vexp of cpu_vector.h), times 2^n by vscalefps (half of vexp's instructions).
 static inline Vec exp_nonpositive(Vec x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const __m512 n = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return _mm512_maskz_scalef_ps(keep, p, n);
+  return _mm512_maskz_scalef_ps(keep, exp_of_remainder(x, n), n);
 }
 
 // The exact GELU, x (1 + erf(x / sqrt 2)) / 2, with erf by Abramowitz and Stegun 7.1.26 (|error| <= 1.5e-7, as

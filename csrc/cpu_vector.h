@@ -85,6 +85,18 @@ static inline VecI lanes_below(int64_t n) {
   return index < bound;
 }
 
+// e^r for r = x - n ln2 (n the integer nearest x / ln2, |r| <= ln2/2): Cephes' expf polynomial, ln2 in two parts.
+static inline Vec exp_of_remainder(Vec x, Vec n) {
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.0f;
+}
+
 // exp(x), within 2 ulp of expf on [-87.3, 88.7]; 0 below (and for -inf), +inf above; NaN stays NaN.
 // Cephes' expf: x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6 polynomial, 2^n through the exponent bits.
 static inline Vec vexp(Vec x) {
@@ -95,14 +107,7 @@ static inline Vec vexp(Vec x) {
   const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   const Vec shifted = x * 1.44269504088896341f + magic;
   const Vec n = shifted - magic;
-  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  const Vec p = exp_of_remainder(x, n);
   // n is in [-126, 128]: 2^n as exponent bits, split in two factors so that n = 128 does not overflow them
   const VecI e = reinterpret_cast<VecI>(shifted) - reinterpret_cast<VecI>(magic);
   const VecI half = e >> 1;

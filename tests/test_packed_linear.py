@@ -138,7 +138,7 @@ def test_kernel_choice(calls_of):
                 packed_linear(x, weight, bias, backend="cpp")
             packed_linear(x.float(), weight.float(), bias.float())  # fp32 runs with avx512
         set_cpu_isa("avx2")
-        with torch.no_grad(), pytest.raises(BackendUnavailableError, match="float32 kernel needs avx512"):
+        with torch.no_grad(), pytest.raises(BackendUnavailableError, match="float32 kernels need avx512"):
             packed_linear(x.float(), weight.float(), bias.float(), backend="cpp")
     finally:
         set_cpu_isa(None)

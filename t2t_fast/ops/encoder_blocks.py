@@ -27,7 +27,7 @@ from t2t_fast._native import native_attention_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import DTYPE_CODES, backend_cannot_take, check_float_tensor, new_output, storage_extent
 from t2t_fast.ops.add_layernorm import add_layernorm_ref
-from t2t_fast.ops.packed_linear import MULTIPLE, packed_weight
+from t2t_fast.ops.packed_linear import MULTIPLE, isa_unsupported, packed_weight
 from t2t_fast.ops.multihead_attention import multihead_attention_ref
 from t2t_fast.reference import layers
 
@@ -109,13 +109,11 @@ def cpp_unsupported(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn
         return "this CPU has no AVX512-BF16 instructions (the attention kernel needs them)"
     if is_exporting() or torch.compiler.is_compiling():
         return "an export or torch.compile trace is in progress (they record the torch ops)"
-    isa = cpu_isa()
-    if x.dtype == torch.bfloat16 and isa != "amx":
-        return f"the CPU kernels' instruction set is {isa} (the bfloat16 kernels need amx: AMX tiles)"
-    if x.dtype == torch.float32 and isa not in ("avx512", "amx"):
-        return f"the CPU kernels' instruction set is {isa} (the float32 kernels need avx512)"
     if x.dtype not in (torch.bfloat16, torch.float32):
         return f"x of dtype {x.dtype} (the kernels take bfloat16 or float32)"
+    reason = isa_unsupported(x.dtype)
+    if reason is not None:
+        return reason
     prepared = _prepare(blocks, final_norm)
     if prepared.reason is not None:
         return prepared.reason

@@ -84,11 +84,9 @@ def _kernel_unsupported(x, weight_shape, weight_dtype, bias, grad):
         return reason
     if x.dtype not in _CPP_DTYPES or weight_dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return "dtypes other than one of float32 and bfloat16 (the kernels take float32 or bfloat16 throughout)"
-    isa = cpu_isa()
-    if x.dtype == torch.bfloat16 and isa != "amx":
-        return f"the CPU kernels' instruction set is {isa} (the bfloat16 kernel needs amx: AMX tiles)"
-    if x.dtype == torch.float32 and isa not in ("avx512", "amx"):
-        return f"the CPU kernels' instruction set is {isa} (the float32 kernel needs avx512)"
+    reason = isa_unsupported(x.dtype)
+    if reason is not None:
+        return reason
     if x.dtype == torch.bfloat16 and (weight_shape[0] % MULTIPLE or weight_shape[1] % MULTIPLE):
         return (f"weight {tuple(weight_shape)} (the bfloat16 kernel takes in and out features that are multiples "
                 f"of {MULTIPLE})")
@@ -98,6 +96,18 @@ def _kernel_unsupported(x, weight_shape, weight_dtype, bias, grad):
         return f"strides {tuple(x.stride())} (the kernels read rows of adjacent elements, one stride apart)"
     if is_exporting():
         return "an export is in progress (exports record the torch ops)"
+    return None
+
+
+def isa_unsupported(dtype):
+    """Why the CPU kernels' instruction set (:func:`t2t_fast.backend.cpu_isa`) runs no packed-weight kernel for
+    ``dtype`` (float32 or bfloat16), or None: bfloat16 needs ``'amx'`` (AMX tiles), float32 ``'avx512'`` or
+    ``'amx'``."""
+    isa = cpu_isa()
+    if dtype == torch.bfloat16 and isa != "amx":
+        return f"the CPU kernels' instruction set is {isa} (the bfloat16 kernels need amx: AMX tiles)"
+    if dtype == torch.float32 and isa not in ("avx512", "amx"):
+        return f"the CPU kernels' instruction set is {isa} (the float32 kernels need avx512)"
     return None
 
 
