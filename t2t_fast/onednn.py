@@ -81,7 +81,7 @@ def linear(x, weight, bias=None, gelu=False):
     if packed_takes(x, weight, bias):
         if direct_calls_allowed(x):
             return run_packed(x, weight, bias, gelu)
-        return packed_linear(x, weight, bias, gelu, backend="cpp")  # through the custom op, which modes see
+        return packed_linear(x, weight, bias, gelu, backend="cpp")  # through its custom op, which modes see
     if takes(x, weight):
         return run(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)

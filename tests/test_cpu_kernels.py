@@ -160,8 +160,8 @@ def test_favor_deterministic_across_thread_counts(isa):
 
 @pytest.fixture
 def cpp_calls(calls_of):
-    """The calls of the C++ FAVOR+ forward the wrapper makes."""
-    return calls_of(favor_module, "_cpp_op")
+    """The calls of the C++ FAVOR+ forward the wrapper makes (directly in eager mode, or through its custom op)."""
+    return calls_of(favor_module, "run_cpp")
 
 
 def test_favor_kernel_choice(cpp_calls):

@@ -117,7 +117,7 @@ def test_packed_weight_follows_changes(dtype):
 def test_kernel_choice(calls_of):
     """The kernels run for bf16 and fp32 without a gradient; bf16 features off 32, a gradient, another instruction
     set or backend='torch' run F.linear; a forced 'cpp' that cannot take the input raises."""
-    calls = calls_of(linear_module, "_cpp_op")
+    calls = calls_of(linear_module, "run_cpp")  # the kernel's calls, direct or through the custom op
     x, weight, bias = _case((3,), 64, 96)
     with torch.no_grad():
         packed_linear(x, weight, bias)

@@ -101,10 +101,10 @@ def as_image(x: torch.Tensor, grid_size: Optional[Tuple[int, int]]) -> torch.Ten
 
 
 def direct_calls_allowed(tensor):
-    """Whether the extension's kernels may be called on ``tensor`` without the dispatcher: a plain CPU tensor and
-    no dispatch mode or functorch transform that would need to see the calls (fake tensors, vmap, FLOP counters,
-    ...)."""
-    if type(tensor) is not torch.Tensor or tensor.device.type != "cpu":
+    """Whether the extension's kernels may be called on ``tensor`` without the dispatcher: a plain CPU tensor,
+    no ``torch.compile`` trace, and no dispatch mode or functorch transform that would need to see the calls (fake
+    tensors, vmap, FLOP counters, ...)."""
+    if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or tensor.device.type != "cpu":
         return False
     in_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
     transforms = getattr(torch._C, "_are_functorch_transforms_active", None)

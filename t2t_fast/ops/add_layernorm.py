@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, new_output,
-                                  storage_extent)
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
+                                  new_output, storage_extent)
 
 _OP = "add_layernorm"
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
@@ -86,7 +86,7 @@ def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     _validate(x, residual, weight, bias, eps)
     if select_backend(_OP, x.device, ("cpp", "torch"), backend) == "cpp" \
             and cpp_unsupported(x, residual, weight, bias) is None:
-        return _cpp_op(x, residual, weight, bias, float(eps))
+        return (run_cpp if direct_calls_allowed(x) else _cpp_op)(x, residual, weight, bias, float(eps))
     return add_layernorm_ref(x, residual, weight, bias, eps)
 
 

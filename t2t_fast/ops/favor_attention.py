@@ -85,8 +85,8 @@ import torch
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import autocast_enabled, cpu_isa, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, compute_dtype, new_output,
-                                   storage_extent)
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, compute_dtype,
+                                   direct_calls_allowed, new_output, storage_extent)
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -277,7 +277,7 @@ def favor_attention(k, q, v, w, eps=1e-8, backend=None):
     chosen = select_backend(_OP, k.device, ("triton", "cpp", "torch"), backend)
     if chosen == "cpp":
         if _cpp_takes(k, q, v):
-            return _cpp_op(k, q, v, w, float(eps))[0]
+            return (run_cpp if direct_calls_allowed(k) else _cpp_op)(k, q, v, w, float(eps))[0]
         chosen = "torch"
     if chosen == "triton":
         reason = _triton_unsupported(k, q, v, w)
@@ -395,6 +395,14 @@ def _cpp_op(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
     """The fused C++ forward: y and the state the Triton forward saves (s, z, c_k: float32, the same
     definitions). Forward only: no autograd is registered."""
     _validate_cpp_op(k, q, v, w, eps)
+    return run_cpp(k, q, v, w, eps)
+
+
+def run_cpp(k: torch.Tensor, q: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ forward on inputs that the wrapper validated and the kernel takes, without the dispatcher (eager
+    CPU inference with no dispatch mode or transform to see the call; the extension still checks every buffer it
+    reads or writes)."""
     batch, tokens, width = k.shape
     m = w.shape[0]
     y, s, z, c_k = _forward_outputs(k, w, lambda shape, dtype: new_output(shape, dtype, k.device))

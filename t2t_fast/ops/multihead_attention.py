@@ -21,8 +21,8 @@ import torch
 
 from t2t_fast._native import native_attention_bf16, native_attention_max_token_stride, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, is_int, new_output,
-                                  storage_extent)
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
+                                  is_int, new_output, storage_extent)
 
 _OP = "multihead_attention"
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
@@ -93,7 +93,7 @@ def multihead_attention(qkv: torch.Tensor, num_heads: int, scale: float, backend
     if chosen == "cpp":
         reason = cpp_unsupported(qkv, num_heads)
         if reason is None:
-            return _cpp_op(qkv, num_heads, float(scale))
+            return (run_cpp if direct_calls_allowed(qkv) else _cpp_op)(qkv, num_heads, float(scale))
         if requested_backend(backend) != "auto":
             backend_cannot_take(_OP, "cpp", reason)
     return multihead_attention_ref(qkv, num_heads, scale)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (PerWeightCache, backend_cannot_take, check_float_tensor, is_int, new_output,
-                                  storage_extent)
+from t2t_fast.ops._common import (PerWeightCache, backend_cannot_take, check_float_tensor, direct_calls_allowed,
+                                  is_int, new_output, storage_extent)
 
 _OP = "packed_linear"
 MULTIPLE = 32  # in and out features of the bfloat16 kernel are multiples of this
@@ -162,7 +162,8 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if select_backend(_OP, x.device, ("cpp", "torch"), backend) == "cpp":
         reason = cpp_unsupported(x, weight, bias)
         if reason is None:
-            return _cpp_op(x, packed_weight(weight), bias, weight.shape[0], gelu)
+            return (run_cpp if direct_calls_allowed(x) else _cpp_op)(x, packed_weight(weight), bias, weight.shape[0],
+                                                                     gelu)
         if requested_backend(backend) != "auto":
             backend_cannot_take(_OP, "cpp", reason)
     return packed_linear_ref(x, weight, bias, gelu)

@@ -27,7 +27,8 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import select_backend, unavailable_reason
 from t2t_fast.geometry import split_output_size
 from t2t_fast.ops._common import (DTYPE_CODES, as_image, backend_cannot_take, check_float_tensor, device_guard,
-                                   image_sizes, is_int, new_output, split_geometry, storage_extent)
+                                   direct_calls_allowed, image_sizes, is_int, new_output, split_geometry,
+                                   storage_extent)
 
 _OP = "restructurize_unfold"
 # The native kernels index in int64 and add a few such offsets: sizes stay well below that.
@@ -108,7 +109,10 @@ def restructurize_unfold(tokens, grid_size, kernel_size, stride, padding, backen
     if chosen == "torch":
         return restructurize_unfold_ref(tokens, grid_size, kernel, step, pad)
     grid_h, grid_w = grid_size if grid_size is not None else (0, 0)
-    return _fwd_op(tokens, grid_h, grid_w, [*kernel, *step, *pad])
+    window = [*kernel, *step, *pad]
+    if direct_calls_allowed(tokens) and not (torch.is_grad_enabled() and tokens.requires_grad):
+        return restructurize_unfold_fwd(tokens, grid_h, grid_w, window)  # nothing to record: no dispatcher needed
+    return _fwd_op(tokens, grid_h, grid_w, window)
 
 
 # ---------------------------------------------------------------------------------- native launches

@@ -22,7 +22,8 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, requested_backend, select_backend
 from t2t_fast.geometry import split_output_size
 from t2t_fast.ops._common import (DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor,
-                                   compute_dtype, image_sizes, is_int, new_output, split_geometry, storage_extent)
+                                   compute_dtype, direct_calls_allowed, image_sizes, is_int, new_output,
+                                   split_geometry, storage_extent)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
 
 _OP = "soft_split_layernorm"
@@ -178,8 +179,12 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
     if chosen == "torch":
         return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, eps, grid_size, out_dtype)
     grid_h, grid_w = (height, width) if x.dim() == 3 else (0, 0)
-    return _fwd_op(x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h),
-                   int(grid_w), out_dtype, chosen != "triton")[0]
+    arguments = (x, weight, bias, int(kernel_size), int(stride), int(padding), float(eps), int(grid_h), int(grid_w),
+                 out_dtype)
+    if chosen != "triton" and direct_calls_allowed(x) and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, weight, bias))):
+        return soft_split_layernorm_native_fwd(*arguments)[0]  # nothing to record: no dispatcher, no autograd
+    return _fwd_op(*arguments, chosen != "triton")[0]
 
 
 def _native_window(kernel_size, stride, padding):
