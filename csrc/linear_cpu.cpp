@@ -5,7 +5,6 @@
 #include <omp.h>
 
 #include <cstring>
-#include <numeric>
 #include <stdexcept>
 #include <vector>
 
@@ -89,32 +88,34 @@ void forward_amx(const LinearProblem& p, int threads) {
   }
 }
 
-// Work items are (panel, block of rows), panel-major; each thread takes a contiguous run of them, so it keeps a
-// panel in cache across that panel's row blocks and fetches its next panel meanwhile. Rows are split only as far as
-// needed for the items to split evenly across the threads.
+// Each thread takes a share of the panels (where they split evenly across the threads) or else of the rows. It
+// runs its rows in chunks whose part of x stays in L2 (a chunk of a few hundred KiB) through all its panels, which
+// stay in L2 across the chunks; while it computes a panel it fetches its next one.
 void forward_f32(const LinearProblem& p, int threads) {
   if (static_cast<int>(best_cpu_isa()) < static_cast<int>(Isa::kAvx512)) {
     throw std::invalid_argument("this CPU has no AVX-512 for the float32 linear");
   }
+  constexpr int64_t kChunkBytes = 256 * 1024;
   const int64_t panels = (p.out_features + kLinearPanel - 1) / kLinearPanel;
-  const int64_t row_groups = (p.rows + kLinearPanelRows - 1) / kLinearPanelRows;
-  int64_t row_blocks = threads / std::gcd(panels, static_cast<int64_t>(threads));
-  row_blocks = row_blocks < row_groups ? row_blocks : row_groups;
-  const int64_t block_rows = (row_groups + row_blocks - 1) / row_blocks * kLinearPanelRows;
-  const int64_t items = panels * row_blocks;
+  const int64_t groups = (p.rows + kLinearPanelRows - 1) / kLinearPanelRows;  // of kLinearPanelRows rows
+  const bool split_panels = panels % threads == 0;
+  int64_t chunk = kChunkBytes / (4 * p.in_features) / kLinearPanelRows * kLinearPanelRows;
+  chunk = chunk < kLinearPanelRows ? kLinearPanelRows : chunk;
   const float* packed = static_cast<const float*>(p.packed);
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num(), share = (items + team - 1) / team;
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t items = split_panels ? panels : groups, share = (items + team - 1) / team;
     const int64_t first = me * share < items ? me * share : items;
     const int64_t last = first + share < items ? first + share : items;
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t panel = item / row_blocks, row = item % row_blocks * block_rows;
-      const int64_t rows = p.rows - row < block_rows ? p.rows - row : block_rows;
-      const bool next = item + 1 < last && (item + 1) / row_blocks != panel;
-      if (rows > 0) {
-        linear_rows_f32(p, row, rows, panel,
-                        next ? packed + (panel + 1) * p.in_features * kLinearPanel : nullptr);
+    const int64_t first_panel = split_panels ? first : 0, last_panel = split_panels ? last : panels;
+    const int64_t first_row = split_panels ? 0 : first * kLinearPanelRows;
+    const int64_t end_row = split_panels ? p.rows : (last * kLinearPanelRows < p.rows ? last * kLinearPanelRows : p.rows);
+    for (int64_t row = first_row; row < end_row; row += chunk) {
+      const int64_t rows = end_row - row < chunk ? end_row - row : chunk;
+      for (int64_t panel = first_panel; panel < last_panel; ++panel) {
+        const bool next = panel + 1 < last_panel;
+        linear_rows_f32(p, row, rows, panel, next ? packed + (panel + 1) * p.in_features * kLinearPanel : nullptr);
       }
     }
   }

@@ -27,8 +27,8 @@ from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 
 # per dtype, linears of at most this many rows run on the extension's kernels where they take them: where the whole
 # model was measured faster so (with its blocks in one encoder call): bf16 up to batch 4 (788 backbone rows), not
-# at batch 5; fp32 up to batch 5 (985 rows), not at batch 8 (bench/RESULTS.md)
-PACKED_LINEAR_MAX_ROWS = {torch.bfloat16: 800, torch.float32: 1024}
+# at batch 5; fp32 up to batch 8 (1576 rows), not at batch 16 (bench/RESULTS.md)
+PACKED_LINEAR_MAX_ROWS = {torch.bfloat16: 800, torch.float32: 1600}
 # CPU classes (t2t_fast.backend.cpu_class) whose fp32 linears run on the extension's kernel: where it was
 # measured faster than oneDNN's primitive
 PACKED_FLOAT32_CLASSES = ("amx",)
