@@ -360,7 +360,9 @@ void add_layernorm_forward(const Rows& x, const Rows& residual, int dtype, int64
 // The linear's sizes: positive; in bfloat16 (AMX tiles) in and out features multiples of 32.
 void check_linear_sizes(const std::string& op, int dtype, int64_t out_features, int64_t in_features) {
   check_fast_dtype(op, "the weight", dtype);
-  if (out_features <= 0 || in_features <= 0) throw py::value_error(op + ": in_features and out_features must be positive");
+  if (out_features <= 0 || in_features <= 0) {
+    throw py::value_error(op + ": in_features and out_features must be positive");
+  }
   if (dtype == t2t::kBFloat16 &&
       (out_features % t2t::kLinearMultiple != 0 || in_features % t2t::kLinearMultiple != 0)) {
     throw py::value_error(op + ": bfloat16 in_features and out_features must be multiples of " +
@@ -533,9 +535,10 @@ PYBIND11_MODULE(_C, m) {
         "Pre-norm blocks in order, bfloat16 (isa 'amx') or float32 (isa 'avx512' or 'amx'): x (batch * tokens, "
         "dim) the residual stream, overwritten with the last block's output, and h written with final_norm of it, "
         "both contiguous (address, extent); with cls_only_last the last block past its qkv for token 0 of each "
-        "image alone, x's and h's first batch rows then holding those rows; blocks: per block (norm1, (qkv, qkv bias, proj, proj bias, fc1, fc1 "
-        "bias, fc2, fc2 bias), norm2, scale), a norm as (weight, bias, eps) with float32 parameters, weights packed "
-        "as linear_pack_weight_cpu packs them, biases in dtype or (0, 0); fc1 is followed by the exact GELU");
+        "image alone, x's and h's first batch rows then holding those rows; blocks: per block (norm1, (qkv, qkv "
+        "bias, proj, proj bias, fc1, fc1 bias, fc2, fc2 bias), norm2, scale), a norm as (weight, bias, eps) with "
+        "float32 parameters, weights packed as linear_pack_weight_cpu packs them, biases in dtype or (0, 0); fc1 is "
+        "followed by the exact GELU");
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
   m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
         "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");

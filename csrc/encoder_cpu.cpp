@@ -2,12 +2,11 @@
 // buffer, allocated once per call.
 #include "encoder_cpu.h"
 
+#include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
-
-#include <cmath>
-#include <cstring>
 
 #include "add_layernorm_cpu.h"
 #include "attention_cpu.h"

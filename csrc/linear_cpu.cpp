@@ -110,7 +110,8 @@ void forward_f32(const LinearProblem& p, int threads) {
     const int64_t last = first + share < items ? first + share : items;
     const int64_t first_panel = split_panels ? first : 0, last_panel = split_panels ? last : panels;
     const int64_t first_row = split_panels ? 0 : first * kLinearPanelRows;
-    const int64_t end_row = split_panels ? p.rows : (last * kLinearPanelRows < p.rows ? last * kLinearPanelRows : p.rows);
+    const int64_t last_row = last * kLinearPanelRows < p.rows ? last * kLinearPanelRows : p.rows;
+    const int64_t end_row = split_panels ? p.rows : last_row;
     for (int64_t row = first_row; row < end_row; row += chunk) {
       const int64_t rows = end_row - row < chunk ? end_row - row : chunk;
       for (int64_t panel = first_panel; panel < last_panel; ++panel) {

@@ -48,7 +48,9 @@ void rows_block(const LinearProblem& p, const float* a, const float* panel, cons
   }
   for (int v = 0; v < kVectors && 16 * v < columns; ++v) {
     const Vec b = bias == nullptr ? splat(0.0f) : _mm512_maskz_loadu_ps(lanes(columns - 16 * v), bias + 16 * v);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + r * p.out_features + 16 * v, lanes(columns - 16 * v), acc[r][v] + b);
+    for (int r = 0; r < R; ++r) {
+      _mm512_mask_storeu_ps(y + r * p.out_features + 16 * v, lanes(columns - 16 * v), acc[r][v] + b);
+    }
   }
   // the GELU once the accumulators are stored (with them live, its temporaries would spill), on rows still in L1
   if (p.gelu) {

@@ -6,8 +6,8 @@ first), and can fuse the exact GELU into its epilogue; the extension's kernels d
 the backbone's 197 rows a batch-1 image.
 
 :func:`linear` takes the extension's kernels where :func:`packed_takes` allows (at most
-:data:`PACKED_LINEAR_MAX_ROWS` rows (per dtype); bf16 with features multiples of 32 where the CPU kernels' ISA is ``'amx'``,
-fp32 on the CPU classes of :data:`PACKED_FLOAT32_CLASSES`), else oneDNN's primitive where it applies (CPU
+:data:`PACKED_LINEAR_MAX_ROWS` rows, per dtype; bf16 with features multiples of 32 where the CPU kernels' ISA is
+``'amx'``, fp32 on the CPU classes of :data:`PACKED_FLOAT32_CLASSES`), else oneDNN's primitive where it applies (CPU
 tensors in float32, or bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an
 :func:`t2t_fast.optimize_for_inference` model, and no gradient to compute; neither an export nor
 ``torch.compile`` in progress), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls
@@ -54,8 +54,8 @@ _packed = PerWeightCache(lambda weight: torch.ops.mkldnn._reorder_linear_weight(
 
 def packed_fits(x, weight):
     """Whether the extension's kernel is the faster choice for this call's sizes: at most
-    :data:`PACKED_LINEAR_MAX_ROWS` rows of its dtype, and for bf16 features multiples of 32 (the rest of :func:`packed_takes`
-    depends on the model, not the call)."""
+    :data:`PACKED_LINEAR_MAX_ROWS` rows of its dtype, and for bf16 features multiples of 32 (the rest of
+    :func:`packed_takes` depends on the model, not the call)."""
     out_features, in_features = weight.shape
     if x.numel() > PACKED_LINEAR_MAX_ROWS.get(x.dtype, 0) * in_features:
         return False

@@ -245,7 +245,8 @@ def test_extension_checks_its_buffers():
                            (dict(in_features=48), "multiples of 32"), (dict(bias=(bias.data_ptr(), 31)), "bias holds"),
                            (dict(packed=(packed.data_ptr(), 100)), "packed holds"),
                            (dict(x=(x.data_ptr(), x.numel(), 32)), "row stride"), (dict(rows=0), "positive"),
-                           (dict(dtype=1), "float32 or bfloat16"), (dict(x=(x.data_ptr() + 1, x.numel(), 64)), "aligned")):
+                           (dict(dtype=1), "float32 or bfloat16"),
+                           (dict(x=(x.data_ptr() + 1, x.numel(), 64)), "aligned")):
         with pytest.raises(ValueError, match=match):
             native_module().linear_forward_cpu(**{**args, **changes})
     with pytest.raises(ValueError, match="packed holds"):

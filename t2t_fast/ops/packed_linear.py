@@ -209,7 +209,8 @@ def run_cpp(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
     bias_buffer = (0, 0) if bias is None else (bias.data_ptr(), storage_extent(bias))
     native_module().linear_forward_cpu(
         (rows.data_ptr(), storage_extent(rows), rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]),
-        _CODES[x.dtype], rows.shape[0], (packed.data_ptr(), storage_extent(packed)), out_features, rows.shape[1], bias_buffer, gelu,
+        _CODES[x.dtype], rows.shape[0], (packed.data_ptr(), storage_extent(packed)), out_features, rows.shape[1],
+        bias_buffer, gelu,
         (y.data_ptr(), storage_extent(y)), torch.get_num_threads())
     return y
 
