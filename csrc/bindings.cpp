@@ -34,7 +34,7 @@ bool compiled_with_cuda() {
 
 std::vector<std::string> compiled_kernels() {
   std::vector<std::string> names = {"restructurize_unfold_cpu", "soft_split_layernorm_cpu", "favor_attention_cpu",
-                                    "attention_cpu", "add_layernorm_cpu", "linear_cpu_amx", "encoder_cpu_amx"};
+                                    "attention_cpu", "add_layernorm_cpu", "linear_cpu", "encoder_cpu"};
 #ifdef T2T_WITH_CUDA
   names.push_back("restructurize_unfold_cuda");
 #endif
