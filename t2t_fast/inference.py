@@ -24,7 +24,7 @@ from t2t_fast import backend, model as fast_model, onednn, ops
 from t2t_fast.ops._common import direct_calls_allowed
 from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
 from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
-from t2t_fast.ops.encoder_blocks import cpp_unsupported as encoder_blocks_unsupported
+from t2t_fast.ops.encoder_blocks import cpp_arguments as encoder_blocks_arguments
 from t2t_fast.ops.encoder_blocks import run_cpp as encoder_blocks_cpp
 from t2t_fast.ops.multihead_attention import run_cpp as multihead_attention_cpp
 from t2t_fast.reference import layers, model as reference_model
@@ -92,14 +92,16 @@ class _BlockKernels:
         self.cpp_attention = None  # decided at the first call, from its qkv
 
     def encoder(self, x, blocks, final_norm):
-        """Whether the blocks run as one :func:`t2t_fast.ops.encoder_blocks` call: where the packed-weight linear
-        takes the blocks' rows, the attention table chooses the C++ kernel and the encoder's kernels take them."""
+        """The prepared arguments of one :func:`t2t_fast.ops.encoder_blocks` call for the blocks where they run so
+        (the packed-weight linear takes the blocks' rows, the attention table chooses the C++ kernel and the
+        encoder's kernels take them), else None."""
         if not self.packed or not onednn.packed_fits(x, blocks[0].mlp.fc1.weight) or not self.cpp_add_layernorm:
-            return False
+            return None
         qkv_shape = (*x.shape[:-1], blocks[0].attn.qkv.weight.shape[0])
         if not fast_model.cpp_attention_chosen(x.new_empty(qkv_shape), blocks[0].attn.num_heads, 0.0):
-            return False
-        return encoder_blocks_unsupported(x, blocks, final_norm) is None
+            return None
+        arguments = encoder_blocks_arguments(x, blocks, final_norm)
+        return None if isinstance(arguments, str) else arguments
 
     def linear(self, module, x):
         gelu = getattr(module, "gelu", False)
@@ -140,8 +142,9 @@ def _cls_logits(model, images):
     x = model.forward_tokens(images)
     blocks = list(model.blocks)
     kernels = _BlockKernels(x, blocks[0], direct_calls_allowed(images))
-    if kernels.encoder(x, blocks, model.norm):
-        return model.head(encoder_blocks_cpp(x, blocks, model.norm, True)[1][:, 0])
+    arguments = kernels.encoder(x, blocks, model.norm)
+    if arguments is not None:
+        return model.head(encoder_blocks_cpp(x, blocks, model.norm, True, arguments)[1][:, 0])
     h = blocks[0].norm1(x)
     for index, block in enumerate(blocks):
         attn, mlp = block.attn, block.mlp

@@ -117,6 +117,14 @@ def storage_extent(tensor):
     return tensor.untyped_storage().nbytes() // tensor.element_size() - tensor.storage_offset()
 
 
+def float32_parameter(tensor):
+    """A LayerNorm parameter as the C++ kernels read it: ``tensor`` itself where it is float32 and contiguous, else
+    a float32 contiguous copy; with its (address, extent). Keep the returned tensor alive during the call."""
+    if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+        tensor = tensor.detach().to(torch.float32).contiguous()
+    return tensor, (tensor.data_ptr(), storage_extent(tensor))
+
+
 class PerWeightCache:
     """``cache(weight)``: ``build(weight)`` made once per weight and rebuilt when the weight is changed in place (its
     address or version counter moves), kept only as long as the weight lives: a weight packed or reordered for a

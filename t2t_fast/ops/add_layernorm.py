@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
-                                  new_output, storage_extent)
+                                  float32_parameter, new_output, storage_extent)
 
 _OP = "add_layernorm"
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
@@ -111,12 +111,6 @@ def _operand(rows):
     return rows.data_ptr(), storage_extent(rows), rows.stride(0) if count > 1 else features
 
 
-def _parameter(tensor):
-    if tensor.dtype != torch.float32 or not tensor.is_contiguous():
-        tensor = tensor.detach().to(torch.float32).contiguous()
-    return tensor, (tensor.data_ptr(), storage_extent(tensor))
-
-
 @torch.library.custom_op("t2t_fast::add_layernorm_cpp", mutates_args=())
 def _cpp_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
             eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +128,8 @@ def run_cpp(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias:
     if x.numel() == 0:
         return total, normed
     x_rows, residual_rows = _rows(x), _rows(residual)
-    weight, weight_buffer = _parameter(weight)
-    bias, bias_buffer = _parameter(bias)
+    weight, weight_buffer = float32_parameter(weight)
+    bias, bias_buffer = float32_parameter(bias)
     native_module().add_layernorm_forward_cpu(
         _operand(x_rows), _operand(residual_rows), DTYPE_CODES[x.dtype], x_rows.shape[0], x_rows.shape[1],
         weight_buffer, bias_buffer, eps, (total.data_ptr(), storage_extent(total)),

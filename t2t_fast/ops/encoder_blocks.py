@@ -25,7 +25,8 @@ from torch import nn
 
 from t2t_fast._native import native_attention_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import DTYPE_CODES, backend_cannot_take, check_float_tensor, new_output, storage_extent
+from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, float32_parameter,
+                                  new_output, storage_extent)
 from t2t_fast.ops.add_layernorm import add_layernorm_ref
 from t2t_fast.ops.packed_linear import MULTIPLE, isa_unsupported, packed_weight
 from t2t_fast.ops.multihead_attention import multihead_attention_ref
@@ -102,6 +103,14 @@ def cpp_unsupported(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn
     the model's own attention and the exact GELU after fc1, a head size that is a multiple of 16, no gradient, no
     export or ``torch.compile`` trace, and weights not created under ``torch.inference_mode`` (their packing is
     cached by version)."""
+    arguments = cpp_arguments(x, blocks, final_norm)
+    return arguments if isinstance(arguments, str) else None
+
+
+def cpp_arguments(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm):
+    """:func:`cpp_unsupported`'s reason (a str) where the kernels cannot take these blocks and input, else their
+    prepared arguments, which :func:`run_cpp` takes instead of preparing them again (valid only while nothing of the
+    blocks changes: for a call right after this one)."""
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
@@ -124,7 +133,7 @@ def cpp_unsupported(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn
     if torch.is_grad_enabled() and (x.requires_grad or any(
             p.requires_grad for module in (*blocks, final_norm) for p in module.parameters())):
         return "a gradient is needed (the kernels are forward-only)"
-    return None
+    return prepared
 
 
 class _Prepared:
@@ -149,8 +158,9 @@ class _Prepared:
         return tensor.data_ptr(), storage_extent(tensor)
 
     def _norm(self, norm):
-        weight, bias = (p.detach().to(torch.float32).contiguous() for p in (norm.weight, norm.bias))
-        return self._buffer(weight), self._buffer(bias), float(norm.eps)
+        (weight, weight_buffer), (bias, bias_buffer) = float32_parameter(norm.weight), float32_parameter(norm.bias)
+        self.keep += (weight, bias)
+        return weight_buffer, bias_buffer, float(norm.eps)
 
     def _linear(self, linear):
         bias = (0, 0) if linear.bias is None else self._buffer(linear.bias.detach().contiguous())
@@ -262,11 +272,12 @@ def encoder_blocks(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.
     return encoder_blocks_ref(x, blocks, final_norm, cls_only)
 
 
-def run_cpp(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm,
-            cls_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_cpp(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm, cls_only: bool = False,
+            arguments=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The C++ kernels on blocks and an input that :func:`cpp_unsupported` took (the caller checked them),
-    without further checks (the extension still checks every buffer it reads or writes)."""
-    prepared = _prepare(blocks, final_norm)
+    without further checks (the extension still checks every buffer it reads or writes); ``arguments``: what
+    :func:`cpp_arguments` returned for them just before, or None to prepare them here."""
+    prepared = arguments if arguments is not None else _prepare(blocks, final_norm)
     batch, tokens, dim = x.shape
     stream, normed = new_output(x.shape, x.dtype, x.device), new_output(x.shape, x.dtype, x.device)
     stream.copy_(x)  # the kernels update the stream in place

@@ -24,14 +24,12 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (PerWeightCache, backend_cannot_take, check_float_tensor, direct_calls_allowed,
-                                  is_int, new_output, storage_extent)
+from t2t_fast.ops._common import (DTYPE_CODES, PerWeightCache, backend_cannot_take, check_float_tensor,
+                                  direct_calls_allowed, is_int, new_output, storage_extent)
 
 _OP = "packed_linear"
 MULTIPLE = 32  # in and out features of the bfloat16 kernel are multiples of this
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
-# dtype codes of the kernels (csrc/restructurize_unfold.h: enum DType)
-_CODES = {torch.float32: 0, torch.bfloat16: 2}
 
 
 def packed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -125,7 +123,7 @@ def _rows(x):
 
 def _pack(weight):
     source = weight.detach().contiguous()
-    code, (out_features, in_features) = _CODES[source.dtype], source.shape
+    code, (out_features, in_features) = DTYPE_CODES[source.dtype], source.shape
     packed = torch.empty(native_module().linear_packed_elements(code, out_features, in_features), dtype=source.dtype)
     native_module().linear_pack_weight_cpu((source.data_ptr(), storage_extent(source)), code, out_features,
                                            in_features, (packed.data_ptr(), storage_extent(packed)))
@@ -175,7 +173,7 @@ def _validate_cpp_op(x, packed, bias, out_features, gelu):
         raise ValueError(f"{_OP}: out_features must be a positive int, got {out_features!r}")
     weight_shape = (out_features, x.shape[-1] if x.dim() else 0)
     if x.dtype in _CPP_DTYPES and out_features > 0:
-        elements = native_module().linear_packed_elements(_CODES[x.dtype], *weight_shape)
+        elements = native_module().linear_packed_elements(DTYPE_CODES[x.dtype], *weight_shape)
         if packed.dtype != x.dtype or packed.numel() != elements:
             raise ValueError(f"{_OP}: packed must hold the {elements} {x.dtype} elements of an out_features x "
                              f"in_features = {weight_shape[0]} x {weight_shape[1]} weight packed, got "
@@ -209,7 +207,7 @@ def run_cpp(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
     bias_buffer = (0, 0) if bias is None else (bias.data_ptr(), storage_extent(bias))
     native_module().linear_forward_cpu(
         (rows.data_ptr(), storage_extent(rows), rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]),
-        _CODES[x.dtype], rows.shape[0], (packed.data_ptr(), storage_extent(packed)), out_features, rows.shape[1],
+        DTYPE_CODES[x.dtype], rows.shape[0], (packed.data_ptr(), storage_extent(packed)), out_features, rows.shape[1],
         bias_buffer, gelu,
         (y.data_ptr(), storage_extent(y)), torch.get_num_threads())
     return y
