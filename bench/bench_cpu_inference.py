@@ -198,7 +198,7 @@ def test_cpu_add_layernorm(benchmark, cpu_threads, timed, batch, dtype, provider
 # The backbone's four linears of T2T-ViT-14 (qkv, proj, fc1 with its GELU, fc2) at B images of 197 tokens, bf16 and
 # fp32: the extension's kernel for a packed weight (bf16 on AMX tiles, fp32 on AVX-512) against oneDNN's primitive
 # with the weight reordered once (what t2t_fast.onednn runs otherwise), both called directly: the measurements
-# behind t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS and PACKED_FLOAT32_CLASSES.
+# behind t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS (with the whole-model runs of the CPU inference cases above).
 LINEARS = {"qkv": (384, 1152, False), "proj": (384, 384, False), "fc1_gelu": (384, 1152, True),
            "fc2": (1152, 384, False)}
 

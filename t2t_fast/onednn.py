@@ -6,8 +6,8 @@ first), and can fuse the exact GELU into its epilogue; the extension's kernels d
 the backbone's 197 rows a batch-1 image.
 
 :func:`linear` takes the extension's kernels where :func:`packed_takes` allows (at most
-:data:`PACKED_LINEAR_MAX_ROWS` rows, per dtype; bf16 with features multiples of 32 where the CPU kernels' ISA is
-``'amx'``, fp32 on the CPU classes of :data:`PACKED_FLOAT32_CLASSES`), else oneDNN's primitive where it applies (CPU
+:data:`PACKED_LINEAR_MAX_ROWS` rows, per CPU class and dtype; bf16 with features multiples of 32 where the CPU
+kernels' ISA is ``'amx'``, fp32 where it is ``'avx512'`` or ``'amx'``), else oneDNN's primitive where it applies (CPU
 tensors in float32, or bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an
 :func:`t2t_fast.optimize_for_inference` model, and no gradient to compute; neither an export nor
 ``torch.compile`` in progress), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls
@@ -25,13 +25,13 @@ from t2t_fast.ops.packed_linear import packed_linear
 from t2t_fast.ops.packed_linear import packed_weight as _packed_weight
 from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 
-# per dtype, linears of at most this many rows run on the extension's kernels where they take them: where the whole
-# model was measured faster so (with its blocks in one encoder call): bf16 up to batch 4 (788 backbone rows), not
-# at batch 5; fp32 up to batch 8 (1576 rows), not at batch 16 (bench/RESULTS.md)
-PACKED_LINEAR_MAX_ROWS = {torch.bfloat16: 800, torch.float32: 1600}
-# CPU classes (t2t_fast.backend.cpu_class) whose fp32 linears run on the extension's kernel: where it was
-# measured faster than oneDNN's primitive
-PACKED_FLOAT32_CLASSES = ("amx",)
+# per CPU class (t2t_fast.backend.cpu_class) and dtype, linears of at most this many rows run on the extension's
+# kernels where they take them: where the whole model was measured faster so (with its blocks in one encoder call)
+# than on oneDNN's primitive (bench/RESULTS.md). amx: bf16 up to batch 4 (788 backbone rows), not at batch 5; fp32
+# up to batch 8 (1576 rows), not at batch 16. avx512_bf16 (the bf16 kernel needs AMX): fp32 up to batch 6 (1182
+# rows), not at batch 8. Classes and dtypes not named here: oneDNN's primitive.
+PACKED_LINEAR_MAX_ROWS = {"amx": {torch.bfloat16: 800, torch.float32: 1600},
+                          "avx512_bf16": {torch.float32: 1200}}
 
 _AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
@@ -54,23 +54,20 @@ _packed = PerWeightCache(lambda weight: torch.ops.mkldnn._reorder_linear_weight(
 
 def packed_fits(x, weight):
     """Whether the extension's kernel is the faster choice for this call's sizes: at most
-    :data:`PACKED_LINEAR_MAX_ROWS` rows of its dtype, and for bf16 features multiples of 32 (the rest of
-    :func:`packed_takes` depends on the model, not the call)."""
+    :data:`PACKED_LINEAR_MAX_ROWS` rows of its dtype on this CPU class, and for bf16 features multiples of 32 (the
+    rest of :func:`packed_takes` depends on the model, not the call)."""
     out_features, in_features = weight.shape
-    if x.numel() > PACKED_LINEAR_MAX_ROWS.get(x.dtype, 0) * in_features:
+    if x.numel() > PACKED_LINEAR_MAX_ROWS.get(backend.cpu_class(), {}).get(x.dtype, 0) * in_features:
         return False
     return x.dtype != torch.bfloat16 or (out_features % _BF16_MULTIPLE == 0 and in_features % _BF16_MULTIPLE == 0)
 
 
 def packed_takes(x, weight, bias=None):
-    """Whether :func:`linear` runs the extension's kernel for this input (:func:`packed_fits`; fp32 only on the
-    classes of :data:`PACKED_FLOAT32_CLASSES`; :func:`t2t_fast.ops.packed_linear.cpp_unsupported` has no
-    objection; not while ``torch.compile`` traces)."""
+    """Whether :func:`linear` runs the extension's kernel for this input (:func:`packed_fits`;
+    :func:`t2t_fast.ops.packed_linear.cpp_unsupported` has no objection; not while ``torch.compile`` traces)."""
     if backend.is_exporting() or torch.compiler.is_compiling():  # before any size is compared: they may be symbols
         return False
-    if x.dtype == torch.float32 and backend.cpu_class() not in PACKED_FLOAT32_CLASSES:
-        return False
-    return _packed_unsupported(x, weight, bias) is None and packed_fits(x, weight)
+    return packed_fits(x, weight) and _packed_unsupported(x, weight, bias) is None
 
 
 def linear(x, weight, bias=None, gelu=False):

@@ -2,6 +2,7 @@
 model against the official state_dict record."""
 import torch
 
+from t2t_fast._native import native_cpu_isas
 from t2t_fast.bench.timing import cpu_threads
 from t2t_fast.ops._common import poison_outputs  # noqa: F401  (re-exported for tests)
 
@@ -49,6 +50,20 @@ def results_at_thread_counts(fn, counts=(1, 2)):
         with cpu_threads(count):
             results.append(fn())
     return results
+
+
+# per dtype, the instruction set the extension's packed-weight kernels (linear, encoder) need, and its name
+_PACKED_KERNEL_ISAS = {torch.bfloat16: ("amx", "AMX tiles"), torch.float32: ("avx512", "AVX-512")}
+
+
+def with_packed_kernels(*dtypes):
+    """``dtypes`` as pytest parameters, each skipped on a CPU without the instructions of the packed-weight
+    kernels in that dtype (bfloat16: AMX tiles; float32: AVX-512)."""
+    import pytest
+
+    return [pytest.param(dtype, marks=pytest.mark.skipif(
+        _PACKED_KERNEL_ISAS[dtype][0] not in native_cpu_isas(), reason=f"needs a CPU with {_PACKED_KERNEL_ISAS[dtype][1]}"))
+            for dtype in dtypes]
 
 
 def frozen_buffer_count(model):

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 import t2t_fast
-from t2t_fast import inference
+from t2t_fast import inference, onednn
 from t2t_fast._native import native_cpu_isas, native_module
-from t2t_fast.backend import BackendUnavailableError, set_cpu_isa
+from t2t_fast.backend import BackendUnavailableError, cpu_class, set_cpu_isa
 from t2t_fast.ops import add_layernorm, multihead_attention, packed_linear
 from t2t_fast.reference import layers
-from t2t_fast.testing import assert_within_reference_error, poison_outputs, results_at_thread_counts
+from t2t_fast.testing import (assert_within_reference_error, poison_outputs, results_at_thread_counts,
+                              with_packed_kernels)
 
 encoder = importlib.import_module("t2t_fast.ops.encoder_blocks")
 needs_amx = pytest.mark.skipif("amx" not in native_cpu_isas(), reason="needs a CPU with AMX tiles")
@@ -61,9 +62,8 @@ SHAPES = ((13, 1, 197, 384, 6, 1152, False), (2, 2, 197, 384, 6, 1152, False), (
           (1, 1, 1, 32, 2, 64, True))
 
 
-@needs_amx
 @pytest.mark.parametrize("cls_only", [False, True], ids=("all_rows", "cls_only"))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])) + ("-bias" if s[6] else ""))
 def test_matches_float64_reference(shape, dtype, cls_only):
     count, batch, tokens, dim, heads, hidden, qkv_bias = shape
@@ -76,8 +76,7 @@ def test_matches_float64_reference(shape, dtype, cls_only):
         assert_within_reference_error(ours, theirs, exact, what=what)
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_equals_the_kernels_called_one_by_one(dtype):
     """The kernels it chains, called through their ops, give the same bits."""
     blocks, final = _blocks(3, 64, 2, 128, qkv_bias=True, dtype=dtype)
@@ -100,8 +99,7 @@ def test_equals_the_kernels_called_one_by_one(dtype):
     assert torch.equal(out[0], stream) and torch.equal(out[1], h)
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_deterministic_across_thread_counts(dtype):
     blocks, final = _blocks(2, 384, 6, 1152, dtype=dtype)
     x = torch.randn(2, 197, 384).to(dtype)
@@ -136,12 +134,13 @@ def test_sees_changes_to_the_blocks():
     check()
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_logits_path_takes_it(calls_of, dtype):
     """An optimize_for_inference model at batch 2 runs all its blocks in one call (the last for the cls rows
     alone); its logits are within twice the reference's error of float64 in the dtype, as those of the kernels
     called one by one."""
+    if dtype not in onednn.PACKED_LINEAR_MAX_ROWS.get(cpu_class(), {}):
+        pytest.skip(f"{dtype} linears run on oneDNN's primitive on this CPU class")
     runs = calls_of(inference, "encoder_blocks_cpp")
     model = t2t_fast.create_model("t2t_vit_7", img_size=64).eval()
     fast = t2t_fast.optimize_for_inference(model, dtype)

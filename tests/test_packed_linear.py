@@ -14,9 +14,10 @@ import torch
 import t2t_fast
 from t2t_fast import onednn
 from t2t_fast._native import native_cpu_isas, native_module
-from t2t_fast.backend import BackendUnavailableError, set_cpu_isa
+from t2t_fast.backend import CPU_CLASSES, BackendUnavailableError, cpu_class, set_cpu_isa
 from t2t_fast.ops import packed_linear, packed_linear_ref
-from t2t_fast.testing import assert_within_reference_error, poison_outputs, results_at_thread_counts
+from t2t_fast.testing import (assert_within_reference_error, poison_outputs, results_at_thread_counts,
+                              with_packed_kernels)
 
 linear_module = importlib.import_module("t2t_fast.ops.packed_linear")
 needs_amx = pytest.mark.skipif("amx" not in native_cpu_isas(), reason="needs a CPU with AMX tiles")
@@ -78,8 +79,7 @@ def test_float32_matches_float64_reference(shape, gelu):
         assert torch.equal(packed_linear(x, weight, bias, gelu), out)
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_no_bias_strided_rows_and_large_values(dtype):
     """No bias; rows that are a view into wider rows; GELU's tails (|x| past 10, where erf saturates)."""
     x, weight, _ = _case((2, 40), 128, 96, bias=False, dtype=dtype)
@@ -90,8 +90,7 @@ def test_no_bias_strided_rows_and_large_values(dtype):
     _check(_kernel(loud, weight, None, True), loud, weight, None, True)
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_deterministic_across_thread_counts(dtype):
     """bf16 splits by output features (or, with fewer feature pairs than threads, by rows), fp32 by panels and, as
     far as needed for an even split, by rows: alike at 1 and 2 threads."""
@@ -101,8 +100,7 @@ def test_deterministic_across_thread_counts(dtype):
         assert torch.equal(one, two)
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_packed_weight_follows_changes(dtype):
     x, weight, bias = _case((9,), 64, 64, dtype=dtype)
     first = linear_module.packed_weight(weight)
@@ -177,13 +175,13 @@ def test_invalid_arguments(args, error, match):
 
 
 @needs_amx
-def test_onednn_linear_takes_the_kernels_at_few_rows(calls_of, monkeypatch):
-    """t2t_fast.onednn.linear (an optimize_for_inference model's linears) runs the kernels up to
-    PACKED_LINEAR_MAX_ROWS rows of the dtype (bf16 with features off 32; fp32 only on the CPU classes of
-    PACKED_FLOAT32_CLASSES), oneDNN's primitive past it, and nothing of them during a torch.compile trace."""
+def test_onednn_linear_takes_the_kernels_at_few_rows(calls_of):
+    """t2t_fast.onednn.linear (an optimize_for_inference model's linears) runs the bf16 kernel up to
+    PACKED_LINEAR_MAX_ROWS rows (not with features off 32), oneDNN's primitive past it, and nothing of it during a
+    torch.compile trace."""
     runs = calls_of(onednn, "_packed_run")
     x, weight, bias = _case((197,), 384, 384)
-    big = torch.randn(onednn.PACKED_LINEAR_MAX_ROWS[torch.bfloat16] + 1, 384).bfloat16()
+    big = torch.randn(onednn.PACKED_LINEAR_MAX_ROWS["amx"][torch.bfloat16] + 1, 384).bfloat16()
     with torch.no_grad():
         out = onednn.linear(x, weight, bias, True)
         assert len(runs) == 1
@@ -191,23 +189,35 @@ def test_onednn_linear_takes_the_kernels_at_few_rows(calls_of, monkeypatch):
         onednn.linear(x[:, :352], weight[:352, :352], bias[:352])
         onednn.linear(x, weight[:100], bias[:100])
         assert len(runs) == 2  # 352 features: a multiple of 32; 100 output features: oneDNN
-        onednn.linear(x.float(), weight[:100].float(), bias[:100].float())
-        assert len(runs) == 3  # fp32 takes any sizes
-        monkeypatch.setattr(onednn.backend, "cpu_class", lambda: "avx512_bf16")
-        onednn.linear(x.float(), weight.float(), bias.float())
-        assert len(runs) == 3  # a class where oneDNN's fp32 GEMM was not measured slower
     _check(out, x, weight, bias, True)
     compiled = torch.compile(lambda x: onednn.linear(x, weight, bias), fullgraph=True)
     with torch.no_grad():
         compiled(x)
-    assert len(runs) == 3
+    assert len(runs) == 2
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@needs_avx512
+@pytest.mark.parametrize("cpu", CPU_CLASSES)
+def test_onednn_linear_takes_the_float32_kernel_by_cpu_class(calls_of, monkeypatch, cpu):
+    """fp32 (any sizes): the kernel up to the rows PACKED_LINEAR_MAX_ROWS gives the CPU class, oneDNN's primitive
+    past them and on a class it does not name."""
+    runs = calls_of(onednn, "_packed_run")
+    monkeypatch.setattr(onednn.backend, "cpu_class", lambda: cpu)
+    limit = onednn.PACKED_LINEAR_MAX_ROWS.get(cpu, {}).get(torch.float32, 0)
+    x, weight, bias = _case((197,), 384, 100, dtype=torch.float32)
+    with torch.no_grad():
+        out = onednn.linear(x, weight, bias, True)
+        onednn.linear(torch.randn(limit + 1, 384), weight, bias)
+    assert len(runs) == (1 if limit >= 197 else 0)
+    _check(out, x, weight, bias, True)
+
+
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_logits_path_runs_the_kernels(calls_of, dtype):
     """At batch 1 every backbone linear of an optimize_for_inference model runs on the kernels (all inside
     t2t_fast.ops.encoder_blocks there), the logits within twice the reference's error of float64 in the dtype."""
+    if dtype not in onednn.PACKED_LINEAR_MAX_ROWS.get(cpu_class(), {}):
+        pytest.skip(f"{dtype} linears run on oneDNN's primitive on this CPU class")
     runs = calls_of(onednn, "_packed_run")
     encoded = calls_of(importlib.import_module("t2t_fast.inference"), "encoder_blocks_cpp")
     model = t2t_fast.create_model("t2t_vit_7", img_size=64).eval()
@@ -221,8 +231,7 @@ def test_logits_path_runs_the_kernels(calls_of, dtype):
     assert_within_reference_error(logits, reference, exact, what="logits")
 
 
-@needs_amx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
 def test_op_registration(dtype):
     x, weight, bias = _case((5,), 64, 32, dtype=dtype)
     packed = linear_module.packed_weight(weight)

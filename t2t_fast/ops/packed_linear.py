@@ -13,9 +13,8 @@ it changes in place), then:
   thread fetches its next panel into L2 while it computes the current one.
 
 Forward only. :func:`t2t_fast.onednn.linear` (the linears of an :func:`t2t_fast.optimize_for_inference` model)
-takes these kernels where they were measured faster than oneDNN's primitive: up to
-:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS` rows of the dtype, float32 on the CPU classes of
-:data:`t2t_fast.onednn.PACKED_FLOAT32_CLASSES`.
+takes these kernels where they were measured faster than oneDNN's primitive: up to the rows
+:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS` gives the CPU class and dtype.
 """
 from typing import Optional
 
