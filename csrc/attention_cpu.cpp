@@ -11,23 +11,12 @@
 
 namespace t2t {
 
-bool attention_bf16_supported() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
 bool attention_uses_tiles(const AttentionProblem& p, Isa isa) {
   return isa == Isa::kAmx && p.dtype == kBFloat16 && p.head_dim % 32 == 0;
 }
 
 void attention_forward_cpu(const AttentionProblem& p, Isa isa, int threads) {
-  if (!attention_bf16_supported()) {
+  if (!avx512_bf16_supported()) {
     throw std::invalid_argument("this CPU has no AVX512-BF16 instructions for the attention kernel");
   }
   if (isa != Isa::kAmx && isa != Isa::kAvx512) {

@@ -45,9 +45,6 @@ struct AttentionWork {
   float* out_rows;    // tiles only: (rows, d) P v before the normalisation
 };
 
-// Whether this CPU runs the kernel (AVX-512 F, BW, DQ, VL and BF16).
-bool attention_bf16_supported();
-
 // Whether the forward takes AMX tiles for this problem with `isa`: kAmx, bfloat16, head size a multiple of 32.
 bool attention_uses_tiles(const AttentionProblem& p, Isa isa);
 

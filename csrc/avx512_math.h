@@ -1,5 +1,5 @@
 // Float maths of the AVX-512 translation units (the attention kernel's, the linears'): exp and exp2 of non-positive
-// arguments and the exact GELU, on the Vec of cpu_vector.h.
+// arguments, the exact GELU, on the Vec of cpu_vector.h, and the bfloat16 linears' epilogue.
 //
 // No include guard and internal linkage only, as cpu_vector.h: included once per unit, inside its namespace, after
 // its `#pragma GCC target` (with avx512f) and cpu_vector.h.
@@ -49,4 +49,21 @@ static inline Vec gelu(Vec x) {
   const Vec erf_abs = 1.0f - p * gauss;
   const Vec half = 0.5f * x;
   return half + (z < 0.0f ? -erf_abs : erf_abs) * half;
+}
+
+// The bfloat16 linears' outputs from their float32 products: y = acc + bias (bfloat16, or nullptr), then the GELU
+// (kFloat32Result false) when `gelu`, rounded to bfloat16 once (RNE); `rows` rows of V x 16 features, acc's rows
+// acc_stride floats apart, y's y_stride elements apart. A template: only units with AVX512-BF16 instantiate it.
+template <int V>
+static inline void store_bf16_outputs(const float* acc, int64_t acc_stride, int64_t rows, const uint16_t* bias,
+                                      bool gelu_after, uint16_t* y, int64_t y_stride) {
+  for (int v = 0; v < V; ++v) {
+    const Vec b = bias == nullptr ? splat(0.0f) : load_bf16(bias + 16 * v);
+    for (int64_t r = 0; r < rows; ++r) {
+      Vec out = load(acc + r * acc_stride + 16 * v) + b;
+      if (gelu_after) out = gelu<false>(out);
+      const __m256bh h = _mm512_cvtneps_pbh(out);
+      __builtin_memcpy(y + r * y_stride + 16 * v, &h, sizeof(h));
+    }
+  }
 }

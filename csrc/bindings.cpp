@@ -173,8 +173,8 @@ void def_checked(py::module_& m, const char* name, Fn* fn, const std::array<cons
         py::arg("strides"), py::arg("dtype"), extra..., doc);
 }
 
-// The ISA of the vectorised CPU kernels from its name ("amx", "avx512", "avx2", "baseline"); a ValueError for an unknown
-// name or one this CPU cannot run.
+// The ISA of the vectorised CPU kernels from its name ("amx", "avx512", "avx2", "baseline"); a ValueError for an
+// unknown name or one this CPU cannot run.
 t2t::Isa parse_isa(const std::string& op, const std::string& name) {
   for (t2t::Isa isa : t2t::kIsas) {
     if (name != t2t::isa_name(isa)) continue;
@@ -294,7 +294,7 @@ void favor_attention_forward(const Operand& k, const Operand& q, const Operand& 
 void attention_forward(const Operand& qkv, int dtype, int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim,
                        double scale, const Buffer& out, const std::string& isa, int threads) {
   const std::string op = "multihead_attention";
-  if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  if (!t2t::avx512_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
   const t2t::Isa chosen = parse_isa(op, isa);  // attention_forward_cpu takes amx or avx512 of those
   check_fast_dtype(op, "qkv", dtype);
   if (batch <= 0 || tokens <= 0 || heads <= 0 || head_dim <= 0 || head_dim % 16 != 0) {
@@ -389,7 +389,8 @@ void linear_pack_weight(const Buffer& weight, int dtype, int64_t out_features, i
 }
 
 void linear_forward(const Rows& x, int dtype, int64_t rows, const Buffer& packed, int64_t out_features,
-                    int64_t in_features, const Buffer& bias, bool gelu, const Buffer& y, int threads) {
+                    int64_t in_features, const Buffer& bias, bool gelu, const Buffer& y, const std::string& isa,
+                    int threads) {
   const std::string op = "packed_linear";
   check_linear_sizes(op, dtype, out_features, in_features);
   if (rows <= 0) throw py::value_error(op + ": rows must be positive");
@@ -410,8 +411,9 @@ void linear_forward(const Rows& x, int dtype, int64_t rows, const Buffer& packed
                              reinterpret_cast<const void*>(bias.first),
                              gelu,
                              reinterpret_cast<void*>(y.first)};
+  const t2t::Isa kernels = parse_isa(op, isa);
   py::gil_scoped_release release;
-  t2t::linear_forward_cpu(p, threads);
+  t2t::linear_forward_cpu(p, kernels, threads);
 }
 
 // A LayerNorm for encoder_forward: weight and bias (float32) as (address, extent), and eps.
@@ -441,7 +443,7 @@ void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderN
   }
   check_linear_sizes(op, dtype, hidden, dim);
   if (checked_mul(3, dim) > t2t::kAttentionMaxTokenStride) throw py::value_error(op + ": dim is too large");
-  if (!t2t::attention_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
+  if (!t2t::avx512_bf16_supported()) throw py::value_error(op + ": this CPU has no AVX512-BF16 instructions");
   const int64_t elements = checked_mul(checked_mul(batch, tokens), dim), elem = element_size(dtype);
   check_extent(op, "x", x.first, x.second, elements, elem);
   check_extent(op, "h", h.first, h.second, elements, elem);
@@ -524,15 +526,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("in_features"), "Elements of a weight packed by linear_pack_weight_cpu");
   m.def("linear_forward_cpu", &linear_forward, py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("packed"),
         py::arg("out_features"), py::arg("in_features"), py::arg("bias"), py::arg("gelu"), py::arg("y"),
-        py::arg("threads"),
-        "Linear on a packed weight, bfloat16 on AMX tiles (in and out features multiples of 32) or float32 on "
-        "AVX-512: y (rows, out_features) contiguous = x packed^T + bias, then the exact GELU if gelu; x as "
+        py::arg("isa"), py::arg("threads"),
+        "Linear on a packed weight, bfloat16 (in and out features multiples of 32) on AMX tiles (isa 'amx') or "
+        "AVX512-BF16 (isa 'avx512'), float32 on AVX-512 (isa 'avx512' or 'amx'): y (rows, out_features) "
+        "contiguous = x packed^T + bias, then the exact GELU if gelu; x as "
         "(address, extent, row stride) with adjacent elements along a row, bias (address, extent) or address 0 "
         "for none");
   m.def("encoder_forward_cpu", &encoder_forward, py::arg("blocks"), py::arg("final_norm"), py::arg("dtype"),
         py::arg("batch"), py::arg("tokens"), py::arg("dim"), py::arg("hidden"), py::arg("heads"), py::arg("x"),
         py::arg("h"), py::arg("cls_only_last"), py::arg("isa"), py::arg("threads"),
-        "Pre-norm blocks in order, bfloat16 (isa 'amx') or float32 (isa 'avx512' or 'amx'): x (batch * tokens, "
+        "Pre-norm blocks in order, bfloat16 or float32 (isa 'amx' or 'avx512'): x (batch * tokens, "
         "dim) the residual stream, overwritten with the last block's output, and h written with final_norm of it, "
         "both contiguous (address, extent); with cls_only_last the last block past its qkv for token 0 of each "
         "image alone, x's and h's first batch rows then holding those rows; blocks: per block (norm1, (qkv, qkv "
@@ -540,8 +543,9 @@ PYBIND11_MODULE(_C, m) {
         "float32 parameters, weights packed as linear_pack_weight_cpu packs them, biases in dtype or (0, 0); fc1 is "
         "followed by the exact GELU");
   m.attr("attention_max_token_stride") = t2t::kAttentionMaxTokenStride;
-  m.def("attention_bf16_supported", &t2t::attention_bf16_supported,
-        "Whether this CPU runs attention_forward_cpu (AVX-512 with BF16 dot products)");
+  m.def("avx512_bf16_supported", &t2t::avx512_bf16_supported,
+        "Whether this CPU has AVX-512 with BF16 dot products (attention_forward_cpu needs them, and "
+        "linear_forward_cpu's bfloat16 without AMX tiles)");
   m.def("attention_forward_cpu", &attention_forward, py::arg("qkv"), py::arg("dtype"), py::arg("batch"),
         py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("out"), py::arg("isa"),
         py::arg("threads"),

@@ -53,5 +53,8 @@ Isa best_cpu_isa();
 // The kernels for `isa` (kAmx: the AVX-512 ones); std::invalid_argument when this CPU cannot run it.
 const CpuKernels& cpu_kernels(Isa isa);
 const char* isa_name(Isa isa);
+// Whether this CPU has AVX-512 F, BW, DQ, VL and BF16 (the bf16 dot products of the attention kernel and of the
+// bfloat16 linear without AMX tiles).
+bool avx512_bf16_supported();
 
 }  // namespace t2t

@@ -84,7 +84,7 @@ void cls_attention(const EncoderProblem& p, const void* qkv, float scale, void* 
 void cls_block(const EncoderProblem& p, const EncoderBlock& b, char* qkv, char* mixed, char* branch, char* hidden,
                int threads) {
   const int64_t rows = p.batch * p.tokens, dim = p.dim, elem = element_bytes(p.dtype);
-  linear_forward_cpu({p.dtype, rows, dim, 3 * dim, p.h, dim, b.qkv, b.qkv_bias, false, qkv}, threads);
+  linear_forward_cpu({p.dtype, rows, dim, 3 * dim, p.h, dim, b.qkv, b.qkv_bias, false, qkv}, p.isa, threads);
   if (p.dtype == kFloat32) {
     cls_attention<kFloat32>(p, qkv, b.scale, mixed, threads);
   } else {
@@ -96,19 +96,19 @@ void cls_block(const EncoderProblem& p, const EncoderBlock& b, char* qkv, char* 
   }
   const EncoderProblem cls{p.dtype, p.isa, p.batch, 1, dim, p.hidden, p.heads, p.blocks, p.count, p.final_norm,
                            p.x, p.h, false};
-  linear_forward_cpu({p.dtype, p.batch, dim, dim, mixed, dim, b.proj, b.proj_bias, false, branch}, threads);
+  linear_forward_cpu({p.dtype, p.batch, dim, dim, mixed, dim, b.proj, b.proj_bias, false, branch}, p.isa, threads);
   add_layernorm(cls, branch, b.norm2, threads);
-  linear_forward_cpu({p.dtype, p.batch, dim, p.hidden, p.h, dim, b.fc1, b.fc1_bias, true, hidden}, threads);
-  linear_forward_cpu({p.dtype, p.batch, p.hidden, dim, hidden, p.hidden, b.fc2, b.fc2_bias, false, branch}, threads);
+  linear_forward_cpu({p.dtype, p.batch, dim, p.hidden, p.h, dim, b.fc1, b.fc1_bias, true, hidden}, p.isa, threads);
+  linear_forward_cpu({p.dtype, p.batch, p.hidden, dim, hidden, p.hidden, b.fc2, b.fc2_bias, false, branch}, p.isa,
+                    threads);
   add_layernorm(cls, branch, p.final_norm, threads);
 }
 
 }  // namespace
 
 void encoder_forward_cpu(const EncoderProblem& p, int threads) {
-  if (p.dtype == kBFloat16 ? p.isa != Isa::kAmx : p.isa != Isa::kAmx && p.isa != Isa::kAvx512) {
-    throw std::invalid_argument(std::string("the encoder's ") + (p.dtype == kBFloat16 ? "bfloat16" : "float32") +
-                                " kernels do not run with " + isa_name(p.isa));
+  if (p.isa != Isa::kAmx && p.isa != Isa::kAvx512) {
+    throw std::invalid_argument(std::string("the encoder's kernels do not run with ") + isa_name(p.isa));
   }
   cpu_kernels(p.isa);  // std::invalid_argument where this CPU cannot run isa
   threads = threads < 1 ? 1 : threads;
@@ -122,14 +122,15 @@ void encoder_forward_cpu(const EncoderProblem& p, int threads) {
   const int64_t full_blocks = p.cls_only_last ? p.count - 1 : p.count;
   for (int64_t i = 0; i < full_blocks; ++i) {
     const EncoderBlock& b = p.blocks[i];
-    linear_forward_cpu({p.dtype, rows, dim, 3 * dim, p.h, dim, b.qkv, b.qkv_bias, false, qkv}, threads);
+    linear_forward_cpu({p.dtype, rows, dim, 3 * dim, p.h, dim, b.qkv, b.qkv_bias, false, qkv}, p.isa, threads);
     attention_forward_cpu({p.dtype, p.batch, p.tokens, p.heads, dim / p.heads, qkv, p.tokens * 3 * dim, 3 * dim,
                            b.scale, mixed},
                           p.isa, threads);
-    linear_forward_cpu({p.dtype, rows, dim, dim, mixed, dim, b.proj, b.proj_bias, false, branch}, threads);
+    linear_forward_cpu({p.dtype, rows, dim, dim, mixed, dim, b.proj, b.proj_bias, false, branch}, p.isa, threads);
     add_layernorm(p, branch, b.norm2, threads);
-    linear_forward_cpu({p.dtype, rows, dim, p.hidden, p.h, dim, b.fc1, b.fc1_bias, true, hidden}, threads);
-    linear_forward_cpu({p.dtype, rows, p.hidden, dim, hidden, p.hidden, b.fc2, b.fc2_bias, false, branch}, threads);
+    linear_forward_cpu({p.dtype, rows, dim, p.hidden, p.h, dim, b.fc1, b.fc1_bias, true, hidden}, p.isa, threads);
+    linear_forward_cpu({p.dtype, rows, p.hidden, dim, hidden, p.hidden, b.fc2, b.fc2_bias, false, branch}, p.isa,
+                      threads);
     add_layernorm(p, branch, i + 1 < p.count ? p.blocks[i + 1].norm1 : p.final_norm, threads);
   }
   if (p.cls_only_last) cls_block(p, p.blocks[p.count - 1], qkv, mixed, branch, hidden, threads);

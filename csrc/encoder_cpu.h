@@ -1,7 +1,7 @@
 // The backbone's pre-norm blocks for CPU inference, a run of them in one call: per block the kernels CPU inference
 // otherwise calls one at a time from Python (the packed-weight linear, the attention kernel, the residual add +
-// LayerNorm), with nothing between them. bfloat16 on AMX CPUs, float32 on AVX-512 ones (with AVX512-BF16, which the
-// attention kernel needs).
+// LayerNorm), with nothing between them. bfloat16 and float32, on AVX-512 CPUs with AVX512-BF16 (which the attention
+// kernel needs), with or without AMX tiles.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +28,7 @@ struct EncoderBlock {
 };
 
 struct EncoderProblem {
-  int dtype;  // kBFloat16 (isa kAmx) or kFloat32 (isa kAvx512 or kAmx), restructurize_unfold.h
+  int dtype;  // kBFloat16 or kFloat32 (restructurize_unfold.h); isa kAmx or kAvx512
   Isa isa;
   int64_t batch, tokens, dim, hidden, heads;  // bf16: dim and hidden multiples of 32; dim / heads a multiple of 16
   const EncoderBlock* blocks;

@@ -1,11 +1,12 @@
 // Threads of the linears of linear_cpu.h (the AMX tiles in linear_cpu_amx.cpp, the float32 FMAs in
-// linear_cpu_avx512.cpp) and the weight packing.
+// linear_cpu_avx512.cpp, the bfloat16 dot products in linear_cpu_avx512_bf16.cpp) and the weight packing.
 #include "linear_cpu.h"
 
 #include <omp.h>
 
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -53,7 +54,6 @@ namespace {
 // Threads split the output features (each keeps its share of W in cache across the row blocks); with fewer feature
 // pairs than threads, the row blocks.
 void forward_amx(const LinearProblem& p, int threads) {
-  if (best_cpu_isa() != Isa::kAmx) throw std::invalid_argument("this CPU (or the OS) gives no AMX tiles");
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   const int64_t pairs = p.out_features / 32, row_blocks = (p.rows + kLinearRows - 1) / kLinearRows;
   const bool split_rows = pairs < threads;
@@ -88,20 +88,20 @@ void forward_amx(const LinearProblem& p, int threads) {
   }
 }
 
-// Each thread takes a share of the panels (where they split evenly across the threads) or else of the rows. It
-// runs its rows in chunks whose part of x stays in L2 (a chunk of a few hundred KiB) through all its panels, which
-// stay in L2 across the chunks; while it computes a panel it fetches its next one.
-void forward_f32(const LinearProblem& p, int threads) {
-  if (static_cast<int>(best_cpu_isa()) < static_cast<int>(Isa::kAvx512)) {
-    throw std::invalid_argument("this CPU has no AVX-512 for the float32 linear");
-  }
+// Without tiles: each thread takes a share of the panels (where they split evenly across the threads) or else of
+// the rows. It runs its rows in chunks whose part of x stays in L2 (a chunk of a few hundred KiB) through all its
+// panels, which stay in L2 across the chunks; while it computes a panel it fetches its next one.
+void forward_panels(const LinearProblem& p, int threads) {
   constexpr int64_t kChunkBytes = 256 * 1024;
+  const int64_t elem = p.dtype == kFloat32 ? 4 : 2;
+  const auto rows_of_panel = p.dtype == kFloat32 ? linear_rows_f32 : linear_rows_bf16;
   const int64_t panels = (p.out_features + kLinearPanel - 1) / kLinearPanel;
   const int64_t groups = (p.rows + kLinearPanelRows - 1) / kLinearPanelRows;  // of kLinearPanelRows rows
   const bool split_panels = panels % threads == 0;
-  int64_t chunk = kChunkBytes / (4 * p.in_features) / kLinearPanelRows * kLinearPanelRows;
+  int64_t chunk = kChunkBytes / (elem * p.in_features) / kLinearPanelRows * kLinearPanelRows;
   chunk = chunk < kLinearPanelRows ? kLinearPanelRows : chunk;
-  const float* packed = static_cast<const float*>(p.packed);
+  const char* packed = static_cast<const char*>(p.packed);
+  const int64_t panel_bytes = elem * p.in_features * kLinearPanel;
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
@@ -116,7 +116,7 @@ void forward_f32(const LinearProblem& p, int threads) {
       const int64_t rows = end_row - row < chunk ? end_row - row : chunk;
       for (int64_t panel = first_panel; panel < last_panel; ++panel) {
         const bool next = panel + 1 < last_panel;
-        linear_rows_f32(p, row, rows, panel, next ? packed + (panel + 1) * p.in_features * kLinearPanel : nullptr);
+        rows_of_panel(p, row, rows, panel, next ? packed + (panel + 1) * panel_bytes : nullptr);
       }
     }
   }
@@ -124,11 +124,22 @@ void forward_f32(const LinearProblem& p, int threads) {
 
 }  // namespace
 
-void linear_forward_cpu(const LinearProblem& p, int threads) {
+void linear_forward_cpu(const LinearProblem& p, Isa isa, int threads) {
+  if (p.dtype != kBFloat16 && p.dtype != kFloat32) {
+    throw std::invalid_argument("the linear kernels take bfloat16 or float32");
+  }
+  if (isa != Isa::kAmx && isa != Isa::kAvx512) {
+    throw std::invalid_argument(std::string("the linear kernels run with amx or avx512, not ") + isa_name(isa));
+  }
+  if (static_cast<int>(isa) > static_cast<int>(best_cpu_isa())) {
+    throw std::invalid_argument(std::string("this CPU (or the OS) cannot run the ") + isa_name(isa) + " kernels");
+  }
   threads = threads < 1 ? 1 : threads;
-  if (p.dtype == kBFloat16) return forward_amx(p, threads);
-  if (p.dtype == kFloat32) return forward_f32(p, threads);
-  throw std::invalid_argument("the linear kernels take bfloat16 or float32");
+  if (p.dtype == kBFloat16 && isa == Isa::kAmx) return forward_amx(p, threads);
+  if (p.dtype == kBFloat16 && !avx512_bf16_supported()) {
+    throw std::invalid_argument("this CPU has no AVX512-BF16 instructions for the bfloat16 linear");
+  }
+  forward_panels(p, threads);
 }
 
 }  // namespace t2t

@@ -1,9 +1,12 @@
 // Linear layers for CPU inference, y = x W^T + b, optionally followed by the exact GELU, with W packed once into
-// the layout the kernel loads: bfloat16 on AMX tiles, float32 on AVX-512 FMAs. At a few hundred rows (the
-// backbone's linears at batch 1) they run the same GEMMs with less around them than oneDNN's primitive.
+// the layout the kernel loads: bfloat16 on AMX tiles or AVX512-BF16 dot products, float32 on AVX-512 FMAs. At a few
+// hundred rows (the backbone's linears at batch 1) they run the same GEMMs with less around them than oneDNN's
+// primitive.
 #pragma once
 
 #include <cstdint>
+
+#include "cpu_isa.h"
 
 namespace t2t {
 
@@ -11,8 +14,8 @@ namespace t2t {
 // of a step); rows of x per step: two A tiles.
 constexpr int64_t kLinearMultiple = 32;
 constexpr int64_t kLinearRows = 32;
-// float32: output features per panel of the packed weight (four vectors; any sizes, the last panel zero-padded),
-// and rows per block of accumulators (6 x 4 vectors).
+// Without AMX tiles: output features per panel of the packed weight (four vectors; float32: any sizes, the last
+// panel zero-padded; bfloat16: the last panel may hold 32), and rows per block of accumulators (6 x 4 vectors).
 constexpr int64_t kLinearPanel = 64;
 constexpr int64_t kLinearPanelRows = 6;
 
@@ -35,9 +38,9 @@ int64_t packed_linear_elements(int dtype, int64_t out_features, int64_t in_featu
 // output features and per input, the panel's weights (zero past N).
 void pack_linear_weight(int dtype, const void* w, int64_t out_features, int64_t in_features, void* packed);
 
-// The forward; std::invalid_argument when this CPU (or the OS) cannot run the dtype's kernel (bfloat16: AMX tiles;
-// float32: AVX-512).
-void linear_forward_cpu(const LinearProblem& p, int threads);
+// The forward with `isa`: bfloat16 on AMX tiles (kAmx) or AVX512-BF16 dot products (kAvx512), float32 on AVX-512
+// FMAs (kAvx512 or kAmx); std::invalid_argument for another isa or one this CPU (or the OS) cannot run.
+void linear_forward_cpu(const LinearProblem& p, Isa isa, int threads);
 
 // bfloat16: output rows [row, row + rows) (rows <= kLinearRows) and feature pairs [first_pair, last_pair) (32
 // features each) on the calling thread's tiles; a: those rows of x, a_stride elements apart, readable for
@@ -45,8 +48,10 @@ void linear_forward_cpu(const LinearProblem& p, int threads);
 void linear_rows_amx(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows,
                      int64_t first_pair, int64_t last_pair);
 
-// float32: output rows [row, row + rows) of panel `panel`; next_panel: the packed panel the calling thread computes
-// next (fetched into L2 meanwhile) or nullptr (linear_cpu_avx512.cpp).
-void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const float* next_panel);
+// Without tiles: output rows [row, row + rows) of panel `panel`; next_panel: the packed panel the calling thread
+// computes next (fetched into L2 meanwhile) or nullptr. float32 in linear_cpu_avx512.cpp, bfloat16 (the AMX
+// packing read as vectors of 16 features' input pairs) in linear_cpu_avx512_bf16.cpp.
+void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const void* next_panel);
+void linear_rows_bf16(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const void* next_panel);
 
 }  // namespace t2t

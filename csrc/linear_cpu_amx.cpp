@@ -38,17 +38,9 @@ void block(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t 
   }
   store_products(acc, 32);
   const int64_t column = 32 * pair;
-  Vec bias[2] = {splat(0.0f), splat(0.0f)};
-  const uint16_t* b = static_cast<const uint16_t*>(p.bias);
-  if (b != nullptr) bias[0] = load_bf16(b + column), bias[1] = load_bf16(b + column + 16);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int c = 0; c < 2; ++c) {
-      Vec v = load(acc + r * 32 + 16 * c) + bias[c];
-      if (p.gelu) v = gelu<false>(v);
-      const __m256bh h = _mm512_cvtneps_pbh(v);
-      __builtin_memcpy(static_cast<uint16_t*>(p.y) + (row + r) * p.out_features + column + 16 * c, &h, sizeof(h));
-    }
-  }
+  const uint16_t* bias = static_cast<const uint16_t*>(p.bias);
+  store_bf16_outputs<2>(acc, 32, rows, bias == nullptr ? nullptr : bias + column, p.gelu,
+                     static_cast<uint16_t*>(p.y) + row * p.out_features + column, p.out_features);
 }
 
 }  // namespace

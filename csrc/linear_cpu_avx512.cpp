@@ -77,7 +77,7 @@ void rows_tail(int64_t rows, const LinearProblem& p, const float* a, const float
 
 }  // namespace linear_f32
 
-void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const float* next_panel) {
+void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t panel, const void* next_panel) {
   using linear_f32::rows_block;
   constexpr int64_t R = kLinearPanelRows;
   const float* weights = static_cast<const float*>(p.packed) + panel * p.in_features * kLinearPanel;

@@ -24,7 +24,7 @@ _module, _error = _load()
 # Read once here too: the selector asks inside compiled code, where Dynamo cannot call into pybind11.
 _cuda_compiled = bool(_module is not None and _module.compiled_with_cuda())
 _cpu_isas = tuple(_module.cpu_isas()) if _module is not None else ()
-_attention_bf16 = bool(_module is not None and _module.attention_bf16_supported())
+_avx512_bf16 = bool(_module is not None and _module.avx512_bf16_supported())
 _attention_max_token_stride = _module.attention_max_token_stride if _module is not None else 0
 
 
@@ -55,9 +55,10 @@ def native_vector_isas():
     return tuple(isa for isa in _cpu_isas if isa != "amx")
 
 
-def native_attention_bf16():
-    """True when the extension's attention kernel runs on this CPU (AVX-512 with BF16 dot products)."""
-    return _attention_bf16
+def native_avx512_bf16():
+    """True when this CPU has AVX-512 with BF16 dot products (the extension's attention kernel needs them, and its
+    bfloat16 linear without AMX tiles)."""
+    return _avx512_bf16
 
 
 def native_attention_max_token_stride():

@@ -1,17 +1,17 @@
 """The linear layers of CPU inference: oneDNN's linear primitive (``torch.ops.mkldnn._linear_pointwise``, the op
 inductor's CPU freezing passes emit, called directly) and, at a few hundred rows, the extension's kernels for a
-packed weight (:mod:`t2t_fast.ops.packed_linear`: bf16 on AMX tiles, fp32 on AVX-512). On this library's shapes
-oneDNN's primitive runs the same GEMM as ``F.linear`` with less overhead around it (no bias copy into the output
-first), and can fuse the exact GELU into its epilogue; the extension's kernels do less again around their GEMMs at
-the backbone's 197 rows a batch-1 image.
+packed weight (:mod:`t2t_fast.ops.packed_linear`: bf16 on AMX tiles or AVX512-BF16, fp32 on AVX-512). On this
+library's shapes oneDNN's primitive runs the same GEMM as ``F.linear`` with less overhead around it (no bias copy
+into the output first), and can fuse the exact GELU into its epilogue; the extension's kernels do less again around
+their GEMMs at the backbone's 197 rows a batch-1 image.
 
 :func:`linear` takes the extension's kernels where :func:`packed_takes` allows (at most
-:data:`PACKED_LINEAR_MAX_ROWS` rows, per CPU class and dtype; bf16 with features multiples of 32 where the CPU
-kernels' ISA is ``'amx'``, fp32 where it is ``'avx512'`` or ``'amx'``), else oneDNN's primitive where it applies (CPU
-tensors in float32, or bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an
-:func:`t2t_fast.optimize_for_inference` model, and no gradient to compute; neither an export nor
-``torch.compile`` in progress), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls
-it (:func:`t2t_fast.optimize_for_inference` converts a model's linears to it).
+:data:`PACKED_LINEAR_MAX_ROWS` rows, per CPU class and dtype; bf16 with features multiples of 32; where the CPU
+kernels' ISA is ``'avx512'`` or ``'amx'``), else oneDNN's primitive where it applies (CPU tensors in float32, or
+bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an :func:`t2t_fast.optimize_for_inference`
+model, and no gradient to compute; neither an export nor ``torch.compile`` in progress), and ``F.linear``
+otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls it (:func:`t2t_fast.optimize_for_inference`
+converts a model's linears to it).
 """
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,10 @@ from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 # per CPU class (t2t_fast.backend.cpu_class) and dtype, linears of at most this many rows run on the extension's
 # kernels where they take them: where the whole model was measured faster so (with its blocks in one encoder call)
 # than on oneDNN's primitive (bench/RESULTS.md). amx: bf16 up to batch 4 (788 backbone rows), not at batch 5; fp32
-# up to batch 8 (1576 rows), not at batch 16. avx512_bf16 (the bf16 kernel needs AMX): fp32 up to batch 6 (1182
-# rows), not at batch 8. Classes and dtypes not named here: oneDNN's primitive.
+# up to batch 8 (1576 rows), not at batch 16. avx512_bf16: bf16 up to batch 8; fp32 up to batch 6 (1182 rows), not
+# at batch 8. Classes and dtypes not named here: oneDNN's primitive.
 PACKED_LINEAR_MAX_ROWS = {"amx": {torch.bfloat16: 800, torch.float32: 1600},
-                          "avx512_bf16": {torch.float32: 1200}}
+                          "avx512_bf16": {torch.bfloat16: 1600, torch.float32: 1200}}
 
 _AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))

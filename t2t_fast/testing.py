@@ -2,7 +2,7 @@
 model against the official state_dict record."""
 import torch
 
-from t2t_fast._native import native_cpu_isas
+from t2t_fast._native import native_avx512_bf16, native_cpu_isas
 from t2t_fast.bench.timing import cpu_threads
 from t2t_fast.ops._common import poison_outputs  # noqa: F401  (re-exported for tests)
 
@@ -52,17 +52,23 @@ def results_at_thread_counts(fn, counts=(1, 2)):
     return results
 
 
-# per dtype, the instruction set the extension's packed-weight kernels (linear, encoder) need, and its name
-_PACKED_KERNEL_ISAS = {torch.bfloat16: ("amx", "AMX tiles"), torch.float32: ("avx512", "AVX-512")}
+def packed_kernels_missing(dtype, isa="avx512"):
+    """Why this CPU runs no packed-weight kernel (linear, encoder) in ``dtype`` with the CPU kernels' ``isa``
+    (``'avx512'`` or ``'amx'``), or None: both need that instruction set, bfloat16 AVX512-BF16 too."""
+    if isa not in native_cpu_isas():
+        return f"needs a CPU with {'AMX tiles' if isa == 'amx' else 'AVX-512'}"
+    if dtype == torch.bfloat16 and not native_avx512_bf16():
+        return "needs a CPU with AVX512-BF16"
+    return None
 
 
 def with_packed_kernels(*dtypes):
     """``dtypes`` as pytest parameters, each skipped on a CPU without the instructions of the packed-weight
-    kernels in that dtype (bfloat16: AMX tiles; float32: AVX-512)."""
+    kernels in that dtype (:func:`packed_kernels_missing`)."""
     import pytest
 
-    return [pytest.param(dtype, marks=pytest.mark.skipif(
-        _PACKED_KERNEL_ISAS[dtype][0] not in native_cpu_isas(), reason=f"needs a CPU with {_PACKED_KERNEL_ISAS[dtype][1]}"))
+    return [pytest.param(dtype, marks=pytest.mark.skipif(packed_kernels_missing(dtype) is not None,
+                                                         reason=str(packed_kernels_missing(dtype))))
             for dtype in dtypes]
 
 

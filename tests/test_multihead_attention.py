@@ -1,22 +1,23 @@
 """The backbone's softmax attention op (t2t_fast.ops.multihead_attention): its C++ kernel for float32 and bfloat16
 inference on AVX512-BF16 CPUs, with each instruction set it runs with here (AMX tiles, AVX-512), against the float64
-reference (float32 to 1e-5, bfloat16 within twice the bf16 reference's own error), odd token counts and head sizes, strided qkv, large logits, determinism across thread
-counts, which path runs when (dtype, gradient, head size, backend), the model's use of it and the table in
-t2t_fast.backend, its custom-op registration, and the extension's own argument checks."""
+reference (float32 to 1e-5, bfloat16 within twice the bf16 reference's own error), odd token counts and head sizes,
+strided qkv, large logits, determinism across thread counts, which path runs when (dtype, gradient, head size,
+backend), the model's use of it and the table in t2t_fast.backend, its custom-op registration, and the extension's
+own argument checks."""
 import importlib
 
 import pytest
 import torch
 
 from t2t_fast import backend, model as fast_model
-from t2t_fast._native import native_attention_bf16, native_cpu_isas, native_module
+from t2t_fast._native import native_avx512_bf16, native_cpu_isas, native_module
 from t2t_fast.backend import BackendUnavailableError, cpu_attention, set_cpu_isa
 from t2t_fast.ops import multihead_attention, multihead_attention_ref
 from t2t_fast.testing import (assert_relative_close, assert_within_reference_error, poison_outputs,
                               results_at_thread_counts)
 
 attention_module = importlib.import_module("t2t_fast.ops.multihead_attention")
-needs_kernel = pytest.mark.skipif(not native_attention_bf16(),
+needs_kernel = pytest.mark.skipif(not native_avx512_bf16(),
                                   reason="needs the native extension on a CPU with AVX512-BF16")
 ATTENTION = torch.ops.t2t_fast.multihead_attention_cpp
 # the instruction sets the kernel runs with on this CPU: 'amx' takes the tiles for bf16 head sizes off 32

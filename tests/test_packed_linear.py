@@ -1,10 +1,11 @@
-"""The packed-weight linear (t2t_fast.ops.packed_linear): y = x W^T + b (+ exact GELU), bfloat16 on AMX tiles and
-float32 on AVX-512, against float64 within twice the error of torch's own linear in the dtype, for the backbone's
-shapes and sizes off the kernels' blocks (32 rows and features in bf16; 6 rows and 64 features in fp32, and any
-in_features there), strided rows, no bias, one row; determinism across thread counts; the weight packing cache;
-which path runs when (dtype, sizes, gradient, instruction set, backend, CPU class); the choice in t2t_fast.onednn
-and the logits path; its custom-op registration; and the extension's own argument checks. The kernels' tests need
-a CPU with AMX (bf16) or AVX-512 (fp32); the reasons given elsewhere are checked everywhere."""
+"""The packed-weight linear (t2t_fast.ops.packed_linear): y = x W^T + b (+ exact GELU), bfloat16 on AMX tiles or
+AVX512-BF16 and float32 on AVX-512, against float64 within twice the error of torch's own linear in the dtype, for
+the backbone's shapes and sizes off the kernels' blocks (32 rows and features in bf16; 6 rows and 64 features in
+fp32, and any in_features there), strided rows, no bias, one row; determinism across thread counts; the weight
+packing cache; which path runs when (dtype, sizes, gradient, instruction set, backend, CPU class); the choice in
+t2t_fast.onednn and the logits path; its custom-op registration; and the extension's own argument checks. The
+kernels' tests need a CPU with AVX512-BF16 (bf16; AMX tiles for the tile kernel) or AVX-512 (fp32); the reasons given
+elsewhere are checked everywhere."""
 import copy
 import importlib
 
@@ -13,15 +14,19 @@ import torch
 
 import t2t_fast
 from t2t_fast import onednn
-from t2t_fast._native import native_cpu_isas, native_module
-from t2t_fast.backend import CPU_CLASSES, BackendUnavailableError, cpu_class, set_cpu_isa
+from t2t_fast._native import native_module
+from t2t_fast.backend import CPU_CLASSES, BackendUnavailableError, cpu_class, cpu_isa, set_cpu_isa
 from t2t_fast.ops import packed_linear, packed_linear_ref
-from t2t_fast.testing import (assert_within_reference_error, poison_outputs, results_at_thread_counts,
-                              with_packed_kernels)
+from t2t_fast.testing import (assert_within_reference_error, packed_kernels_missing, poison_outputs,
+                              results_at_thread_counts, with_packed_kernels)
 
 linear_module = importlib.import_module("t2t_fast.ops.packed_linear")
-needs_amx = pytest.mark.skipif("amx" not in native_cpu_isas(), reason="needs a CPU with AMX tiles")
-needs_avx512 = pytest.mark.skipif("avx512" not in native_cpu_isas(), reason="needs a CPU with AVX-512")
+needs_bf16, needs_avx512 = (pytest.mark.skipif(missing is not None, reason=str(missing)) for missing in (
+    packed_kernels_missing(torch.bfloat16), packed_kernels_missing(torch.float32)))
+# the bfloat16 kernel's instruction sets: AMX tiles, AVX512-BF16 dot products
+BF16_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(packed_kernels_missing(torch.bfloat16, isa) is not None,
+                                                        reason=str(packed_kernels_missing(torch.bfloat16, isa))))
+             for isa in ("amx", "avx512")]
 LINEAR = torch.ops.t2t_fast.packed_linear_cpp
 
 
@@ -48,16 +53,20 @@ SHAPES = (((1, 197), 384, 1152), ((1, 197), 384, 384), ((1, 197), 1152, 384), ((
           ((31,), 32, 64), ((2, 33), 96, 128), ((1000,), 64, 64), ((5,), 128, 32))
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", BF16_ISAS)
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, (*s[0], s[1], s[2]))))
-def test_matches_float64_reference(shape, gelu):
+def test_matches_float64_reference(shape, gelu, isa):
     rows, in_features, out_features = shape
     x, weight, bias = _case(rows, in_features, out_features)
-    out = _kernel(x, weight, bias, gelu)
+    set_cpu_isa(isa)
+    try:
+        out = _kernel(x, weight, bias, gelu)
+        with torch.no_grad():
+            assert torch.equal(packed_linear(x, weight, bias, gelu), out)
+    finally:
+        set_cpu_isa(None)
     _check(out, x, weight, bias, gelu)
-    with torch.no_grad():
-        assert torch.equal(packed_linear(x, weight, bias, gelu), out)
 
 
 # float32 (rows, in, out): the backbone's four at batch 1, the T2T layers' (147 and 576 inputs, 192 and 64
@@ -111,10 +120,10 @@ def test_packed_weight_follows_changes(dtype):
     _check(_kernel(x, weight, bias, False), x, weight, bias, False)
 
 
-@needs_amx
+@needs_bf16
 def test_kernel_choice(calls_of):
-    """The kernels run for bf16 and fp32 without a gradient; bf16 features off 32, a gradient, another instruction
-    set or backend='torch' run F.linear; a forced 'cpp' that cannot take the input raises."""
+    """The kernels run for bf16 and fp32 without a gradient, with the instruction set amx or avx512; bf16 features
+    off 32, a gradient, avx2 or backend='torch' run F.linear; a forced 'cpp' that cannot take the input raises."""
     calls = calls_of(linear_module, "run_cpp")  # the kernel's calls, direct or through the custom op
     x, weight, bias = _case((3,), 64, 96)
     with torch.no_grad():
@@ -131,16 +140,16 @@ def test_kernel_choice(calls_of):
     set_cpu_isa("avx512")
     try:
         with torch.no_grad():
-            packed_linear(x, weight, bias)
-            with pytest.raises(BackendUnavailableError, match="instruction set is avx512"):
-                packed_linear(x, weight, bias, backend="cpp")
-            packed_linear(x.float(), weight.float(), bias.float())  # fp32 runs with avx512
+            packed_linear(x, weight, bias)  # bf16 on AVX512-BF16 dot products
+            packed_linear(x.float(), weight.float(), bias.float())
         set_cpu_isa("avx2")
-        with torch.no_grad(), pytest.raises(BackendUnavailableError, match="float32 kernels need avx512"):
-            packed_linear(x.float(), weight.float(), bias.float(), backend="cpp")
+        with torch.no_grad():
+            packed_linear(x, weight, bias)
+            with pytest.raises(BackendUnavailableError, match="packed-weight kernels need avx512"):
+                packed_linear(x.float(), weight.float(), bias.float(), backend="cpp")
     finally:
         set_cpu_isa(None)
-    assert len(calls) == 5
+    assert len(calls) == 6
     with torch.no_grad(), pytest.raises(BackendUnavailableError, match="multiples of 32"):
         packed_linear(x[..., :48], weight[:, :48], bias, backend="cpp")
 
@@ -152,7 +161,7 @@ def test_reasons_without_the_kernel():
     assert any(why in reason for why in ("float32 and bfloat16", "extension")), reason
     with torch.inference_mode():
         frozen = weight.clone()
-    if "amx" in native_cpu_isas():
+    if packed_kernels_missing(torch.bfloat16) is None:
         assert "inference_mode" in linear_module.cpp_unsupported(x, frozen, bias)
         assert "strides" in linear_module.cpp_unsupported(torch.randn(64, 4).bfloat16().t(), weight, bias)
     leaf = x.float().requires_grad_()
@@ -174,42 +183,29 @@ def test_invalid_arguments(args, error, match):
         packed_linear(*args)
 
 
-@needs_amx
-def test_onednn_linear_takes_the_kernels_at_few_rows(calls_of):
-    """t2t_fast.onednn.linear (an optimize_for_inference model's linears) runs the bf16 kernel up to
-    PACKED_LINEAR_MAX_ROWS rows (not with features off 32), oneDNN's primitive past it, and nothing of it during a
-    torch.compile trace."""
-    runs = calls_of(onednn, "_packed_run")
-    x, weight, bias = _case((197,), 384, 384)
-    big = torch.randn(onednn.PACKED_LINEAR_MAX_ROWS["amx"][torch.bfloat16] + 1, 384).bfloat16()
-    with torch.no_grad():
-        out = onednn.linear(x, weight, bias, True)
-        assert len(runs) == 1
-        onednn.linear(big, weight, bias)
-        onednn.linear(x[:, :352], weight[:352, :352], bias[:352])
-        onednn.linear(x, weight[:100], bias[:100])
-        assert len(runs) == 2  # 352 features: a multiple of 32; 100 output features: oneDNN
-    _check(out, x, weight, bias, True)
-    compiled = torch.compile(lambda x: onednn.linear(x, weight, bias), fullgraph=True)
-    with torch.no_grad():
-        compiled(x)
-    assert len(runs) == 2
-
-
-@needs_avx512
 @pytest.mark.parametrize("cpu", CPU_CLASSES)
-def test_onednn_linear_takes_the_float32_kernel_by_cpu_class(calls_of, monkeypatch, cpu):
-    """fp32 (any sizes): the kernel up to the rows PACKED_LINEAR_MAX_ROWS gives the CPU class, oneDNN's primitive
-    past them and on a class it does not name."""
+@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
+def test_onednn_linear_takes_the_kernels_by_cpu_class(calls_of, monkeypatch, dtype, cpu):
+    """t2t_fast.onednn.linear (an optimize_for_inference model's linears) runs the kernels up to the rows
+    PACKED_LINEAR_MAX_ROWS gives the CPU class and dtype (bf16 not with features off 32), oneDNN's primitive past
+    them and on a class it does not name, and nothing of them during a torch.compile trace."""
     runs = calls_of(onednn, "_packed_run")
     monkeypatch.setattr(onednn.backend, "cpu_class", lambda: cpu)
-    limit = onednn.PACKED_LINEAR_MAX_ROWS.get(cpu, {}).get(torch.float32, 0)
-    x, weight, bias = _case((197,), 384, 100, dtype=torch.float32)
+    limit = onednn.PACKED_LINEAR_MAX_ROWS.get(cpu, {}).get(dtype, 0)
+    x, weight, bias = _case((197,), 384, 384, dtype=dtype)
     with torch.no_grad():
         out = onednn.linear(x, weight, bias, True)
-        onednn.linear(torch.randn(limit + 1, 384), weight, bias)
-    assert len(runs) == (1 if limit >= 197 else 0)
+        onednn.linear(torch.randn(limit + 1, 384).to(dtype), weight, bias)
+        onednn.linear(x[:, :352], weight[:352, :352], bias[:352])  # 352: a multiple of 32
+        onednn.linear(x, weight[:100], bias[:100])  # 100 output features: fp32 only
+    expected = 0 if limit < len(x) else 2 if dtype == torch.bfloat16 else 3
+    assert len(runs) == expected
     _check(out, x, weight, bias, True)
+    if cpu == "amx":
+        compiled = torch.compile(lambda x: onednn.linear(x, weight, bias), fullgraph=True)
+        with torch.no_grad():
+            compiled(x)
+        assert len(runs) == expected
 
 
 @pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
@@ -242,19 +238,20 @@ def test_op_registration(dtype):
         _check(fn(x), x, weight, bias, True)
 
 
-@needs_amx
+@needs_bf16
 def test_extension_checks_its_buffers():
     x, weight, bias = _case((4,), 64, 32)
     packed, y = linear_module.packed_weight(weight), torch.empty(4, 32, dtype=torch.bfloat16)
     args = dict(x=(x.data_ptr(), x.numel(), 64), dtype=2, rows=4, packed=(packed.data_ptr(), packed.numel()),
                 out_features=32, in_features=64, bias=(bias.data_ptr(), bias.numel()), gelu=False,
-                y=(y.data_ptr(), y.numel()), threads=1)
+                y=(y.data_ptr(), y.numel()), isa=cpu_isa(), threads=1)
     native_module().linear_forward_cpu(**args)
     for changes, match in ((dict(rows=5), "x holds 256"), (dict(y=(y.data_ptr(), 127)), "y holds 127"),
                            (dict(in_features=48), "multiples of 32"), (dict(bias=(bias.data_ptr(), 31)), "bias holds"),
                            (dict(packed=(packed.data_ptr(), 100)), "packed holds"),
                            (dict(x=(x.data_ptr(), x.numel(), 32)), "row stride"), (dict(rows=0), "positive"),
-                           (dict(dtype=1), "float32 or bfloat16"),
+                           (dict(dtype=1), "float32 or bfloat16"), (dict(isa="avx2"), "amx or avx512, not avx2"),
+                           (dict(isa="sse"), "unknown CPU kernel ISA"),
                            (dict(x=(x.data_ptr() + 1, x.numel(), 64)), "aligned")):
         with pytest.raises(ValueError, match=match):
             native_module().linear_forward_cpu(**{**args, **changes})

@@ -11,9 +11,9 @@ LayerNorm that reads it, as the model's forward rounds it.
 The ``cpp`` backend calls, per block and without returning to Python between them, the kernels that CPU inference
 otherwise calls one at a time: the packed-weight linear (:mod:`t2t_fast.ops.packed_linear`, the fc1 GELU fused),
 the attention kernel (:mod:`t2t_fast.ops.multihead_attention`) and the residual add + LayerNorm
-(:mod:`t2t_fast.ops.add_layernorm`), so its numbers are theirs. Inference only: bfloat16 activations and linear
-weights on a CPU whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, or float32 ones where it is ``'avx512'`` or
-``'amx'`` (any float LayerNorm parameters; a CPU with AVX512-BF16, which the attention kernel needs); no gradient;
+(:mod:`t2t_fast.ops.add_layernorm`), so its numbers are theirs. Inference only: bfloat16 or float32 activations
+and linear weights on a CPU with AVX512-BF16 (which the attention kernel needs) whose
+:func:`t2t_fast.backend.cpu_isa` is ``'avx512'`` or ``'amx'`` (any float LayerNorm parameters); no gradient;
 eager mode (it takes modules, so it is no ``torch.library`` op; ``torch.compile`` and exports take the torch path).
 """
 import weakref
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2t_fast._native import native_attention_bf16, native_module
+from t2t_fast._native import native_avx512_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, float32_parameter,
                                   new_output, storage_extent)
@@ -98,8 +98,8 @@ def _validate(x, blocks, final_norm):
 
 def cpp_unsupported(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.LayerNorm) -> Optional[str]:
     """Why the C++ kernels cannot take these (validated) blocks and input, or None: they need the extension, a
-    CPU with AVX512-BF16, ``x`` and linear weights of one dtype, bfloat16 where :func:`t2t_fast.backend.cpu_isa` is
-    ``'amx'`` (features multiples of 32) or float32 where it is ``'avx512'`` or ``'amx'``, blocks of one shape with
+    CPU with AVX512-BF16 whose :func:`t2t_fast.backend.cpu_isa` is ``'avx512'`` or ``'amx'``, ``x`` and linear
+    weights of one dtype, bfloat16 (features multiples of 32) or float32, blocks of one shape with
     the model's own attention and the exact GELU after fc1, a head size that is a multiple of 16, no gradient, no
     export or ``torch.compile`` trace, and weights not created under ``torch.inference_mode`` (their packing is
     cached by version)."""
@@ -114,7 +114,7 @@ def cpp_arguments(x: torch.Tensor, blocks: Sequence[nn.Module], final_norm: nn.L
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
-    if not native_attention_bf16():
+    if not native_avx512_bf16():
         return "this CPU has no AVX512-BF16 instructions (the attention kernel needs them)"
     if is_exporting() or torch.compiler.is_compiling():
         return "an export or torch.compile trace is in progress (they record the torch ops)"

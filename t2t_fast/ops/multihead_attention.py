@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from t2t_fast._native import native_attention_bf16, native_attention_max_token_stride, native_module
+from t2t_fast._native import native_avx512_bf16, native_attention_max_token_stride, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
                                   is_int, new_output, storage_extent)
@@ -52,12 +52,13 @@ def _validate(qkv, num_heads, scale):
 
 def cpp_unsupported(qkv: torch.Tensor, num_heads: int) -> Optional[str]:
     """Why the C++ kernel cannot take this (validated) input, or None: it needs the extension, a CPU with
-    AVX512-BF16 and :func:`t2t_fast.backend.cpu_isa` ``'amx'`` or ``'avx512'``, float32 or bfloat16 ``qkv`` with adjacent elements along its last dim, a head size that is a
-    multiple of 16, no gradient to compute, and no export in progress."""
+    AVX512-BF16 and :func:`t2t_fast.backend.cpu_isa` ``'amx'`` or ``'avx512'``, float32 or bfloat16 ``qkv`` with
+    adjacent elements along its last dim, a head size that is a multiple of 16, no gradient to compute, and no
+    export in progress."""
     reason = unavailable_reason("cpp", qkv.device.type)
     if reason is not None:
         return reason
-    if not native_attention_bf16():
+    if not native_avx512_bf16():
         return "this CPU has no AVX512-BF16 instructions"
     if cpu_isa() not in _CPP_ISAS:
         return f"the CPU kernels' instruction set is {cpu_isa()} (the C++ kernel runs with {' or '.join(_CPP_ISAS)})"

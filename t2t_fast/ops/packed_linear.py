@@ -5,9 +5,11 @@
 once into the layout they load (:func:`packed_weight`, kept beside the weight as long as it lives and rebuilt when
 it changes in place), then:
 
-* bfloat16, on CPUs whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, in and out features multiples of 32: per
-  block of 32 rows and 32 output features the products accumulate in float32 AMX tiles over the inputs (32 at a
-  time); bias, GELU (erf to 1.5e-7) and one rounding to bf16 follow.
+* bfloat16, in and out features multiples of 32: where :func:`t2t_fast.backend.cpu_isa` is ``'amx'``, per block
+  of 32 rows and 32 output features the products accumulate in float32 AMX tiles over the inputs (32 at a time);
+  where it is ``'avx512'`` (a CPU with AVX512-BF16), per panel of 64 output features and block of 6 rows, 24
+  float32 vector accumulators of bf16 pair products (the tiles' layout read as vectors). Bias, GELU (erf to
+  1.5e-7) and one rounding to bf16 follow.
 * float32, on CPUs with AVX-512 (ISA ``'avx512'`` or ``'amx'``), any sizes: per panel of 64 output features and
   block of 6 rows, 24 float32 vector accumulators of FMAs over the inputs, in their order; bias and GELU follow. A
   thread fetches its next panel into L2 while it computes the current one.
@@ -21,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from t2t_fast._native import native_module
+from t2t_fast._native import native_avx512_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, PerWeightCache, backend_cannot_take, check_float_tensor,
                                   direct_calls_allowed, is_int, new_output, storage_extent)
@@ -60,8 +62,8 @@ def _validate_sizes(x, weight_shape, bias, gelu):
 
 def cpp_unsupported(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> Optional[str]:
     """Why the kernels cannot take this (validated) input, or None: they need the extension, float32 or bfloat16
-    tensors of one dtype, for bfloat16 a CPU whose :func:`t2t_fast.backend.cpu_isa` is ``'amx'`` and in and out
-    features that are multiples of 32, for float32 one whose ISA is ``'avx512'`` or ``'amx'``; rows of ``x`` with
+    tensors of one dtype, a CPU whose :func:`t2t_fast.backend.cpu_isa` is ``'avx512'`` or ``'amx'`` (for bfloat16
+    with AVX512-BF16) and for bfloat16 in and out features that are multiples of 32; rows of ``x`` with
     adjacent elements (the leading dims one stride apart), no gradient to compute, no export in progress, no
     ``torch.compile`` trace (the weight is packed outside graphs; inductor makes its own GEMMs), and a weight not
     created under ``torch.inference_mode`` (its packing is cached by its version)."""
@@ -98,13 +100,13 @@ def _kernel_unsupported(x, weight_shape, weight_dtype, bias, grad):
 
 def isa_unsupported(dtype):
     """Why the CPU kernels' instruction set (:func:`t2t_fast.backend.cpu_isa`) runs no packed-weight kernel for
-    ``dtype`` (float32 or bfloat16), or None: bfloat16 needs ``'amx'`` (AMX tiles), float32 ``'avx512'`` or
-    ``'amx'``."""
+    ``dtype`` (float32 or bfloat16), or None: both need ``'avx512'`` or ``'amx'``, bfloat16 a CPU with AVX512-BF16
+    too (with ``'amx'`` it runs on the AMX tiles)."""
     isa = cpu_isa()
-    if dtype == torch.bfloat16 and isa != "amx":
-        return f"the CPU kernels' instruction set is {isa} (the bfloat16 kernels need amx: AMX tiles)"
-    if dtype == torch.float32 and isa not in ("avx512", "amx"):
-        return f"the CPU kernels' instruction set is {isa} (the float32 kernels need avx512)"
+    if isa not in ("avx512", "amx"):
+        return f"the CPU kernels' instruction set is {isa} (the packed-weight kernels need avx512)"
+    if dtype == torch.bfloat16 and not native_avx512_bf16():
+        return "this CPU has no AVX512-BF16 instructions (the bfloat16 kernel needs them)"
     return None
 
 
@@ -207,8 +209,7 @@ def run_cpp(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
     native_module().linear_forward_cpu(
         (rows.data_ptr(), storage_extent(rows), rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]),
         DTYPE_CODES[x.dtype], rows.shape[0], (packed.data_ptr(), storage_extent(packed)), out_features, rows.shape[1],
-        bias_buffer, gelu,
-        (y.data_ptr(), storage_extent(y)), torch.get_num_threads())
+        bias_buffer, gelu, (y.data_ptr(), storage_extent(y)), cpu_isa(), torch.get_num_threads())
     return y
 
 
