@@ -48,6 +48,17 @@ void linear_forward_cpu(const LinearProblem& p, Isa isa, int threads);
 void linear_rows_amx(const LinearProblem& p, const uint16_t* a, int64_t a_stride, int64_t row, int64_t rows,
                      int64_t first_pair, int64_t last_pair);
 
+// Without tiles, a thread fetches its next panel into L2 while it computes this one, the panel's cache lines spread
+// evenly over this panel's blocks of kLinearPanelRows rows: block b asks for lines [first(b), first(b) + count(b)).
+struct NextPanelLines {
+  int64_t lines, per_block;
+  NextPanelLines(int64_t panel_bytes, int64_t rows, bool next)
+      : lines(next ? panel_bytes / 64 : 0),
+        per_block(rows < kLinearPanelRows ? 0 : (lines + rows / kLinearPanelRows - 1) / (rows / kLinearPanelRows)) {}
+  int64_t first(int64_t block) const { return block * per_block < lines ? block * per_block : lines; }
+  int64_t count(int64_t block) const { return lines - first(block) < per_block ? lines - first(block) : per_block; }
+};
+
 // Without tiles: output rows [row, row + rows) of panel `panel`; next_panel: the packed panel the calling thread
 // computes next (fetched into L2 meanwhile) or nullptr. float32 in linear_cpu_avx512.cpp, bfloat16 (the AMX
 // packing read as vectors of 16 features' input pairs) in linear_cpu_avx512_bf16.cpp.

@@ -84,17 +84,13 @@ void linear_rows_f32(const LinearProblem& p, int64_t row, int64_t rows, int64_t 
   const float* bias = p.bias == nullptr ? nullptr : static_cast<const float*>(p.bias) + panel * kLinearPanel;
   const int64_t column = panel * kLinearPanel;
   const int64_t columns = p.out_features - column < kLinearPanel ? p.out_features - column : kLinearPanel;
-  // the next panel's lines, spread over this panel's blocks of rows
-  const int64_t lines = next_panel == nullptr ? 0 : p.in_features * kLinearPanel / 16;
-  const int64_t blocks = rows / R, per_block = blocks > 0 ? (lines + blocks - 1) / blocks : 0;
+  const NextPanelLines prefetch(4 * p.in_features * kLinearPanel, rows, next_panel != nullptr);
   const float* x = static_cast<const float*>(p.x);
   float* y = static_cast<float*>(p.y);
   int64_t r = 0;
   for (int64_t b = 0; r + R <= rows; r += R, ++b) {
-    const int64_t first = b * per_block < lines ? b * per_block : lines;
-    const int64_t count = lines - first < per_block ? lines - first : per_block;
     rows_block<R>(p, x + (row + r) * p.x_stride, weights, bias, y + (row + r) * p.out_features + column, columns,
-                  reinterpret_cast<const char*>(next_panel) + 64 * first, count);
+                  static_cast<const char*>(next_panel) + 64 * prefetch.first(b), prefetch.count(b));
   }
   linear_f32::rows_tail<R - 1>(rows - r, p, x + (row + r) * p.x_stride, weights, bias,
                                y + (row + r) * p.out_features + column, columns);

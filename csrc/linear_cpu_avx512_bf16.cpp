@@ -67,19 +67,15 @@ void rows_tail(int64_t rows, const LinearProblem& p, const uint16_t* a, const ui
 
 template <int V>
 void panel_rows(const LinearProblem& p, int64_t row, int64_t rows, const uint16_t* weights, const uint16_t* bias,
-                int64_t column, const uint16_t* next_panel) {
+                int64_t column, const void* next_panel) {
   constexpr int64_t R = kLinearPanelRows;
-  // the next panel's lines, spread over this panel's blocks of rows
-  const int64_t lines = next_panel == nullptr ? 0 : p.in_features * kLinearPanel * 2 / 64;
-  const int64_t blocks = rows / R, per_block = blocks > 0 ? (lines + blocks - 1) / blocks : 0;
+  const NextPanelLines prefetch(2 * p.in_features * kLinearPanel, rows, next_panel != nullptr);
   const uint16_t* x = static_cast<const uint16_t*>(p.x);
   uint16_t* y = static_cast<uint16_t*>(p.y);
   int64_t r = 0;
   for (int64_t b = 0; r + R <= rows; r += R, ++b) {
-    const int64_t first = b * per_block < lines ? b * per_block : lines;
-    const int64_t count = lines - first < per_block ? lines - first : per_block;
     rows_block<R, V>(p, x + (row + r) * p.x_stride, weights, bias, y + (row + r) * p.out_features + column,
-                     reinterpret_cast<const char*>(next_panel) + 64 * first, count);
+                     static_cast<const char*>(next_panel) + 64 * prefetch.first(b), prefetch.count(b));
   }
   rows_tail<R - 1, V>(rows - r, p, x + (row + r) * p.x_stride, weights, bias, y + (row + r) * p.out_features + column);
 }
@@ -92,11 +88,10 @@ void linear_rows_bf16(const LinearProblem& p, int64_t row, int64_t rows, int64_t
   const uint16_t* weights = static_cast<const uint16_t*>(p.packed) + panel * p.in_features * kLinearPanel;
   const uint16_t* bias = p.bias == nullptr ? nullptr : static_cast<const uint16_t*>(p.bias) + panel * kLinearPanel;
   const int64_t column = panel * kLinearPanel;
-  const uint16_t* next = static_cast<const uint16_t*>(next_panel);
   if (p.out_features - column >= kLinearPanel) {
-    linear_bf16::panel_rows<4>(p, row, rows, weights, bias, column, next);
+    linear_bf16::panel_rows<4>(p, row, rows, weights, bias, column, next_panel);
   } else {
-    linear_bf16::panel_rows<2>(p, row, rows, weights, bias, column, next);  // features are multiples of 32
+    linear_bf16::panel_rows<2>(p, row, rows, weights, bias, column, next_panel);  // features: multiples of 32
   }
 }
 

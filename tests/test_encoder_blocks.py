@@ -78,11 +78,25 @@ def test_matches_float64_reference(shape, dtype, cls_only):
         assert_within_reference_error(ours, theirs, exact, what=what)
 
 
-@pytest.mark.parametrize("dtype", with_packed_kernels(torch.bfloat16, torch.float32))
-def test_equals_the_kernels_called_one_by_one(dtype):
-    """The kernels it chains, called through their ops, give the same bits."""
+# (dtype, the CPU kernels' instruction set): bf16 on AMX tiles and on AVX512-BF16, fp32 on AVX-512
+KERNEL_CASES = [pytest.param(dtype, isa, id=f"{str(dtype)[6:]}-{isa}", marks=pytest.mark.skipif(
+    packed_kernels_missing(dtype, isa) is not None, reason=str(packed_kernels_missing(dtype, isa))))
+    for dtype, isa in ((torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512"))]
+
+
+@pytest.mark.parametrize("dtype,isa", KERNEL_CASES)
+def test_equals_the_kernels_called_one_by_one(dtype, isa):
+    """The kernels it chains, called through their ops, give the same bits, with each instruction set."""
     blocks, final = _blocks(3, 64, 2, 128, qkv_bias=True, dtype=dtype)
     x = torch.randn(2, 33, 64).to(dtype)
+    set_cpu_isa(isa)
+    try:
+        _check_equals_the_kernels(x, blocks, final)
+    finally:
+        set_cpu_isa(None)
+
+
+def _check_equals_the_kernels(x, blocks, final):
     with torch.inference_mode():
         # the first LayerNorm: the kernel's rows as add_layernorm's LayerNorm of x + 0
         norm = blocks[0].norm1
