@@ -147,9 +147,10 @@ def _dot(a, b, A_TF32: tl.constexpr, B_TF32: tl.constexpr):
 @triton.jit
 def _key_logits(kb, w_t, valid_t, EXACT: tl.constexpr):
     # a = k W^T - |k|^2/2 (BLOCK_T, BLOCK_M); -inf on padded rows and on rows whose |k|^2/2 overflows (their
-    # features are exp(-inf) = 0, the limit). Padded feature columns get -|k|^2/2: finite, never stored.
+    # features are exp(-inf) = 0, the limit); NaN on a row with a NaN (its image's S and z then NaN, as in the
+    # reference). Padded feature columns get -|k|^2/2: finite, never stored.
     half_norm = 0.5 * tl.sum(kb * kb, axis=1)
-    keep = valid_t & (half_norm < float("inf"))
+    keep = valid_t & (half_norm != float("inf"))
     return tl.where(keep[:, None], _dot(kb, w_t, EXACT, False) - half_norm[:, None],
                     float("-inf"))
 

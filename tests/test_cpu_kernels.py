@@ -142,6 +142,21 @@ def test_favor_nan_query_gives_a_nan_row(isa):
     assert torch.equal(y[~nan_rows], clean[~nan_rows])
 
 
+def test_favor_nan_key_makes_its_image_nan(isa):
+    """A key with a NaN element: every output row of its image is NaN (its features enter S and z), as on the torch
+    path and in the reference; the other image is that of the clean input."""
+    w = _projection(16, 32)
+    k, q, v = _kqv(2, 40, 32, torch.float32)
+    k = k.clone()
+    k[1, 7, 3] = float("nan")
+    y = _cpp(k, q, v, w)[0]
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any()
+    with torch.no_grad():
+        assert torch.isnan(favor_attention(k, q, v, w, backend="torch")[1]).all()
+        assert torch.isnan(favor_attention_ref(k, q, v, w)[1]).all()
+    assert torch.equal(y[0], _cpp(k.nan_to_num(0.0), q, v, w)[0][0])
+
+
 def test_favor_strides(isa):
     """Token-major views, a (B, e, T) layout (copied: the kernel reads rows of e) and a batch slice."""
     w = _projection(16, 32)

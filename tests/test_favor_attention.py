@@ -422,6 +422,25 @@ def test_keys_whose_half_norm_overflows(backend, dtype, magnitude, eps):
         assert_relative_close(ours, exact, RELATIVE_TOLERANCE[dtype], what=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_key_makes_its_image_nan(backend):
+    """A key with a NaN element: y of its image is NaN, as in the reference (its features enter S and z), and so
+    are some of every gradient of that image (the reference's all: its denominator has no max(D, 1), which takes 1
+    where D is NaN); the other image's y and gradients are those of the clean input."""
+    w = _projection(32, 64)
+    k, q, v = _kqv(2, 20, 64, torch.float32)
+    k = k.clone()
+    k[1, 5, 3] = float("nan")
+    grad = torch.randn(2, 20, 64)
+    y, grads = _run(favor_attention, k, q, v, w, grad, backend=backend)
+    reference = _run(favor_attention_ref, k, q, v, w, grad)
+    clean = _run(favor_attention, k.nan_to_num(0.0), q, v, w, grad, backend=backend)
+    assert torch.isnan(y[1]).all() and torch.isnan(reference[0][1]).all()
+    for ours, without in zip((y, *grads), (clean[0], *clean[1])):
+        assert torch.isnan(ours[1]).any()
+        torch.testing.assert_close(ours[0], without[0])
+
+
 FROZEN_W_BACKENDS = ("torch", "triton", "cpp", "auto")
 
 

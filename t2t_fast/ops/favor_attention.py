@@ -46,7 +46,8 @@ features are exp(finite - inf) = 0) get the reference's limit, never inf - inf:
   overflow; h_t enters eps_t capped at HALF_NORM_CAP = 2^100, which is past the clamp either way. So
   y_t = 0 to fp32 precision for eps > 0 (the reference's 0), and the P-weighted limit for eps = 0.
 
-v is summed as given: values near the fp32 maximum can still overflow S'.
+v is summed as given: values near the fp32 maximum can still overflow S'. NaN is kept as the reference keeps it:
+a key with a NaN element makes S' and z', so every y of its image, NaN; a query with one its own row of y.
 
 Backward (w is frozen: a call that would need its gradient, w.requires_grad under grad mode, raises
 ValueError on every backend). y(k, q, v) does not depend on the shifts (it equals the unshifted formula for
@@ -136,7 +137,7 @@ def _favor_attention_torch(k, q, v, w, eps):
     kf, qf, vf, wf = k.to(compute), q.to(compute), v.to(compute), w.to(compute)
     inf = float("inf")
     half_k = 0.5 * (kf * kf).sum(dim=-1, keepdim=True)                           # (B, T, 1)
-    a = torch.where(half_k < inf, kf @ wf.t() - half_k, -inf)                     # (B, T, m)
+    a = torch.where(half_k == inf, -inf, kf @ wf.t() - half_k)                    # (B, T, m); NaN stays NaN
     c_k = a.detach().amax(dim=1, keepdim=True)                                   # (B, 1, m)
     c_k = torch.where(c_k > -inf, c_k, 0.0)                                      # no finite key: K = 0
     k_feat = torch.exp(a - c_k)
