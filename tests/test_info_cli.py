@@ -24,6 +24,7 @@ def test_info_reports_versions_and_backends(tmp_path):
     from t2t_fast import backend
 
     assert details["CPU class (kernel choices)"] == backend.cpu_class()
+    assert details["CPU packed linears"] == info.packed_linears_line(backend.cpu_class(), backend.cpu_isa())
     assert details["CPU kernel ISA"].startswith(f"{backend.cpu_isa()} (this CPU runs: ")
     from t2t_fast.training import requirements_problem
 
@@ -31,6 +32,19 @@ def test_info_reports_versions_and_backends(tmp_path):
     if details["cuda device"] == "none":  # no backend is "available" on a device that is not there
         assert all(details[f"backend {name} on cuda"].startswith("unavailable")
                    for name in ("triton", "cuda", "cpp", "torch"))
+
+
+def test_info_names_the_packed_linears(monkeypatch):
+    """The packed-weight linears' row limits of the CPU class, or why none run."""
+    import torch
+
+    from t2t_fast import onednn
+
+    monkeypatch.setattr(onednn, "PACKED_LINEAR_MAX_ROWS", {"amx": {torch.bfloat16: 800, torch.float32: 1600}})
+    assert info.packed_linears_line("amx", "amx") == ("bfloat16 up to 800 rows, float32 up to 1600 rows (more rows: "
+                                                      "oneDNN's primitive)")
+    assert info.packed_linears_line("amx", "avx2") == "none with the CPU kernel ISA avx2 (oneDNN's primitive)"
+    assert info.packed_linears_line("none", "avx512") == "none on this CPU class (oneDNN's primitive)"
 
 
 def test_torchvision_pairs_with_torch(monkeypatch):

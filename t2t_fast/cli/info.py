@@ -36,6 +36,7 @@ def collect():
     info["native kernels"] = ", ".join(module.compiled_kernels()) if module is not None else "none"
     info["native CUDA kernels"] = "compiled" if native_cuda_compiled() else "not compiled"
     info["CPU class (kernel choices)"] = backend.cpu_class()
+    info["CPU packed linears"] = packed_linears_line(backend.cpu_class(), backend.cpu_isa())
     isas = native_cpu_isas()
     info["CPU kernel ISA"] = (f"{backend.cpu_isa()} (this CPU runs: {', '.join(isas)})" if isas
                               else "none: the extension is not loaded")
@@ -51,6 +52,20 @@ def collect():
                 reason = "no CUDA device is available"  # plain torch ops would run, but there is nothing to run on
             info[f"backend {name} on {device_type}"] = "available" if reason is None else f"unavailable: {reason}"
     return info
+
+
+def packed_linears_line(cpu_class, isa):
+    """Which inference linears run on the extension's packed-weight kernels on this CPU class with the CPU kernels'
+    ``isa`` (:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS`), the rest on oneDNN's primitive."""
+    from t2t_fast import onednn
+
+    limits = onednn.PACKED_LINEAR_MAX_ROWS.get(cpu_class, {})
+    if not limits:
+        return "none on this CPU class (oneDNN's primitive)"
+    if isa not in ("avx512", "amx"):
+        return f"none with the CPU kernel ISA {isa} (oneDNN's primitive)"
+    rows = ", ".join(f"{str(dtype).replace('torch.', '')} up to {count} rows" for dtype, count in limits.items())
+    return f"{rows} (more rows: oneDNN's primitive)"
 
 
 def _version(module):
