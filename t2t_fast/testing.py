@@ -62,14 +62,21 @@ def packed_kernels_missing(dtype, isa="avx512"):
     return None
 
 
-def with_packed_kernels(*dtypes):
-    """``dtypes`` as pytest parameters, each skipped on a CPU without the instructions of the packed-weight
-    kernels in that dtype (:func:`packed_kernels_missing`)."""
+def needs_packed_kernels(dtype, isa="avx512"):
+    """A pytest mark that skips a test on a CPU without the packed-weight kernels in ``dtype`` with ``isa``
+    (:func:`packed_kernels_missing`)."""
     import pytest
 
-    return [pytest.param(dtype, marks=pytest.mark.skipif(packed_kernels_missing(dtype) is not None,
-                                                         reason=str(packed_kernels_missing(dtype))))
-            for dtype in dtypes]
+    missing = packed_kernels_missing(dtype, isa)
+    return pytest.mark.skipif(missing is not None, reason=str(missing))
+
+
+def with_packed_kernels(*dtypes):
+    """``dtypes`` as pytest parameters, each skipped on a CPU without the instructions of the packed-weight
+    kernels in that dtype (:func:`needs_packed_kernels`)."""
+    import pytest
+
+    return [pytest.param(dtype, marks=needs_packed_kernels(dtype)) for dtype in dtypes]
 
 
 def frozen_buffer_count(model):

@@ -18,12 +18,11 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import BackendUnavailableError, cpu_class, cpu_isa, set_cpu_isa
 from t2t_fast.ops import add_layernorm, multihead_attention, packed_linear
 from t2t_fast.reference import layers
-from t2t_fast.testing import (assert_within_reference_error, packed_kernels_missing, poison_outputs,
-                              results_at_thread_counts, with_packed_kernels)
+from t2t_fast.testing import (assert_within_reference_error, needs_packed_kernels, packed_kernels_missing,
+                              poison_outputs, results_at_thread_counts, with_packed_kernels)
 
 encoder = importlib.import_module("t2t_fast.ops.encoder_blocks")
-needs_bf16 = pytest.mark.skipif(packed_kernels_missing(torch.bfloat16) is not None,
-                                reason=str(packed_kernels_missing(torch.bfloat16)))
+needs_bf16 = needs_packed_kernels(torch.bfloat16)
 
 
 def _blocks(count, dim, heads, hidden, qkv_bias=False, dtype=torch.bfloat16):
@@ -79,9 +78,8 @@ def test_matches_float64_reference(shape, dtype, cls_only):
 
 
 # (dtype, the CPU kernels' instruction set): bf16 on AMX tiles and on AVX512-BF16, fp32 on AVX-512
-KERNEL_CASES = [pytest.param(dtype, isa, id=f"{str(dtype)[6:]}-{isa}", marks=pytest.mark.skipif(
-    packed_kernels_missing(dtype, isa) is not None, reason=str(packed_kernels_missing(dtype, isa))))
-    for dtype, isa in ((torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512"))]
+KERNEL_CASES = [pytest.param(dtype, isa, id=f"{str(dtype)[6:]}-{isa}", marks=needs_packed_kernels(dtype, isa))
+                for dtype, isa in ((torch.bfloat16, "amx"), (torch.bfloat16, "avx512"), (torch.float32, "avx512"))]
 
 
 @pytest.mark.parametrize("dtype,isa", KERNEL_CASES)

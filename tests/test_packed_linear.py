@@ -17,16 +17,13 @@ from t2t_fast import onednn
 from t2t_fast._native import native_module
 from t2t_fast.backend import CPU_CLASSES, BackendUnavailableError, cpu_class, cpu_isa, set_cpu_isa
 from t2t_fast.ops import packed_linear, packed_linear_ref
-from t2t_fast.testing import (assert_within_reference_error, packed_kernels_missing, poison_outputs,
-                              results_at_thread_counts, with_packed_kernels)
+from t2t_fast.testing import (assert_within_reference_error, needs_packed_kernels, packed_kernels_missing,
+                              poison_outputs, results_at_thread_counts, with_packed_kernels)
 
 linear_module = importlib.import_module("t2t_fast.ops.packed_linear")
-needs_bf16, needs_avx512 = (pytest.mark.skipif(missing is not None, reason=str(missing)) for missing in (
-    packed_kernels_missing(torch.bfloat16), packed_kernels_missing(torch.float32)))
+needs_bf16, needs_avx512 = needs_packed_kernels(torch.bfloat16), needs_packed_kernels(torch.float32)
 # the bfloat16 kernel's instruction sets: AMX tiles, AVX512-BF16 dot products
-BF16_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(packed_kernels_missing(torch.bfloat16, isa) is not None,
-                                                        reason=str(packed_kernels_missing(torch.bfloat16, isa))))
-             for isa in ("amx", "avx512")]
+BF16_ISAS = [pytest.param(isa, marks=needs_packed_kernels(torch.bfloat16, isa)) for isa in ("amx", "avx512")]
 LINEAR = torch.ops.t2t_fast.packed_linear_cpp
 
 

@@ -58,11 +58,12 @@ def packed_linears_line(cpu_class, isa):
     """Which inference linears run on the extension's packed-weight kernels on this CPU class with the CPU kernels'
     ``isa`` (:data:`t2t_fast.onednn.PACKED_LINEAR_MAX_ROWS`), the rest on oneDNN's primitive."""
     from t2t_fast import onednn
+    from t2t_fast.ops.packed_linear import KERNEL_ISAS
 
     limits = onednn.PACKED_LINEAR_MAX_ROWS.get(cpu_class, {})
     if not limits:
         return "none on this CPU class (oneDNN's primitive)"
-    if isa not in ("avx512", "amx"):
+    if isa not in KERNEL_ISAS:
         return f"none with the CPU kernel ISA {isa} (oneDNN's primitive)"
     rows = ", ".join(f"{str(dtype).replace('torch.', '')} up to {count} rows" for dtype, count in limits.items())
     return f"{rows} (more rows: oneDNN's primitive)"

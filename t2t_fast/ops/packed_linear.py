@@ -31,6 +31,7 @@ from t2t_fast.ops._common import (DTYPE_CODES, PerWeightCache, backend_cannot_ta
 _OP = "packed_linear"
 MULTIPLE = 32  # in and out features of the bfloat16 kernel are multiples of this
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
+KERNEL_ISAS = ("avx512", "amx")  # the CPU kernels' instruction sets the kernels run with
 
 
 def packed_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -103,7 +104,7 @@ def isa_unsupported(dtype):
     ``dtype`` (float32 or bfloat16), or None: both need ``'avx512'`` or ``'amx'``, bfloat16 a CPU with AVX512-BF16
     too (with ``'amx'`` it runs on the AMX tiles)."""
     isa = cpu_isa()
-    if isa not in ("avx512", "amx"):
+    if isa not in KERNEL_ISAS:
         return f"the CPU kernels' instruction set is {isa} (the packed-weight kernels need avx512)"
     if dtype == torch.bfloat16 and not native_avx512_bf16():
         return "this CPU has no AVX512-BF16 instructions (the bfloat16 kernel needs them)"
