@@ -20,79 +20,12 @@ namespace avx512_bf16 {
 #include "cpu_vector.h"
 #include "amx_tiles.h"
 #include "avx512_math.h"
+#include "avx512_bf16_products.h"
 
 namespace {
 
 // Vectors of 16 columns per register tile: kAttentionRows x kTileVectors accumulators (24 of the 32 zmm).
 constexpr int kTileVectors = 24 / kAttentionRows;
-constexpr int kColumns = 16 * kTileVectors;
-
-template <int N>
-struct Count {
-  static constexpr int value = N;
-};
-
-// f(Count<n>{}) for a run-time n in [1, N]: the register tiles' sizes are compile-time constants.
-template <int N, typename F>
-static inline void with_count(int64_t n, F&& f) {
-  if constexpr (N > 1) {
-    if (n < N) return with_count<N - 1>(n, f);
-  }
-  f(Count<N>{});
-}
-
-static inline uint32_t load_pair(const uint16_t* p) {
-  uint32_t u;
-  __builtin_memcpy(&u, p, sizeof(u));
-  return u;
-}
-
-static inline __m512bh as_bf16_pairs(__m512i v) { return (__m512bh)v; }
-
-// The register tile of both products (q k^T and P v) in both dtypes: for R rows and 16 NV columns,
-// acc[r][c] = sum over steps i of a[r * a_stride + i] (broadcast) times b[i * ldb + 16 c ..]. In bfloat16 a step is
-// a pair of elements (a's pairs as 32-bit words, b packed in pairs: vdpbf16ps), in float32 one element (FMA).
-// store(r, c, acc[r][c]) takes the results.
-template <int R, int NV, typename T, typename Store>
-static inline void product_tile(const T* a, int64_t a_stride, int64_t steps, const T* b, int64_t ldb, Store&& store) {
-  constexpr int64_t kStep = 4 / sizeof(T);  // elements of a per step
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
-  for (int64_t i = 0; i < steps; ++i) {
-    __m512 columns[NV];
-    for (int c = 0; c < NV; ++c) columns[c] = _mm512_loadu_ps(b + kStep * (i * ldb + 16 * c));
-    for (int r = 0; r < R; ++r) {
-      const T* element = a + r * a_stride + kStep * i;
-      if constexpr (sizeof(T) == 2) {
-        const __m512bh pair = as_bf16_pairs(_mm512_set1_epi32(static_cast<int>(load_pair(element))));
-        for (int c = 0; c < NV; ++c) {
-          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pair, as_bf16_pairs(_mm512_castps_si512(columns[c])));
-        }
-      } else {
-        const __m512 value = _mm512_set1_ps(*element);
-        for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_fmadd_ps(value, columns[c], acc[r][c]);
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < NV; ++c) store(r, 16 * c, acc[r][c]);
-  }
-}
-
-// product_tile over `columns` columns (a multiple of 16) in blocks of kColumns; store(r, column, acc).
-template <int R, typename T, typename Store>
-static void product_rows(const T* a, int64_t a_stride, int64_t steps, const T* b, int64_t ldb, int64_t columns,
-                         Store&& store) {
-  constexpr int64_t kStep = 4 / sizeof(T);
-  for (int64_t c = 0; c < columns; c += kColumns) {
-    with_count<kTileVectors>((columns - c) / 16, [&](auto vectors) {
-      product_tile<R, decltype(vectors)::value>(a, a_stride, steps, b + kStep * c, ldb,
-                                                [&](int r, int64_t column, __m512 acc) { store(r, c + column, acc); });
-    });
-  }
-}
 
 // The padding keys' scores (their packed k is 0) set to -inf: they drop out of the softmax.
 static void mask_padding_keys(int64_t rows, int64_t keys, const AttentionWork& w) {
@@ -196,23 +129,24 @@ template <int R, typename T>
 static void attention_tile(const T* q, const T* v, int64_t stride, int64_t width, int64_t keys, float scale,
                            const AttentionWork& w, T* out, int64_t out_stride) {
   constexpr int64_t kStep = 4 / sizeof(T);
-  product_rows<R>(q, stride, width / kStep, static_cast<const T*>(w.keys), w.keys_pad, w.keys_pad,
-                  [&](int r, int64_t column, __m512 acc) { _mm512_storeu_ps(w.scores + r * w.keys_pad + column, acc); });
+  product_rows<R, kTileVectors>(
+      q, stride, width / kStep, static_cast<const T*>(w.keys), w.keys_pad, w.keys_pad,
+      [&](int r, int64_t column, __m512 acc) { _mm512_storeu_ps(w.scores + r * w.keys_pad + column, acc); });
   float inv_sum[R];
   mask_padding_keys(R, keys, w);
   softmax_rows<T>(R, scale, w, inv_sum);
   const T* values = sizeof(T) == 2 ? reinterpret_cast<const T*>(w.v_pairs) : v;
   const int64_t ldb = sizeof(T) == 2 ? width : stride;
-  product_rows<R>(static_cast<const T*>(w.probs), w.keys_pad, (keys + kStep - 1) / kStep, values, ldb, width,
-                  [&](int r, int64_t column, __m512 acc) {
-                    const __m512 y = _mm512_mul_ps(acc, _mm512_set1_ps(inv_sum[r]));
-                    if constexpr (sizeof(T) == 2) {
-                      const __m256bh h = _mm512_cvtneps_pbh(y);
-                      __builtin_memcpy(out + r * out_stride + column, &h, sizeof(h));
-                    } else {
-                      _mm512_storeu_ps(out + r * out_stride + column, y);
-                    }
-                  });
+  product_rows<R, kTileVectors>(static_cast<const T*>(w.probs), w.keys_pad, (keys + kStep - 1) / kStep, values, ldb,
+                                width, [&](int r, int64_t column, __m512 acc) {
+                                  const __m512 y = _mm512_mul_ps(acc, _mm512_set1_ps(inv_sum[r]));
+                                  if constexpr (sizeof(T) == 2) {
+                                    const __m256bh h = _mm512_cvtneps_pbh(y);
+                                    __builtin_memcpy(out + r * out_stride + column, &h, sizeof(h));
+                                  } else {
+                                    _mm512_storeu_ps(out + r * out_stride + column, y);
+                                  }
+                                });
 }
 
 // ------------------------------------------------------------------------------------------------ AMX tiles

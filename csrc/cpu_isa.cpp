@@ -73,8 +73,10 @@ const CpuKernels& cpu_kernels(Isa isa) {
   }
   switch (isa) {
     case Isa::kAmx:
-    case Isa::kAvx512:
-      return avx512::kernels;
+    case Isa::kAvx512: {
+      static const bool dot_products = avx512_bf16_supported();
+      return dot_products ? avx512_bf16::kernels : avx512::kernels;
+    }
     case Isa::kAvx2:
       return avx2::kernels;
     case Isa::kBaseline:

@@ -1,8 +1,9 @@
 // CPU instruction sets the vectorised CPU kernels are compiled for, and the choice among them at run time.
 //
-// The kernels of cpu_kernels.inc are compiled three times, once per translation unit cpu_kernels_<isa>.cpp
-// with that unit's `#pragma GCC target`, into the namespaces t2t::avx512, t2t::avx2 and t2t::baseline. Each
-// unit exports one table of entry points (CpuKernels); callers pick a table with cpu_kernels(isa). The
+// The kernels of cpu_kernels.inc are compiled four times, once per translation unit cpu_kernels_<isa>.cpp
+// with that unit's `#pragma GCC target`, into the namespaces t2t::avx512_bf16 (AVX-512 with BF16 dot products),
+// t2t::avx512, t2t::avx2 and t2t::baseline. Each unit exports one table of entry points (CpuKernels); callers pick
+// a table with cpu_kernels(isa). The
 // orchestration (threads, scratch, reductions) is ordinary code compiled for the baseline ISA.
 #pragma once
 
@@ -38,8 +39,12 @@ struct CpuKernels {
   // FAVOR+ query side of one chunk of tokens: y of those tokens.
   void (*favor_query_chunk)(const FavorProblem& p, int64_t image, int64_t first, int64_t count,
                             float* work);
+  // Whether the FAVOR+ kernels project bfloat16 k and q by bfloat16 pair products when the problem gives w in
+  // pairs (FavorProblem::w_pairs).
+  bool favor_pairs;
 };
 
+namespace avx512_bf16 { extern const CpuKernels kernels; }
 namespace avx512 { extern const CpuKernels kernels; }
 namespace avx2 { extern const CpuKernels kernels; }
 namespace baseline { extern const CpuKernels kernels; }
@@ -50,7 +55,8 @@ constexpr Isa kIsas[] = {Isa::kAmx, Isa::kAvx512, Isa::kAvx2, Isa::kBaseline};
 // The best ISA this CPU runs (AVX-512 needs F, BW, DQ and VL; AVX2 needs FMA too; AMX needs AVX-512, AMX-TILE,
 // AMX-BF16 and the kernel's permission for the tile data, asked for once).
 Isa best_cpu_isa();
-// The kernels for `isa` (kAmx: the AVX-512 ones); std::invalid_argument when this CPU cannot run it.
+// The kernels for `isa` (kAmx: the AVX-512 ones; those with BF16 dot products where this CPU has them);
+// std::invalid_argument when this CPU cannot run it.
 const CpuKernels& cpu_kernels(Isa isa);
 const char* isa_name(Isa isa);
 // Whether this CPU has AVX-512 F, BW, DQ, VL and BF16 (the bf16 dot products of the attention kernel and of the

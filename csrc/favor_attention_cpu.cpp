@@ -10,14 +10,34 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <vector>
+
+#include "restructurize_unfold.h"
 
 namespace t2t {
 
 namespace {
 int64_t chunks_of(int64_t tokens) { return (tokens + kFavorChunk - 1) / kFavorChunk; }
+
+// w_t (e x features_pad floats) in the pairs of FavorProblem::w_pairs, or an empty vector when an element is not a
+// bfloat16 number (its low 16 bits set) or e is odd: then the projections keep to float32 products.
+std::vector<uint16_t> w_in_pairs(const FavorProblem& p) {
+  const int64_t e = p.width, mp = p.features_pad;
+  if (e % 2 != 0) return {};
+  std::vector<uint16_t> pairs(static_cast<std::size_t>(e * mp));
+  for (int64_t i = 0; i < e; ++i) {
+    for (int64_t j = 0; j < mp; ++j) {
+      uint32_t bits;
+      std::memcpy(&bits, &p.w_t[i * mp + j], sizeof(bits));
+      if (bits & 0xffffu) return {};
+      pairs[(i / 2 * mp + j) * 2 + i % 2] = static_cast<uint16_t>(bits >> 16);
+    }
+  }
+  return pairs;
+}
 }  // namespace
 
 int64_t favor_work_floats(const FavorProblem& p) {
@@ -39,6 +59,9 @@ void favor_attention_forward_cpu(FavorProblem p, float* s, float* z, float* c_k,
   const int64_t work_floats = favor_work_floats(p);
   std::vector<float> work(static_cast<std::size_t>(threads) * work_floats);
   const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<uint16_t> w_pairs =
+      kernels.favor_pairs && p.dtype == kBFloat16 ? w_in_pairs(p) : std::vector<uint16_t>();
+  p.w_pairs = w_pairs.empty() ? nullptr : w_pairs.data();
   p.c_k_pad = c_k_pad.data();
   p.s_pad = s_pad.data();
   p.z_pad = z_pad.data();

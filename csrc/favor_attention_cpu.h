@@ -22,6 +22,10 @@ struct FavorProblem {
   const void *k, *q, *v;
   int64_t k_stride_b, k_stride_t, q_stride_b, q_stride_t, v_stride_b, v_stride_t;
   const float* w_t;  // (e, features_pad): w transposed, zero past m
+  // w in bfloat16 pairs, for kernels that take them (CpuKernels::favor_pairs) when every element of w is a
+  // bfloat16 number and e is even; else nullptr. Per input pair i (e / 2 of them), per feature j < features_pad:
+  // w[j][2i], w[j][2i + 1] (zero past m).
+  const uint16_t* w_pairs;
   float log_eps_m;   // log(eps * m), -inf for eps = 0
   // Per image, from the key side: c_k (features_pad, -inf past m), S' (features_pad, width_pad) and z'
   // (features_pad), zero past m and e.

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from t2t_fast import backend
-from t2t_fast._native import native_cpu_isas, native_module, native_vector_isas
+from t2t_fast._native import native_avx512_bf16, native_cpu_isas, native_module, native_vector_isas
 from t2t_fast.backend import BackendUnavailableError, set_cpu_isa, unavailable_reason
 from t2t_fast.ops import favor_attention, favor_attention_ref, soft_split_layernorm, soft_split_layernorm_ref
 from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
@@ -62,11 +62,21 @@ FAVOR_SHAPES = ((2, 1, 64, 32), (2, 17, 64, 32), (2, 196, 64, 32), (1, 784, 64, 
                 (1, 50, 70, 70), (2, 30, 16, 40))
 
 
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+# dtypes of (k, q, v) and w: bfloat16 inputs with w in bfloat16 (as a bfloat16 model holds it) take the pair
+# products of the AVX512-BF16 kernels where the CPU has them; with a float32 w, float32 products everywhere.
+FAVOR_DTYPES = ((torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16))
+
+
+def _dtype_ids(dtypes):
+    return "-w".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+@pytest.mark.parametrize("dtypes", FAVOR_DTYPES, ids=_dtype_ids)
 @pytest.mark.parametrize("shape", FAVOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_favor_matches_float64_reference(isa, dtype, shape):
+def test_favor_matches_float64_reference(isa, dtypes, shape):
     batch, tokens, e, m = shape
-    w = _projection(m, e)
+    dtype, w_dtype = dtypes
+    w = _projection(m, e).to(w_dtype)
     k, q, v = _kqv(batch, tokens, e, dtype)
     y, s, z, c_k = _cpp(k, q, v, w)
     assert y.dtype == dtype and y.shape == k.shape
@@ -92,13 +102,14 @@ def test_favor_state_is_the_triton_forwards(isa, shape):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("dtypes", FAVOR_DTYPES, ids=_dtype_ids)
 @pytest.mark.parametrize("eps", (1e-8, 0.0))
 @pytest.mark.parametrize("magnitude", (1e20, 3e38))
-def test_favor_rows_whose_half_norm_overflows(isa, dtype, eps, magnitude):
+def test_favor_rows_whose_half_norm_overflows(isa, dtypes, eps, magnitude):
     """Keys with a huge component add nothing, an image of only such keys gives y = 0, and a query with one
     gets the torch path's limit (0 for eps > 0): as the stabilised torch backend, never NaN."""
-    w = _projection(32, 64)
+    dtype, w_dtype = dtypes
+    w = _projection(32, 64).to(w_dtype)
     k, q, v = (t.contiguous() for t in _kqv(3, 150, 64, dtype))
     k[0, [2, 140], 1] = magnitude
     k[1, :, 0] = magnitude
@@ -126,11 +137,12 @@ def test_favor_logits_that_overflow_float32(isa):
     assert_within_reference_error(_cpp(k, q, v, w)[0], stabilised, exact)
 
 
-def test_favor_nan_query_gives_a_nan_row(isa):
+@pytest.mark.parametrize("dtypes", FAVOR_DTYPES, ids=_dtype_ids)
+def test_favor_nan_query_gives_a_nan_row(isa, dtypes):
     """A query with a NaN element: its output row is NaN, as on the torch path and in the reference; the other
     rows are those of the clean input."""
-    w = _projection(16, 32)
-    k, q, v = _kqv(2, 40, 32, torch.float32)
+    w = _projection(16, 32).to(dtypes[1])
+    k, q, v = _kqv(2, 40, 32, dtypes[0])
     q = q.clone()
     q[1, 7, 3] = float("nan")
     y = _cpp(k, q, v, w)[0]
@@ -142,11 +154,12 @@ def test_favor_nan_query_gives_a_nan_row(isa):
     assert torch.equal(y[~nan_rows], clean[~nan_rows])
 
 
-def test_favor_nan_key_makes_its_image_nan(isa):
+@pytest.mark.parametrize("dtypes", FAVOR_DTYPES, ids=_dtype_ids)
+def test_favor_nan_key_makes_its_image_nan(isa, dtypes):
     """A key with a NaN element: every output row of its image is NaN (its features enter S and z), as on the torch
     path and in the reference; the other image is that of the clean input."""
-    w = _projection(16, 32)
-    k, q, v = _kqv(2, 40, 32, torch.float32)
+    w = _projection(16, 32).to(dtypes[1])
+    k, q, v = _kqv(2, 40, 32, dtypes[0])
     k = k.clone()
     k[1, 7, 3] = float("nan")
     y = _cpp(k, q, v, w)[0]
@@ -155,6 +168,27 @@ def test_favor_nan_key_makes_its_image_nan(isa):
         assert torch.isnan(favor_attention(k, q, v, w, backend="torch")[1]).all()
         assert torch.isnan(favor_attention_ref(k, q, v, w)[1]).all()
     assert torch.equal(y[0], _cpp(k.nan_to_num(0.0), q, v, w)[0][0])
+
+
+@pytest.mark.skipif(not native_avx512_bf16() or "avx2" not in ISAS, reason="needs AVX512-BF16 and AVX2")
+@pytest.mark.parametrize("shape", FAVOR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_favor_pair_products_are_the_float32_maths(shape):
+    """bfloat16 k, q and w: the AVX512-BF16 kernels' projections by pair products (each product exact in float32)
+    give the state (s, z, c_k) of the AVX2 kernels' float32 products, but for the order of the sums."""
+    batch, tokens, e, m = shape
+    w = _projection(m, e).bfloat16()
+    k, q, v = _kqv(batch, tokens, e, torch.bfloat16)
+    states = {}
+    for isa in ("avx512", "avx2"):
+        set_cpu_isa(isa)
+        try:
+            states[isa] = _cpp(k, q, v, w)
+        finally:
+            set_cpu_isa(None)
+    for name, pairs, fp32 in zip(("y", "s", "z", "c_k"), states["avx512"], states["avx2"]):
+        if name != "y":  # y is rounded to bfloat16: a sum's last bit may round it either way
+            assert_relative_close(pairs, fp32, 1e-5, what=name)
+    assert_relative_close(states["avx512"][0], states["avx2"][0], RELATIVE_TOLERANCE[torch.bfloat16], what="y")
 
 
 def test_favor_strides(isa):
@@ -166,9 +200,10 @@ def test_favor_strides(isa):
         _check_y(_cpp(k, q, v, w)[0], k, q, v, w)
 
 
-def test_favor_deterministic_across_thread_counts(isa):
-    w = _projection(32, 64)
-    k, q, v = _kqv(3, 700, 64, torch.float32)
+@pytest.mark.parametrize("dtypes", FAVOR_DTYPES, ids=_dtype_ids)
+def test_favor_deterministic_across_thread_counts(isa, dtypes):
+    w = _projection(32, 64).to(dtypes[1])
+    k, q, v = _kqv(3, 700, 64, dtypes[0])
     one, two = results_at_thread_counts(lambda: _cpp(k, q, v, w))
     assert all(torch.equal(a, b) for a, b in zip(one, two))
 
