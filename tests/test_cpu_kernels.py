@@ -257,7 +257,10 @@ SPLITS = (("image_k7", (2, 3, 37, 29), None, 7, 4, 2),
           ("tokens_k3", (2, 15 * 13, 64), (15, 13), 3, 2, 1),
           ("tokens_56", (2, 56 * 56, 64), (56, 56), 3, 2, 1),
           ("tokens_5_channels", (2, 7 * 9, 5), (7, 9), 3, 2, 1),
-          ("image_k2_no_padding", (3, 4, 10, 10), None, 2, 2, 0))
+          ("image_k2_no_padding", (3, 4, 10, 10), None, 2, 2, 0),
+          # rows of 1024 and 1170 features: the longest bfloat16 rows widened to float32 once, and longer ones
+          ("image_1024_features", (1, 16, 20, 20), None, 8, 4, 2),
+          ("tokens_1170_features", (2, 9 * 7, 130), (9, 7), 3, 2, 1))
 SPLIT_IDS = [case[0] for case in SPLITS]
 
 
