@@ -12,7 +12,7 @@ constexpr int64_t kMinParallelElements = 1 << 14;
 void add_layernorm_forward_cpu(const AddLayerNormProblem& p, Isa isa, int threads) {
   const CpuKernels& kernels = cpu_kernels(isa);
   threads = threads < 1 || p.rows * p.features < kMinParallelElements ? 1 : threads;
-  const int64_t elem = p.dtype == kFloat32 ? 4 : 2;
+  const int64_t elem = element_size(p.dtype);
   const int64_t per_thread = (p.rows + threads - 1) / threads;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int thread = 0; thread < threads; ++thread) {

@@ -24,6 +24,8 @@ namespace py = pybind11;
 
 
 namespace {
+using t2t::element_size;
+
 bool compiled_with_cuda() {
 #ifdef T2T_WITH_CUDA
   return true;
@@ -110,12 +112,6 @@ void check_no_overlap(const t2t::UnfoldGeometry& g) {
     if (axis[0] <= reach) throw py::value_error("restructurize_unfold: the strides of dx overlap");
     reach = checked_add(reach, checked_mul(axis[0], axis[1] - 1));
   }
-}
-
-int64_t element_size(int dtype) {
-  int64_t size = 0;
-  t2t::dispatch_dtype(dtype, [&](auto d) { size = sizeof(t2t::StorageBits<decltype(d)::value>); });
-  return size;
 }
 
 // A buffer of `extent` elements at `address` must hold the `needed` elements the geometry reaches, at an

@@ -17,10 +17,8 @@ namespace t2t {
 
 namespace {
 
-int64_t element_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
-
 char* rows_at(void* base, const EncoderProblem& p, int64_t row) {
-  return static_cast<char*>(base) + row * p.dim * element_bytes(p.dtype);
+  return static_cast<char*>(base) + row * p.dim * element_size(p.dtype);
 }
 
 // h = the LayerNorm of x's rows (the first block's norm1; every later one is fused with a residual add).
@@ -83,7 +81,7 @@ void cls_attention(const EncoderProblem& p, const void* qkv, float scale, void* 
 // The last block for the cls rows alone (EncoderProblem::cls_only_last), from h = its norm1 of every row.
 void cls_block(const EncoderProblem& p, const EncoderBlock& b, char* qkv, char* mixed, char* branch, char* hidden,
                int threads) {
-  const int64_t rows = p.batch * p.tokens, dim = p.dim, elem = element_bytes(p.dtype);
+  const int64_t rows = p.batch * p.tokens, dim = p.dim, elem = element_size(p.dtype);
   linear_forward_cpu({p.dtype, rows, dim, 3 * dim, p.h, dim, b.qkv, b.qkv_bias, false, qkv}, p.isa, threads);
   if (p.dtype == kFloat32) {
     cls_attention<kFloat32>(p, qkv, b.scale, mixed, threads);
@@ -112,7 +110,7 @@ void encoder_forward_cpu(const EncoderProblem& p, int threads) {
   }
   cpu_kernels(p.isa);  // std::invalid_argument where this CPU cannot run isa
   threads = threads < 1 ? 1 : threads;
-  const int64_t rows = p.batch * p.tokens, dim = p.dim, elem = element_bytes(p.dtype);
+  const int64_t rows = p.batch * p.tokens, dim = p.dim, elem = element_size(p.dtype);
   std::vector<char> scratch(rows * (5 * dim + p.hidden) * elem);
   char* qkv = scratch.data();
   char* mixed = qkv + rows * 3 * dim * elem;  // the attention's output

@@ -93,7 +93,7 @@ void forward_amx(const LinearProblem& p, int threads) {
 // panels, which stay in L2 across the chunks; while it computes a panel it fetches its next one.
 void forward_panels(const LinearProblem& p, int threads) {
   constexpr int64_t kChunkBytes = 256 * 1024;
-  const int64_t elem = p.dtype == kFloat32 ? 4 : 2;
+  const int64_t elem = element_size(p.dtype);
   const auto rows_of_panel = p.dtype == kFloat32 ? linear_rows_f32 : linear_rows_bf16;
   const int64_t panels = (p.out_features + kLinearPanel - 1) / kLinearPanel;
   const int64_t groups = (p.rows + kLinearPanelRows - 1) / kLinearPanelRows;  // of kLinearPanelRows rows
@@ -131,9 +131,7 @@ void linear_forward_cpu(const LinearProblem& p, Isa isa, int threads) {
   if (isa != Isa::kAmx && isa != Isa::kAvx512) {
     throw std::invalid_argument(std::string("the linear kernels run with amx or avx512, not ") + isa_name(isa));
   }
-  if (static_cast<int>(isa) > static_cast<int>(best_cpu_isa())) {
-    throw std::invalid_argument(std::string("this CPU (or the OS) cannot run the ") + isa_name(isa) + " kernels");
-  }
+  cpu_kernels(isa);  // std::invalid_argument where this CPU (or the OS) cannot run isa
   threads = threads < 1 ? 1 : threads;
   if (p.dtype == kBFloat16 && isa == Isa::kAmx) return forward_amx(p, threads);
   if (p.dtype == kBFloat16 && !avx512_bf16_supported()) {

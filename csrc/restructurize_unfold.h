@@ -829,6 +829,13 @@ void dispatch_dtype(int dtype, F&& f) {
   }
 }
 
+// Bytes per element of the dtype code; an unknown code is an std::invalid_argument.
+inline int64_t element_size(int dtype) {
+  int64_t size = 0;
+  dispatch_dtype(dtype, [&](auto d) { size = sizeof(StorageBits<decltype(d)::value>); });
+  return size;
+}
+
 // ------------------------------------------------------------------------------------------ entry points
 
 #ifndef __CUDACC__

@@ -13,8 +13,8 @@ void soft_split_layernorm_forward_cpu(uintptr_t x, int x_dtype, const UnfoldGeom
   threads = threads < 1 ? 1 : threads;
   const int64_t n = features(g);
   const int64_t groups = g.batch * g.out_h;
-  const int64_t x_bytes = x_dtype == kFloat32 ? 4 : 2;
-  const int64_t y_bytes = y_dtype == kFloat32 ? 4 : 2;
+  const int64_t x_bytes = element_size(x_dtype);
+  const int64_t y_bytes = element_size(y_dtype);
   char* out = reinterpret_cast<char*>(y);
 #pragma omp parallel num_threads(threads)
   {
