@@ -183,6 +183,12 @@ t2t::Isa parse_isa(const std::string& op, const std::string& name) {
   throw py::value_error(op + ": unknown CPU kernel ISA '" + name + "' (amx, avx512, avx2, baseline)");
 }
 
+// restructurize_unfold_forward_cpu with the kernels' ISA by name.
+void restructurize_unfold_forward(std::uintptr_t x, std::uintptr_t y, const t2t::UnfoldGeometry& g, int dtype,
+                                  int threads, std::string isa) {
+  t2t::restructurize_unfold_forward_cpu(x, y, g, dtype, threads, parse_isa("restructurize_unfold", isa));
+}
+
 std::vector<std::string> cpu_isas() {
   std::vector<std::string> names;
   for (t2t::Isa isa : t2t::kIsas) {
@@ -555,10 +561,11 @@ PYBIND11_MODULE(_C, m) {
   const std::array<const char*, 4> kForwardBuffers = {"x", "x_extent", "y", "y_extent"};
   const std::array<const char*, 4> kBackwardBuffers = {"dy", "dy_extent", "dx", "dx_extent"};
   def_checked<kForward, true>(
-      m, "restructurize_unfold_forward_cpu", &t2t::restructurize_unfold_forward_cpu, kForwardBuffers,
+      m, "restructurize_unfold_forward_cpu", &restructurize_unfold_forward, kForwardBuffers,
       "y (B, L, C*kh*kw) contiguous <- x viewed as (B, C, H, W) through `strides`; addresses as integers, each "
-      "with the elements its buffer holds from there",
-      py::arg("threads"));
+      "with the elements its buffer holds from there; isa: of the vectorised kernels (the 3x3 windows of "
+      "channels-last tokens)",
+      py::arg("threads"), py::arg("isa"));
   def_checked<kBackward, true>(
       m, "restructurize_unfold_backward_cpu", &t2t::restructurize_unfold_backward_cpu, kBackwardBuffers,
       "dx (written through `strides`) <- dy (B, L, C*kh*kw) contiguous, by gathering (no atomics)",

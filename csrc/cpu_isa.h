@@ -42,6 +42,9 @@ struct CpuKernels {
   // Whether the FAVOR+ kernels project bfloat16 k and q by bfloat16 pair products when the problem gives w in
   // pairs (FavorProblem::w_pairs).
   bool favor_pairs;
+  // out[c*9 + t] = taps[t][c] for c < channels: one window of a 3x3 soft split of channels-last tokens (taps: the
+  // nine (ki, kj) taps' channel vectors, contiguous), elements of element_bytes (2, 4 or 8) copied bit for bit.
+  void (*interleave_taps9)(const void* const* taps, void* out, int64_t channels, int element_bytes);
 };
 
 namespace avx512_bf16 { extern const CpuKernels kernels; }

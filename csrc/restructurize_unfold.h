@@ -14,6 +14,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+
 #ifdef __CUDACC__
 #define T2T_HD __host__ __device__ __forceinline__
 #define T2T_UNROLL _Pragma("unroll")
@@ -841,16 +843,18 @@ inline int64_t element_size(int dtype) {
 #ifndef __CUDACC__
 // The OW windows of one window row (b, oh) of the forward, gathered into a contiguous (OW, F) buffer: the CPU
 // forward's unit of work, also the first step of the fused soft split + LayerNorm. One per thread (it holds
-// the per-tap source pointers); elements are moved as 2-, 4- or 8-byte words.
+// the per-tap source pointers); elements are moved as 2-, 4- or 8-byte words, the windows of 3x3 splits of
+// channels-last tokens by `kernels`' interleave_taps9.
 class WindowRowGather {
  public:
-  WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes);
+  WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes, const CpuKernels& kernels);
   // out <- the windows of row `group` = b*OH + oh of x (addressed through g's strides).
   void operator()(uintptr_t x, void* out, int64_t group);
 
  private:
   UnfoldGeometry g_;
   int64_t element_bytes_;
+  const CpuKernels& kernels_;
   std::vector<const void*> taps_;
   std::vector<uint8_t> zeros_;  // what padding taps read in the channels-inner loop
 };
@@ -859,8 +863,10 @@ class WindowRowGather {
 // Every entry point trusts its caller (bindings.cpp, which checks the geometry against the buffers' extents)
 // for valid addresses and a geometry whose reach stays inside them.
 // Forward: y (B, L, F) contiguous from x (strides in g). Copies elements bit for bit (padding = +0).
-// The CPU kernels run on `threads` OpenMP threads (fewer than 1 means 1).
-void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads);
+// The CPU kernels run on `threads` OpenMP threads (fewer than 1 means 1); the forward's 3x3 windows of
+// channels-last tokens with the vectorised kernels of `isa`.
+void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads,
+                                      Isa isa);
 // Backward: dx (strides in g, not overlapping) from dy (B, L, F) contiguous.
 void restructurize_unfold_backward_cpu(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int dtype,
                                        int threads);

@@ -8,19 +8,12 @@
 namespace t2t {
 namespace {
 
-// y[c*TAPS + t] = tap[t][c]: the window row of a channels-last input, written front to back.
-template <int TAPS, typename T>
-inline void interleave_taps(const T* const* tap, T* out, int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c, out += TAPS) {
-    for (int t = 0; t < TAPS; ++t) out[t] = tap[t][c];
-  }
-}
-
 // The forward only moves elements, so it works on their bits: 2-, 4- and 8-byte words.
 // The OW windows of window row `group` (= b*OH + oh), written to out as (OW, F). `tap` holds KH*KW pointers,
 // `zeros` is what padding taps read in the channels-inner loop (channel c at zeros[c * stride_c]).
 template <typename T>
-void gather_window_row(const T* x, T* out, const UnfoldGeometry& g, int64_t group, const T** tap, const T* zeros) {
+void gather_window_row(const T* x, T* out, const UnfoldGeometry& g, int64_t group, const T** tap, const T* zeros,
+                       const CpuKernels& kernels) {
   const int64_t taps = window_elems(g);
   const int64_t row_features = features(g);
   // Token input has unit channel stride: loop over taps, channels innermost (contiguous reads).
@@ -43,8 +36,8 @@ void gather_window_row(const T* x, T* out, const UnfoldGeometry& g, int64_t grou
           tap[t] = offset < 0 ? zeros : image + offset;
         }
       }
-      if (taps == 9 && sc == 1) {  // T2T's k3 soft splits: a fixed-length inner loop the compiler unrolls
-        interleave_taps<9>(tap, out, g.channels);
+      if (taps == 9 && sc == 1) {  // T2T's k3 soft splits
+        kernels.interleave_taps9(reinterpret_cast<const void* const*>(tap), out, g.channels, sizeof(T));
       } else {
         for (int64_t c = 0, f = 0; c < g.channels; ++c) {
           for (int64_t t = 0; t < taps; ++t, ++f) out[f] = tap[t][c * sc];
@@ -96,12 +89,12 @@ void gather_window_row(const T* x, T* out, const UnfoldGeometry& g, int64_t grou
 }
 
 template <typename T>
-void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads) {
+void forward_rows(const T* x, T* y, const UnfoldGeometry& g, int threads, const CpuKernels& kernels) {
   const int64_t row_groups = g.batch * g.out_h;
   const int64_t group_elems = g.out_w * features(g);
 #pragma omp parallel num_threads(threads)
   {
-    WindowRowGather gather(g, sizeof(T));
+    WindowRowGather gather(g, sizeof(T), kernels);
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < row_groups; ++group) {
       gather(reinterpret_cast<uintptr_t>(x), y + group * group_elems, group);
@@ -252,9 +245,10 @@ void backward_typed(uintptr_t dy, uintptr_t dx, const UnfoldGeometry& g, int thr
 
 }  // namespace
 
-WindowRowGather::WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes)
+WindowRowGather::WindowRowGather(const UnfoldGeometry& g, int64_t element_bytes, const CpuKernels& kernels)
     : g_(g),
       element_bytes_(element_bytes),
+      kernels_(kernels),
       taps_(window_elems(g)),
       zeros_(channels_inner(g) ? ((g.channels - 1) * g.stride_c + 1) * element_bytes : 0, 0) {}
 
@@ -264,21 +258,26 @@ void WindowRowGather::operator()(uintptr_t x, void* out, int64_t group) {
   switch (element_bytes_) {
     case 2:
       return gather_window_row(reinterpret_cast<const uint16_t*>(x), static_cast<uint16_t*>(out), g_, group,
-                               reinterpret_cast<const uint16_t**>(tap), static_cast<const uint16_t*>(zeros));
+                               reinterpret_cast<const uint16_t**>(tap), static_cast<const uint16_t*>(zeros),
+                               kernels_);
     case 4:
       return gather_window_row(reinterpret_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), g_, group,
-                               reinterpret_cast<const uint32_t**>(tap), static_cast<const uint32_t*>(zeros));
+                               reinterpret_cast<const uint32_t**>(tap), static_cast<const uint32_t*>(zeros),
+                               kernels_);
     default:
       return gather_window_row(reinterpret_cast<const uint64_t*>(x), static_cast<uint64_t*>(out), g_, group,
-                               reinterpret_cast<const uint64_t**>(tap), static_cast<const uint64_t*>(zeros));
+                               reinterpret_cast<const uint64_t**>(tap), static_cast<const uint64_t*>(zeros),
+                               kernels_);
   }
 }
 
-void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads) {
+void restructurize_unfold_forward_cpu(uintptr_t x, uintptr_t y, const UnfoldGeometry& g, int dtype, int threads,
+                                      Isa isa) {
   threads = threads < 1 ? 1 : threads;
+  const CpuKernels& kernels = cpu_kernels(isa);
   dispatch_dtype(dtype, [&](auto d) {
     using T = StorageBits<decltype(d)::value>;
-    forward_rows(reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), g, threads);
+    forward_rows(reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), g, threads, kernels);
   });
 }
 

@@ -18,7 +18,7 @@ void soft_split_layernorm_forward_cpu(uintptr_t x, int x_dtype, const UnfoldGeom
   char* out = reinterpret_cast<char*>(y);
 #pragma omp parallel num_threads(threads)
   {
-    WindowRowGather gather(g, x_bytes);
+    WindowRowGather gather(g, x_bytes, kernels);
     std::vector<char> rows(g.out_w * n * x_bytes);
 #pragma omp for schedule(static)
     for (int64_t group = 0; group < groups; ++group) {

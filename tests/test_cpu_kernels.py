@@ -12,7 +12,8 @@ import torch
 from t2t_fast import backend
 from t2t_fast._native import native_avx512_bf16, native_cpu_isas, native_module, native_vector_isas
 from t2t_fast.backend import BackendUnavailableError, set_cpu_isa, unavailable_reason
-from t2t_fast.ops import favor_attention, favor_attention_ref, soft_split_layernorm, soft_split_layernorm_ref
+from t2t_fast.ops import (favor_attention, favor_attention_ref, restructurize_unfold, restructurize_unfold_ref,
+                          soft_split_layernorm, soft_split_layernorm_ref)
 from t2t_fast.testing import (RELATIVE_TOLERANCE, assert_relative_close, assert_within_reference_error,
                               poison_outputs, results_at_thread_counts)
 
@@ -313,6 +314,28 @@ def test_split_layernorm_statistics(isa, case):
                                       else x.double(), kernel, padding=padding, stride=stride).transpose(1, 2)
     assert_relative_close(mean, rows.mean(-1).reshape(-1), 1e-5, what="mean")
     assert_relative_close(rstd, (rows.var(-1, unbiased=False) + 1e-5).rsqrt().reshape(-1), 1e-5, what="rstd")
+
+
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+         torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("dtype", tuple(_BITS), ids=lambda dtype: str(dtype).split(".")[-1])
+@pytest.mark.parametrize("channels", (64, 96, 37, 5))
+def test_k3_token_windows_are_copied_bit_for_bit(isa, dtype, channels):
+    """The 3x3 windows of channels-last tokens (the interleave of nine taps' channels, by permutes on AVX-512 in
+    blocks of 32 two-byte or 16 four-byte channels, then the channels left): every element of the unfold in
+    place, NaN payloads, -0 and the padding's +0 included, for whole blocks, partial ones and fewer channels
+    than a block; tokens of a wider buffer (a channel slice)."""
+    wide = torch.randn(2, 9 * 7, channels + 3).to(dtype)
+    wide.view(_BITS[dtype])[0, :5, :3] = torch.tensor([-1, 0x7fff, 0x7fc1], dtype=_BITS[dtype]) if \
+        dtype.itemsize == 2 else torch.tensor([-1, -(2 ** 30), 7], dtype=_BITS[dtype])
+    wide[1, 3, :] = -0.0
+    x = wide[..., :channels]
+    with poison_outputs():
+        y = restructurize_unfold(x, (9, 7), 3, 2, 1, backend="cpp")
+    expected = restructurize_unfold_ref(x, (9, 7), 3, 2, 1)
+    assert torch.equal(y.view(_BITS[dtype]), expected.view(_BITS[dtype]))
 
 
 def test_split_layernorm_deterministic_across_thread_counts(isa):

@@ -370,7 +370,7 @@ def test_native_entry_point_rejects_bad_geometry():
     x = torch.randn(1, 2, 3, 3)
     y = torch.empty(1, 9, 18)
     args = dict(x=x.data_ptr(), x_extent=x.numel(), y=y.data_ptr(), y_extent=y.numel(), kernel=(3, 3),
-                stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0, threads=1)
+                stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0, threads=1, isa="baseline")
     with pytest.raises(ValueError, match="positive"):
         module.restructurize_unfold_forward_cpu(sizes=(1, 2, 0, 3), **args)
     with pytest.raises(ValueError, match="does not fit"):
@@ -388,7 +388,7 @@ def test_native_entry_points_check_the_reach_of_the_geometry():
     y = torch.empty(1, 9, 18)
     forward = dict(x=x.data_ptr(), x_extent=x.numel(), y=y.data_ptr(), y_extent=y.numel(), sizes=(1, 2, 3, 3),
                    kernel=(3, 3), stride=(1, 1), padding=(1, 1), strides=x.stride(), dtype=0)
-    module.restructurize_unfold_forward_cpu(**forward, threads=1)
+    module.restructurize_unfold_forward_cpu(**forward, threads=1, isa="baseline")
     assert torch.equal(y, restructurize_unfold_ref(x, None, 3, 1, 1))
     for bad, match in [
         (dict(sizes=(2, 2, 3, 3)), "x holds 18 elements but the geometry reaches 36"),
@@ -400,7 +400,7 @@ def test_native_entry_points_check_the_reach_of_the_geometry():
         (dict(padding=(2**62, 1)), "overflow"),
     ]:
         with pytest.raises(ValueError, match=match):
-            module.restructurize_unfold_forward_cpu(**{**forward, **bad}, threads=1)
+            module.restructurize_unfold_forward_cpu(**{**forward, **bad}, threads=1, isa="baseline")
         with pytest.raises(ValueError, match=match):
             module.restructurize_unfold_forward_emulated(**{**forward, **bad})
     dy = torch.randn(1, 9, 18)
@@ -442,7 +442,7 @@ REPRODUCERS = {
         "[3, 3, 2, 2, 1, 1])", "TypeError", r"dy has dtype int64"),
     "native_entry_point_beyond_x": (
         "t2t_fast._C.restructurize_unfold_forward_cpu(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), "
-        "(1, 1, 1000, 1000), (1, 1), (1, 1), (0, 0), (0, 1, 1000, 1), 0, 1)", "ValueError", r"x holds 96 elements"),
+        "(1, 1, 1000, 1000), (1, 1), (1, 1), (0, 0), (0, 1, 1000, 1), 0, 1, 'baseline')", "ValueError", r"x holds 96 elements"),
 }
 
 _REPRODUCER_SETUP = """

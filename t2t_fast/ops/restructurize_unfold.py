@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from t2t_fast._native import native_module
-from t2t_fast.backend import select_backend, unavailable_reason
+from t2t_fast.backend import cpu_isa, select_backend, unavailable_reason
 from t2t_fast.geometry import split_output_size
 from t2t_fast.ops._common import (DTYPE_CODES, as_image, backend_cannot_take, check_float_tensor, device_guard,
                                    direct_calls_allowed, image_sizes, is_int, new_output, split_geometry,
@@ -149,6 +149,7 @@ def restructurize_unfold_fwd(x, grid_h, grid_w, window):
     if y.numel() == 0:
         return y
     launch, extra = _native_launch(x, "restructurize_unfold_forward_cuda", "restructurize_unfold_forward_cpu")
+    extra = extra if x.is_cuda else (*extra, cpu_isa())
     _, strides = split_geometry(x, grid_h, grid_w)
     with device_guard(x):
         launch(x.data_ptr(), storage_extent(x), y.data_ptr(), storage_extent(y), sizes, kernel, step, pad, strides,
