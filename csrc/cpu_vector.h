@@ -32,6 +32,12 @@ static inline Vec load_bf16(const uint16_t* p) {
   __builtin_memcpy(&h, p, sizeof(h));
   return reinterpret_cast<Vec>(__builtin_convertvector(h, VecU) << 16);
 }
+#ifdef T2T_BF16_PAIRS
+// One vcvtneps2bf16, which also flushes float32 denormals (below 2^-126) to zeros of their sign.
+static inline VecH to_bf16_bits(Vec v) {
+  return reinterpret_cast<VecH>(_mm512_cvtneps_pbh(reinterpret_cast<__m512>(v)));
+}
+#else
 static inline VecH to_bf16_bits(Vec v) {
   const VecU u = reinterpret_cast<VecU>(v);
   const VecU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
@@ -39,6 +45,7 @@ static inline VecH to_bf16_bits(Vec v) {
   const VecU bits = reinterpret_cast<VecU>(v != v ? reinterpret_cast<VecI>(nan) : reinterpret_cast<VecI>(rounded));
   return __builtin_convertvector(bits, VecH);
 }
+#endif
 static inline void store_bf16(uint16_t* p, Vec v) {
   const VecH h = to_bf16_bits(v);
   __builtin_memcpy(p, &h, sizeof(h));
