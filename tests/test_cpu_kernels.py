@@ -338,6 +338,25 @@ def test_k3_token_windows_are_copied_bit_for_bit(isa, dtype, channels):
     assert torch.equal(y.view(_BITS[dtype]), expected.view(_BITS[dtype]))
 
 
+def test_bf16_outputs_round_float32_denormals_by_the_isa(isa):
+    """bf16 outputs are float32 results rounded to nearest even, NaN kept, as torch rounds, except that the
+    AVX512-BF16 table (ISA avx512 or amx on a CPU with AVX512-BF16) rounds with vcvtneps2bf16, which turns float32
+    denormals into zeros of their sign. A LayerNorm with weight 0 writes its bias: normal, denormal and NaN ones."""
+    bias = torch.tensor([1.0, -3.5e-3, 1e-39, -2e-39, 6e-39, float("nan"), 0.0, -1e-30, 2.5, 7.0] * 9)[:90]
+    x = torch.randn(2, 4 * 4, 10)
+    with torch.no_grad(), poison_outputs():
+        y = soft_split_layernorm(x, 3, 1, 1, torch.zeros(90), bias, grid_size=(4, 4), backend="cpp",
+                                 out_dtype=torch.bfloat16)
+    expected = bias.to(torch.bfloat16).expand_as(y).clone()
+    denormal = (bias != 0) & (bias.abs() < torch.finfo(torch.float32).tiny)
+    if isa in ("avx512", "amx") and native_avx512_bf16():
+        expected[..., denormal] = torch.copysign(torch.zeros(()), bias[denormal]).to(torch.bfloat16)
+    assert denormal.sum() == 3 * 9
+    nan = bias.isnan().expand_as(y)
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
 def test_split_layernorm_deterministic_across_thread_counts(isa):
     x = torch.randn(3, 56 * 56, 64)
     weight, bias = torch.randn(576), torch.randn(576)
