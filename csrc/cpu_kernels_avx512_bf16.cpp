@@ -1,5 +1,6 @@
-// The kernels of cpu_kernels.inc for AVX-512 with BF16 dot products (vdpbf16ps), as t2t::avx512_bf16::kernels:
-// those of t2t::avx512, but for FAVOR+ on bfloat16 inputs, whose projections take pair products.
+// The kernels of cpu_kernels.inc for AVX-512 with BF16 instructions, as t2t::avx512_bf16::kernels: those of
+// t2t::avx512, but for FAVOR+ on bfloat16 inputs, whose projections take pair products (vdpbf16ps), and for the
+// bfloat16 outputs, rounded by vcvtneps2bf16 (float32 denormals become zeros of their sign).
 // Everything with external linkage is included before the target pragma (see cpu_vector.h).
 #include <immintrin.h>
 
