@@ -12,6 +12,8 @@ baseline ISA, chosen at run time (t2t_fast.backend.cpu_isa). CUDA code (``csrc/*
   unset            build it when nvcc is found
 T2T_FAST_CUDA_ARCHS overrides the targets (default "80;90a", plus PTX for compute_80).
 
+The C++ sources compile in parallel, one job per CPU (T2T_FAST_BUILD_JOBS=N sets the number).
+
 T2T_FAST_SANITIZE=address builds the C++ sources with AddressSanitizer (-fsanitize=address, -O1 -g): for
 tests of the CPU kernels and the checks in front of them, run with gcc's libasan preloaded (the Python
 interpreter is not instrumented), e.g.
@@ -22,7 +24,7 @@ import os
 import shutil
 import subprocess
 
-from pybind11.setup_helpers import Pybind11Extension
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
 from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
@@ -152,6 +154,8 @@ native = Pybind11Extension(
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],
 )
+
+ParallelCompile("T2T_FAST_BUILD_JOBS", default=0).install()  # 0: one job per CPU
 
 setup(
     packages=find_packages(include=["t2t_fast", "t2t_fast.*"]) + ["t2t_fast.kernels"],
