@@ -4,6 +4,8 @@ Shared by the reference, the fast model and the ops; no tensor data is touched h
 forward calls compile under ``torch.jit.script``."""
 from typing import List, Tuple
 
+import torch
+
 # (kernel, stride, padding) of the three soft splits of the T2T module.
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 Splits = Tuple[Tuple[int, int, int], Tuple[int, int, int], Tuple[int, int, int]]
@@ -16,7 +18,10 @@ def split_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 def image_token_grids(x, splits: Splits = SOFT_SPLITS) -> List[Tuple[int, int]]:
     """:func:`token_grids` of an image batch (B, C, H, W)."""
-    return token_grids((x.shape[-2], x.shape[-1]), splits)
+    height, width = x.shape[-2], x.shape[-1]
+    if torch.jit.is_tracing():  # the sizes are traced 0-dim tensors there: the grids become constants of the trace
+        height, width = int(height), int(width)
+    return token_grids((height, width), splits)
 
 
 def token_grids(img_size: Tuple[int, int], splits: Splits = SOFT_SPLITS) -> List[Tuple[int, int]]:

@@ -3,6 +3,7 @@ torch.compile, ONNX export and training memory."""
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -302,14 +303,18 @@ def test_torch_compile_as_the_first_call(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
-def test_onnx_round_trip(tmp_path):
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_round_trip(tmp_path, dynamo):
+    """Both ONNX exporters: torch.export's, and the TorchScript-based one (a jit trace)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = _tiny().eval()
     x = torch.randn(2, 3, 64, 64)
     path = tmp_path / "t2t.onnx"
-    torch.onnx.export(model, (x,), str(path), opset_version=18, input_names=["image"], output_names=["logits"],
-                      dynamo=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and its trace's TracerWarnings
+        torch.onnx.export(model, (x,), str(path), opset_version=18, input_names=["image"], output_names=["logits"],
+                          dynamo=dynamo)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"image": x.numpy()})
     with torch.no_grad():

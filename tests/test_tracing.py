@@ -1,6 +1,8 @@
-"""The fast model under torch.fx symbolic tracing (and torchvision's feature extractor built on it) and under
-torch.jit.script: the traced graph keeps the fused steps as leaves; the scripted model runs the ops'
-references. Both reproduce the eager logits."""
+"""The fast model under torch.fx symbolic tracing (and torchvision's feature extractor built on it), torch.jit.trace
+and torch.jit.script: the fx graph keeps the fused steps as leaves; the jit-traced and scripted models run the ops'
+references. All reproduce the eager logits."""
+import warnings
+
 import pytest
 import torch
 
@@ -56,3 +58,16 @@ def test_torchscript_matches_eager(name):
         expected = model(x)
         torch.testing.assert_close(scripted(x), expected, rtol=1e-4, atol=1e-5)
     assert scripted.code  # compiled, not traced: TorchScript holds the whole forward
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_trace_matches_eager(name):
+    """torch.jit.trace records the ops' pure-torch references (the image size becomes a constant of the trace, the
+    batch size does not)."""
+    model = _model(name)
+    x, other = torch.randn(2, 3, SIZE, SIZE), torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, x)
+        for images in (x, other):
+            torch.testing.assert_close(traced(images), model(images), rtol=1e-4, atol=1e-5)
