@@ -12,7 +12,8 @@ layers (the op computes them in fp32 whatever its inputs). Everything else, the 
 included, is cast. On a CPU the linear layers run through oneDNN's linear primitive with their weights packed
 once and the MLPs' GELU fused (:mod:`t2t_fast.onednn`), and the backbone's attention kernel follows
 :func:`t2t_fast.backend.cpu_attention` (per CPU class, dtype and grad mode). There the logits of a plain T2T-ViT
-come from :func:`_cls_logits`, which does less work than the model's forward for the same numbers.
+come from :func:`_cls_logits`, which does less work than the model's forward for the same numbers, and the fused
+T2T module (:class:`InferenceT2TModule`) calls its kernels directly.
 """
 import copy
 import warnings
@@ -21,12 +22,16 @@ import torch
 from torch import nn
 
 from t2t_fast import backend, model as fast_model, onednn, ops
+from t2t_fast.geometry import image_token_grids
 from t2t_fast.ops._common import direct_calls_allowed
 from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
 from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
 from t2t_fast.ops.encoder_blocks import cpp_arguments as encoder_blocks_arguments
 from t2t_fast.ops.encoder_blocks import run_cpp as encoder_blocks_cpp
+from t2t_fast.ops.favor_attention import run_cpp as favor_attention_cpp
 from t2t_fast.ops.multihead_attention import run_cpp as multihead_attention_cpp
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold_fwd
+from t2t_fast.ops.soft_split_layernorm import soft_split_layernorm_native_fwd
 from t2t_fast.reference import layers, model as reference_model
 
 # names the command-line tools and this module accept for the inference dtypes
@@ -76,28 +81,27 @@ def _plain_backbone(model):
     return all(type(norm) is nn.LayerNorm and norm._parameters["weight"] is not None for norm in norms)
 
 
-class _BlockKernels:
-    """The kernels of one forward of :func:`_cls_logits`, chosen once from its first block's tensors (every block
-    has the same shapes and dtypes): where a C++ kernel / oneDNN takes the input, it is called directly (its
-    checks made here, once; per linear only the sizes of :func:`t2t_fast.onednn.packed_fits`), else through the ops
-    that choose per call."""
+class _DirectKernels:
+    """The kernels of one forward of the direct inference paths (:func:`_cls_logits`, :class:`InferenceT2TModule`):
+    where a C++ kernel or oneDNN takes the input it is called directly, else the ops that choose per call run. What
+    does not depend on a call's sizes (dtypes, instruction set, grad and export state: alike for every call of a
+    forward) is checked at the first call that needs it; per linear only the sizes of
+    :func:`t2t_fast.onednn.packed_fits`. ``direct``: :func:`t2t_fast.ops._common.direct_calls_allowed` for the
+    forward's input."""
 
-    def __init__(self, x, block, direct):
+    def __init__(self, direct):
         self.direct = direct
-        qkv = block.attn.qkv
-        self.onednn = direct and onednn.takes(x, qkv.weight)
-        self.packed = direct and onednn.packed_takes(x, qkv.weight, qkv.bias)
-        norm = block.norm2
-        self.cpp_add_layernorm = direct and add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
-        self.cpp_attention = None  # decided at the first call, from its qkv
+        self.packed = self.onednn = self.cpp_add_layernorm = self.cpp_attention = None  # decided at first use
 
     def encoder(self, x, blocks, final_norm):
         """The prepared arguments of one :func:`t2t_fast.ops.encoder_blocks` call for the blocks where they run so
         (the packed-weight linear takes the blocks' rows, the attention table chooses the C++ kernel and the
         encoder's kernels take them), else None."""
-        if not self.packed or not onednn.packed_fits(x, blocks[0].mlp.fc1.weight) or not self.cpp_add_layernorm:
+        qkv, fc1, norm = blocks[0].attn.qkv, blocks[0].mlp.fc1, blocks[0].norm2
+        if not self.direct or not onednn.packed_fits(x, qkv.weight) or not onednn.packed_fits(x, fc1.weight) \
+                or not self._packed(x, qkv) or not self._cpp_add_layernorm(x, norm):
             return None
-        qkv_shape = (*x.shape[:-1], blocks[0].attn.qkv.weight.shape[0])
+        qkv_shape = (*x.shape[:-1], qkv.weight.shape[0])
         if not fast_model.cpp_attention_chosen(x.new_empty(qkv_shape), blocks[0].attn.num_heads, 0.0):
             return None
         arguments = encoder_blocks_arguments(x, blocks, final_norm)
@@ -105,8 +109,10 @@ class _BlockKernels:
 
     def linear(self, module, x):
         gelu = getattr(module, "gelu", False)
-        if self.packed and onednn.packed_fits(x, module.weight):
+        if self.direct and onednn.packed_fits(x, module.weight) and self._packed(x, module):
             return onednn.run_packed(x, module.weight, module.bias, gelu)
+        if self.onednn is None:
+            self.onednn = self.direct and onednn.takes(x, module.weight)
         if self.onednn:
             return onednn.run(x, module.weight, module.bias, gelu)
         return onednn.linear(x, module.weight, module.bias, gelu)
@@ -119,9 +125,20 @@ class _BlockKernels:
         return fast_model.attention(qkv, attn.num_heads, 0.0, attn.scale)
 
     def add_layernorm(self, x, residual, norm):
-        if self.cpp_add_layernorm:
+        if self.direct and self._cpp_add_layernorm(x, norm):
             return add_layernorm_cpp(x, residual, norm.weight, norm.bias, norm.eps)
         return ops.add_layernorm(x, residual, norm.weight, norm.bias, norm.eps)
+
+    def _packed(self, x, linear):
+        """Whether the packed-weight kernels take this forward's linears (asked of a call whose sizes fit)."""
+        if self.packed is None:
+            self.packed = onednn.packed_takes(x, linear.weight, linear.bias)
+        return self.packed
+
+    def _cpp_add_layernorm(self, x, norm):
+        if self.cpp_add_layernorm is None:
+            self.cpp_add_layernorm = add_layernorm_cpp_unsupported(x, x, norm.weight, norm.bias) is None
+        return self.cpp_add_layernorm
 
 
 def _cls_attention(qkv, num_heads, scale):
@@ -137,11 +154,11 @@ def _cls_logits(model, images):
     """The logits of a :func:`_plain_backbone` model in eval mode without autograd, with less work than its
     forward: each residual add and the LayerNorm after it as one :func:`t2t_fast.ops.add_layernorm`, in the last
     block only the cls token's row past the attention's k and v (the logits depend on nothing else there), and
-    the kernels called directly where they take the input (see :class:`_BlockKernels`): all blocks in one
+    the kernels called directly where they take the input (see :class:`_DirectKernels`): all blocks in one
     :func:`t2t_fast.ops.encoder_blocks` call where its kernels take them."""
     x = model.forward_tokens(images)
     blocks = list(model.blocks)
-    kernels = _BlockKernels(x, blocks[0], direct_calls_allowed(images))
+    kernels = _DirectKernels(direct_calls_allowed(images))
     arguments = kernels.encoder(x, blocks, model.norm)
     if arguments is not None:
         return model.head(encoder_blocks_cpp(x, blocks, model.norm, True, arguments)[1][:, 0])
@@ -159,6 +176,65 @@ def _cls_logits(model, images):
         next_norm = model.norm if last else blocks[index + 1].norm1
         x, h = kernels.add_layernorm(x, kernels.linear(mlp.fc2, hidden), next_norm)
     return model.head(h[:, 0])
+
+
+_DIRECT_T2T_DTYPES = (torch.float32, torch.bfloat16)  # those the fused C++ soft split and FAVOR+ kernels take
+
+
+class InferenceT2TModule(fast_model.T2TModule):
+    """The fused T2T module of a CPU model converted by :func:`optimize_for_inference` (the same parameters and
+    state_dict). In eager CPU inference on float32 / bfloat16 images, with performer layers as built and the
+    backend left to choose (``auto`` or ``cpp``), its kernels are called directly (:func:`_performer_layer`), the
+    checks the ops make per call made once a forward. Otherwise (training, gradients, traces, exports, other
+    layers or backends) it runs the fused module's forward."""
+
+    def forward(self, x):
+        if torch.jit.is_scripting() or not self._direct(x):
+            return super().forward(x)
+        grids = image_token_grids(x, self.splits)
+        kernels = _DirectKernels(True)
+        x = _performer_layer(self.attention1, x, self.splits[0], None, kernels)
+        x = _performer_layer(self.attention2, x, self.splits[1], grids[0], kernels)
+        kernel_size, stride, padding = self.splits[2]
+        rows = restructurize_unfold_fwd(x, *grids[1], [kernel_size, kernel_size, stride, stride, padding, padding])
+        return kernels.linear(self.project, rows)
+
+    def _direct(self, x):
+        """Whether :meth:`forward` calls the kernels directly for the image ``x``; an image the layers do not take
+        (the wrong channel count) goes to the fused module's forward, whose checks say what is wrong."""
+        if self.training or torch.is_grad_enabled() or x.dtype not in _DIRECT_T2T_DTYPES or x.dim() != 4 \
+                or not direct_calls_allowed(x) or backend.is_exporting() \
+                or backend.unavailable_reason("cpp", "cpu") is not None:
+            return False
+        layers_ = (self.attention1, self.attention2)
+        if not all(type(layer) is fast_model.TokenPerformer and not layer.training and _plain_token_mlp(layer.mlp)
+                   for layer in layers_) or not isinstance(self.project, nn.Linear):
+            return False
+        if any(backend.requested_backend(module.backend) not in ("auto", "cpp") for module in (self, *layers_)):
+            return False
+        kernel_size = self.splits[0][0]
+        return x.shape[1] * kernel_size * kernel_size == self.attention1.norm1.normalized_shape[0]
+
+
+def _plain_token_mlp(mlp):
+    """Whether a performer layer's MLP is as :func:`optimize_for_inference` leaves it: linear + GELU (fused into
+    the linear), identity, linear, dropout."""
+    parts = [type(module) for module in mlp._modules.values()]
+    return parts == [onednn.OneDnnLinear, nn.Identity, onednn.OneDnnLinear, nn.Dropout] and mlp[0].gelu
+
+
+def _performer_layer(layer, x, split, grid_size, kernels):
+    """:meth:`t2t_fast.model.TokenPerformer.forward` in eval mode, its kernels called directly: the fused soft
+    split + LayerNorm, the kqv linear, FAVOR+, proj, residual add + LayerNorm, the MLP and its residual add."""
+    kernel_size, stride, padding = split
+    grid_h, grid_w = grid_size if grid_size is not None else (0, 0)
+    norm1 = layer.norm1
+    rows = soft_split_layernorm_native_fwd(x, norm1.weight, norm1.bias, kernel_size, stride, padding, norm1.eps,
+                                           grid_h, grid_w, x.dtype)[0]
+    k, q, v = kernels.linear(layer.kqv, rows).split(layer.emb, dim=-1)
+    mixed = favor_attention_cpp(k, q, v, layer.w, float(layer.eps))[0]
+    y, normed = kernels.add_layernorm(v, kernels.linear(layer.proj, mixed), layer.norm2)
+    return y + kernels.linear(layer.mlp[2], kernels.linear(layer.mlp[0], normed))
 
 
 class InferenceModel(nn.Module):
@@ -218,7 +294,8 @@ def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):
     Returns:
         An :class:`InferenceModel`: call it with float32 images as the original model; it returns logits in the
         images' dtype, computed in ``dtype`` without autograd. On a CPU its linears are
-        :class:`t2t_fast.onednn.OneDnnLinear` (same state_dict)."""
+        :class:`t2t_fast.onednn.OneDnnLinear` and its fused T2T module an :class:`InferenceT2TModule` (same
+        state_dict)."""
     if isinstance(model, InferenceModel):
         raise TypeError("the model is already an optimize_for_inference model: pass the original model")
     dtype = inference_dtype(dtype)
@@ -235,5 +312,8 @@ def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):
             module.float().load_state_dict(state)
     if on_cpu:
         onednn.use_onednn_linears(converted)
+        for module in converted.modules():
+            if type(module) is fast_model.T2TModule:
+                module.__class__ = InferenceT2TModule
     compiled = torch.compile(converted, options={"freezing": True}) if compile else None
     return InferenceModel(converted, dtype, compiled).eval()

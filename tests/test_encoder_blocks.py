@@ -161,12 +161,12 @@ def test_logits_path_takes_it(calls_of, dtype):
     images = torch.randn(2, 3, 64, 64)
     logits = fast(images)
     assert len(runs) == 1 and len(runs[0][1]) == len(model.blocks) and runs[0][3] is True
-    original = inference._BlockKernels.encoder
+    original = inference._DirectKernels.encoder
     try:
-        inference._BlockKernels.encoder = lambda self, x, blocks, final_norm: None
+        inference._DirectKernels.encoder = lambda self, x, blocks, final_norm: None
         one_by_one = fast(images)
     finally:
-        inference._BlockKernels.encoder = original
+        inference._DirectKernels.encoder = original
     with torch.no_grad():
         reference = copy.deepcopy(model).to(dtype)(images.to(dtype)).float()
         exact = model.double()(images.double())

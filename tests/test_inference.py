@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import t2t_fast
 import t2t_fast.reference as ref
-from t2t_fast import backend
-from t2t_fast.testing import assert_within_reference_error, relative_error
+from t2t_fast import backend, model as fast_model
+from t2t_fast.testing import assert_within_reference_error, poison_outputs, relative_error
 
 
 def _trained_like(name, img_size, seed=0):
@@ -153,10 +153,12 @@ def test_cls_logits_are_the_model_forward(name, dtype, calls_of):
     paths = calls_of(inference_module, "_cls_logits")
     direct = calls_of(inference_module, "add_layernorm_cpp")
     encoded = calls_of(inference_module, "encoder_blocks_cpp")  # bf16 on AMX: all blocks but the last at once
+    token_layers = calls_of(inference_module, "_performer_layer")  # each adds its v-skip's add + LayerNorm
     logits = optimized(x)
     assert len(paths) == 1
     if backend.unavailable_reason("cpp", "cpu") is None:
-        assert len(direct) + 2 * sum(len(call[1]) for call in encoded) == 2 * len(fast.blocks)
+        assert len(token_layers) == (0 if "_t_" in name else 2)
+        assert len(direct) + 2 * sum(len(call[1]) for call in encoded) == 2 * len(fast.blocks) + len(token_layers)
     with torch.inference_mode():
         forward = optimized.model(x.to(dtype)).float()
     if dtype == torch.float32:
@@ -217,6 +219,60 @@ def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
     assert counter.get_total_flops() > 0 and relative_error(counted, features) < 1e-6
     if backend.unavailable_reason("cpp", "cpu") is None:  # each block's two, and the two T2T layers' v-skip
         assert len(through_ops) == 2 * len(model.blocks) + 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, size", [(1, (224, 224)), (2, (40, 72)), (3, (64, 64))])
+def test_t2t_module_calls_its_kernels_directly(dtype, batch, size, calls_of):
+    """In eager CPU inference the converted model's T2T module calls its kernels directly (two performer layers):
+    outputs equal to the fused module's forward, bit for bit, with every kernel output poisoned with NaN first;
+    the state_dict is the original's."""
+    if backend.unavailable_reason("cpp", "cpu") is not None:
+        pytest.skip("needs the C++ extension")
+    _, fast = _trained_like("t2t_vit_7", 224)
+    optimized = t2t_fast.optimize_for_inference(fast, dtype=dtype)
+    module = optimized.model.tokens_to_token
+    assert type(module) is inference_module.InferenceT2TModule
+    assert module.state_dict().keys() == fast.tokens_to_token.state_dict().keys()
+    layers = calls_of(inference_module, "_performer_layer")
+    x = torch.randn(batch, 3, *size).to(dtype)
+    with torch.inference_mode(), poison_outputs():
+        direct = module(x)
+        assert len(layers) == 2
+        expected = fast_model.T2TModule.forward(module, x)
+    assert len(layers) == 2 and direct.dtype == dtype and not direct.isnan().any()
+    assert torch.equal(direct, expected)
+
+
+def test_t2t_module_runs_its_forward_where_the_kernels_do_not_apply(calls_of):
+    """With gradients on, a forced backend other than cpp, float16, transformer layers or in train mode the
+    converted T2T module runs the fused module's forward (same numbers); an image with the wrong channel count
+    gets that forward's error."""
+    torch.manual_seed(0)
+    optimized = t2t_fast.optimize_for_inference(t2t_fast.create_model("t2t_vit_7", img_size=64), torch.float32)
+    module = optimized.model.tokens_to_token
+    layers = calls_of(inference_module, "_performer_layer")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        direct = module(x)
+    with torch.enable_grad():
+        assert torch.equal(module(x), direct)
+    with torch.inference_mode():
+        optimized.model.set_backend("torch")
+        assert relative_error(module(x), direct) < 1e-5
+        optimized.model.set_backend(None)
+        module.train()
+        assert module(x).shape == direct.shape
+        module.eval()
+        with pytest.raises(ValueError, match=r"weight must have shape \(196,\) = C\*k\*k"):
+            module(torch.randn(2, 4, 64, 64))
+        with warnings.catch_warnings():  # fp16 without fp16 matmul instructions: slow, and said so
+            warnings.simplefilter("ignore")
+            half = t2t_fast.optimize_for_inference(t2t_fast.create_model("t2t_vit_7", img_size=64), torch.float16)
+        half.model.tokens_to_token(x.half())
+        transformer = t2t_fast.optimize_for_inference(t2t_fast.create_model("t2t_vit_t_14", img_size=64, depth=1))
+        transformer.model.tokens_to_token(x.bfloat16())
+    assert len(layers) == 2  # the first call only
 
 
 # ----------------------------------------------------------------------- the CPU attention kernel choice
