@@ -30,7 +30,7 @@ from t2t_fast.ops.encoder_blocks import cpp_arguments as encoder_blocks_argument
 from t2t_fast.ops.encoder_blocks import run_cpp as encoder_blocks_cpp
 from t2t_fast.ops.favor_attention import run_cpp as favor_attention_cpp
 from t2t_fast.ops.multihead_attention import run_cpp as multihead_attention_cpp
-from t2t_fast.ops.restructurize_unfold import restructurize_unfold_fwd
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold_fwd, square_window
 from t2t_fast.ops.soft_split_layernorm import soft_split_layernorm_native_fwd
 from t2t_fast.reference import layers, model as reference_model
 
@@ -195,8 +195,7 @@ class InferenceT2TModule(fast_model.T2TModule):
         kernels = _DirectKernels(True)
         x = _performer_layer(self.attention1, x, self.splits[0], None, kernels)
         x = _performer_layer(self.attention2, x, self.splits[1], grids[0], kernels)
-        kernel_size, stride, padding = self.splits[2]
-        rows = restructurize_unfold_fwd(x, *grids[1], [kernel_size, kernel_size, stride, stride, padding, padding])
+        rows = restructurize_unfold_fwd(x, *grids[1], square_window(*self.splits[2]))
         return kernels.linear(self.project, rows)
 
     def _direct(self, x):

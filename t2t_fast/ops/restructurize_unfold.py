@@ -140,6 +140,12 @@ def _native_launch(tensor, cuda_name, cpu_name):
     return getattr(module, cpu_name), (torch.get_num_threads(),)
 
 
+def square_window(kernel_size, stride, padding):
+    """The ``window`` argument of :func:`restructurize_unfold_fwd` / :func:`restructurize_unfold_bwd` for a square
+    window (a T2T soft split's)."""
+    return [kernel_size, kernel_size, stride, stride, padding, padding]
+
+
 def restructurize_unfold_fwd(x, grid_h, grid_w, window):
     """Launch the native forward: (B, L, C*kh*kw) from tokens (B, H*W, C) on a ``grid_h`` x ``grid_w`` grid
     or an image (B, C, H, W) with ``grid_h = grid_w = 0`` (any strides); ``window`` = [kh, kw, sh, sw, ph, pw].

@@ -24,7 +24,7 @@ from t2t_fast.geometry import split_output_size
 from t2t_fast.ops._common import (DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor,
                                    compute_dtype, direct_calls_allowed, image_sizes, is_int, new_output,
                                    split_geometry, storage_extent)
-from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd
+from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd, square_window
 
 _OP = "soft_split_layernorm"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -187,10 +187,6 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
     return _fwd_op(*arguments, chosen != "triton")[0]
 
 
-def _native_window(kernel_size, stride, padding):
-    return [kernel_size, kernel_size, stride, stride, padding, padding]
-
-
 _FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -203,7 +199,7 @@ def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, paddin
     if x.device.type == "cpu" and x.dtype in _FUSED_CPU_DTYPES and out_dtype in _FUSED_CPU_DTYPES:
         return _fused_cpu_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype)
     stats = compute_dtype(x.dtype)
-    unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, _native_window(kernel_size, stride, padding))
+    unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, square_window(kernel_size, stride, padding))
     y, mean, rstd = torch.native_layer_norm(unfolded.to(stats), (unfolded.shape[-1],), weight.to(stats),
                                             bias.to(stats), eps)
     return y.to(out_dtype), mean.reshape(-1), rstd.reshape(-1)
@@ -233,7 +229,7 @@ def soft_split_layernorm_native_bwd(dy, x, weight, mean, rstd, kernel_size, stri
     backward gives their gradient, and the native gather backward sums it into dx (x's shape, contiguous).
     Without ``input_grad`` only dweight and dbias are computed (dx is empty)."""
     stats = compute_dtype(x.dtype)
-    window = _native_window(kernel_size, stride, padding)
+    window = square_window(kernel_size, stride, padding)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, window).to(stats)
     row_shape = (*unfolded.shape[:-1], 1)
     weight = weight.to(stats)
