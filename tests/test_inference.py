@@ -2,6 +2,7 @@
 torch.compile with freezing), the --dtype of the commands, and the CPU attention kernel choice of the backbone."""
 import importlib
 import json
+import threading
 import warnings
 
 import pytest
@@ -272,6 +273,36 @@ def test_t2t_module_runs_its_forward_where_the_kernels_do_not_apply(calls_of):
         transformer = t2t_fast.optimize_for_inference(t2t_fast.create_model("t2t_vit_t_14", img_size=64, depth=1))
         transformer.model.tokens_to_token(x.bfloat16())
     assert len(layers) == 2  # the first call only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_share_an_optimized_model(dtype):
+    """A server's threads calling one optimized model at once (the native calls release the GIL) get what calls
+    one at a time give, bit for bit: from the first calls on (the kernel choices and prepared arguments are made
+    while the threads race), at batch sizes that take different kernels."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=10)
+    images = [torch.randn(batch, 3, 64, 64) for batch in (1, 3, 2, 1, 4, 2)]
+    one_at_a_time = t2t_fast.optimize_for_inference(model, dtype=dtype)
+    expected = [one_at_a_time(x) for x in images]
+    shared = t2t_fast.optimize_for_inference(model, dtype=dtype)  # a copy of its own: nothing prepared yet
+    results, start = {}, threading.Barrier(4)
+
+    def serve(thread):
+        start.wait()
+        for round_ in range(3):
+            for i in range(len(images)):
+                at = (thread + i) % len(images)
+                results[thread, round_, at] = shared(images[at])
+
+    threads = [threading.Thread(target=serve, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 4 * 3 * len(images)
+    wrong = [key for key, logits in results.items() if not torch.equal(logits, expected[key[2]])]
+    assert not wrong, f"{len(wrong)} of {len(results)} calls differ from calls one at a time, e.g. {wrong[:3]}"
 
 
 # ----------------------------------------------------------------------- the CPU attention kernel choice
