@@ -51,6 +51,10 @@ def _cases():
         ("epochs text", ["train", "--epochs", "ten"], "--epochs: expected an integer >= 1, got 'ten'"),
         ("unknown model", ["train", "--model", "t2t_vit_77"], "Did you mean t2t_vit_7"),
         ("unknown model kwarg", ["train", *TINY, "--model-kwargs", "dept=1"], "Did you mean depth?"),
+        ("model kwarg img_size", ["train", *TINY, "--model-kwargs", "depth=1", "img_size=64"],
+         "--model-kwargs: img_size is set by --img-size, not by --model-kwargs"),
+        ("model kwarg drop_path_rate", ["train", *TINY, "--model-kwargs", "drop_path_rate=0.2"],
+         "--model-kwargs: drop_path_rate is set by --drop-path"),
         ("resume csv", ["train", "--resume", run + "/summary.csv"], "is not a readable PyTorch checkpoint"),
         ("resume folder", ["train", "--resume", run], "is a folder, not a checkpoint file"),
         ("resume other batch", ["train", *TINY, "--epochs", "1", "--no-model-ema", "--resume", run + "/last.pth",
@@ -74,6 +78,11 @@ def _cases():
          "--topk: expected an integer >= 1"),
         ("predict csv checkpoint", ["predict", "{root}/red.png", "--checkpoint", run + "/summary.csv"],
          "is not a readable PyTorch checkpoint"),
+        *[(f"predict{' --reference' * reference} model kwarg num_classes",
+           ["predict", "{root}/red.png", "--checkpoint", run + "/last.pth", *TINY, "--model-kwargs", "depth=1",
+            "num_classes=10", *["--reference"] * reference],
+           "--model-kwargs: num_classes is set by the command (the dataset's classes, the checkpoint's head")
+          for reference in (False, True)],
     ]
     return train + evaluate + predict
 

@@ -128,8 +128,7 @@ def _model(args, checkpoint, use_ema, num_classes):
     if args.reference:
         import t2t_fast.reference
 
-        kwargs = dict(num_classes=num_classes, img_size=args.img_size,
-                      **recipes.parse_model_kwargs(args.model_kwargs))
+        kwargs = recipes.model_kwargs(args, num_classes=num_classes, img_size=args.img_size)
         try:
             model = t2t_fast.reference.create_model(args.model, **kwargs)
         except (TypeError, ValueError) as exc:

@@ -77,11 +77,26 @@ def parse_model_kwargs(items):
     return kwargs
 
 
+# constructor arguments the commands set themselves, and from what: --model-kwargs may not name them
+_SET_BY_COMMAND = {"num_classes": "the command (the dataset's classes, the checkpoint's head or eval's --num-classes)",
+                   "img_size": "--img-size", "drop_path_rate": "--drop-path", "drop_rate": "--drop"}
+
+
+def model_kwargs(args, **fixed):
+    """The model constructor's arguments of a command: ``fixed`` (what the command sets: num_classes, img_size,
+    ...) and ``--model-kwargs``, which may not name any of those."""
+    extra = parse_model_kwargs(args.model_kwargs)
+    for key in sorted(extra.keys() & fixed.keys()):
+        raise data_lib.DataError(f"--model-kwargs: {key} is set by {_SET_BY_COMMAND.get(key, 'the command')}, "
+                                 f"not by --model-kwargs")
+    return {**fixed, **extra}
+
+
 def create_model(args, num_classes, **kwargs):
     """The fast model of a run: ``--model`` at ``--img-size`` with ``--model-kwargs`` and ``--backend``."""
     import t2t_fast
 
-    kwargs = dict(num_classes=num_classes, img_size=args.img_size, **kwargs, **parse_model_kwargs(args.model_kwargs))
+    kwargs = model_kwargs(args, num_classes=num_classes, img_size=args.img_size, **kwargs)
     if args.backend is not None:
         kwargs["backend"] = args.backend
     try:
