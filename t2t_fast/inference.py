@@ -20,6 +20,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_modules
 
 from t2t_fast import backend, model as fast_model, onednn, ops
 from t2t_fast.geometry import image_token_grids
@@ -79,6 +80,25 @@ def _plain_backbone(model):
             return False
         norms += (parts["norm1"], parts["norm2"])
     return all(type(norm) is nn.LayerNorm and norm._parameters["weight"] is not None for norm in norms)
+
+
+def _observed(module):
+    """Whether a forward hook or pre-hook (of ``module`` or a module in it, or a global one) or a ``forward``
+    assigned to one of those module instances would see or change a call: the direct paths, which call no module,
+    then leave the call to the modules' own forwards. Runs on every call, so it reads the module dicts itself
+    (``modules()`` keeps a set of the modules seen, which costs more than the checks)."""
+    if _torch_modules._global_forward_hooks or _torch_modules._global_forward_pre_hooks:
+        return True
+    stack = [module]
+    while stack:
+        module = stack.pop()
+        if module is None:  # a submodule slot registered empty
+            continue
+        attributes = module.__dict__
+        if attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes:
+            return True
+        stack += attributes["_modules"].values()
+    return False
 
 
 class _DirectKernels:
@@ -203,7 +223,7 @@ class InferenceT2TModule(fast_model.T2TModule):
         (the wrong channel count) goes to the fused module's forward, whose checks say what is wrong."""
         if self.training or torch.is_grad_enabled() or x.dtype not in _DIRECT_T2T_DTYPES or x.dim() != 4 \
                 or not direct_calls_allowed(x) or backend.is_exporting() \
-                or backend.unavailable_reason("cpp", "cpu") is not None:
+                or backend.unavailable_reason("cpp", "cpu") is not None or _observed(self):
             return False
         layers_ = (self.attention1, self.attention2)
         if not all(type(layer) is fast_model.TokenPerformer and not layer.training and _plain_token_mlp(layer.mlp)
@@ -256,7 +276,8 @@ class InferenceModel(nn.Module):
         image = x.to(self.dtype) if x.is_floating_point() else x  # anything else: the model's own error
         with torch.inference_mode():
             if not self.compiled and image.device.type == "cpu" and not backend.is_exporting() \
-                    and not torch.compiler.is_compiling() and _plain_backbone(self.model):
+                    and not torch.compiler.is_compiling() and _plain_backbone(self.model) \
+                    and not _observed(self.model):
                 logits = _cls_logits(self.model, image)
             else:
                 logits = self._call(image)

@@ -9,8 +9,8 @@ their GEMMs at the backbone's 197 rows a batch-1 image.
 :data:`PACKED_LINEAR_MAX_ROWS` rows, per CPU class and dtype; bf16 with features multiples of 32; where the CPU
 kernels' ISA is ``'avx512'`` or ``'amx'``), else oneDNN's primitive where it applies (CPU tensors in float32, or
 bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an :func:`t2t_fast.optimize_for_inference`
-model, and no gradient to compute; neither an export nor ``torch.compile`` in progress), and ``F.linear``
-otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls it (:func:`t2t_fast.optimize_for_inference`
+model, and no gradient to compute; neither an export nor ``torch.compile`` in progress; no dispatch mode or
+functorch transform, which would not know the calls), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls it (:func:`t2t_fast.optimize_for_inference`
 converts a model's linears to it).
 """
 import torch
@@ -21,7 +21,6 @@ from t2t_fast import backend
 from t2t_fast.ops._common import PerWeightCache, direct_calls_allowed
 from t2t_fast.ops.packed_linear import MULTIPLE as _BF16_MULTIPLE
 from t2t_fast.ops.packed_linear import cpp_unsupported as _packed_unsupported
-from t2t_fast.ops.packed_linear import packed_linear
 from t2t_fast.ops.packed_linear import packed_weight as _packed_weight
 from t2t_fast.ops.packed_linear import run_cpp as _packed_run
 
@@ -74,13 +73,13 @@ def linear(x, weight, bias=None, gelu=False):
     """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu`` is set; on the extension's kernel
     where :func:`packed_takes` allows, else through oneDNN's primitive where :func:`takes` allows, with the weight
     packed or reordered for them once and cached (not a weight created under ``torch.inference_mode``: it has no
-    version counter that would tell an in-place change)."""
-    if packed_takes(x, weight, bias):
-        if direct_calls_allowed(x):
+    version counter that would tell an in-place change). Under a dispatch mode or a functorch transform (a FLOP
+    counter, fake tensors, vmap) ``F.linear``, which they know."""
+    if direct_calls_allowed(x):
+        if packed_takes(x, weight, bias):
             return run_packed(x, weight, bias, gelu)
-        return packed_linear(x, weight, bias, gelu, backend="cpp")  # through its custom op, which modes see
-    if takes(x, weight):
-        return run(x, weight, bias, gelu)
+        if takes(x, weight):
+            return run(x, weight, bias, gelu)
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 

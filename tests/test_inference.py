@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import t2t_fast
@@ -202,10 +203,72 @@ def test_changed_models_leave_the_logits_path(calls_of):
     assert len(paths) == 1
 
 
+def _hook_cases():
+    """(what, install) pairs: each install(model) changes what the model computes through a hook or an assigned
+    forward and returns the handle that undoes it (None for an assigned forward)."""
+    def assign_forward(m):
+        m.forward = lambda image: m.forward_head(m.forward_features(image), pre_logits=True)
+
+    return [
+        ("pre-hook on the model", lambda m: m.register_forward_pre_hook(lambda _, args: (args[0].flip(-1),))),
+        ("hook on a block", lambda m: m.blocks[0].register_forward_hook(lambda _, args, out: out.flip(-1))),
+        ("hook on a block's qkv", lambda m: m.blocks[-1].attn.qkv.register_forward_hook(lambda *a: a[2] * 1.5)),
+        ("hook on a T2T layer's proj", lambda m: m.tokens_to_token.attention1.proj.register_forward_hook(
+            lambda *a: a[2].flip(-1))),
+        ("global hook", lambda m: torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: out * 1.25 if isinstance(module, torch.nn.LayerNorm) else None)),
+        ("assigned forward", assign_forward),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_hooks_and_assigned_forwards_are_honoured(case, calls_of):
+    """A model with forward hooks (its own, a submodule's, a global one) or a forward assigned to an instance
+    gives, converted, what it gives itself: the direct paths, which call no module, leave such calls to the modules'
+    forwards (and take them again once the hook is removed)."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+    what, install = _hook_cases()[case]
+    handle = install(model)
+    optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)  # a copy: its hooks copied along
+    t2t_layers = calls_of(inference_module, "_performer_layer")
+    paths = calls_of(inference_module, "_cls_logits")
+    logits = optimized(x)
+    with torch.no_grad():
+        expected = model(x)
+    if handle is not None:
+        handle.remove()
+    assert expected.shape != plain.shape or relative_error(expected, plain) > 1e-3, f"{what}: changes nothing"
+    assert logits.shape == expected.shape and relative_error(logits, expected) < 1e-5, what
+    assert not paths, what
+    if what in ("hook on a T2T layer's proj", "global hook"):
+        assert not t2t_layers, what
+    if what != "global hook":  # the copy keeps its own hooks
+        return
+    assert relative_error(optimized(x), plain) < 1e-5
+    assert len(paths) == 1 and (len(t2t_layers) == 2 or backend.unavailable_reason("cpp", "cpu") is not None)
+
+
+class _OpsSeen(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
 def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
-    """num_classes=0 gives the normed cls features; under a dispatch mode (here a FLOP counter) the kernels go
-    through their custom ops, which the mode sees, with the same numbers to the float32 rounding (where all
-    blocks run in one encoder call, its cls attention sums in another order than torch's)."""
+    """num_classes=0 gives the normed cls features; under a dispatch mode the kernels go through their custom ops,
+    which the mode sees, with the same numbers to the float32 rounding (where all blocks run in one encoder call,
+    its cls attention sums in another order than torch's); a FLOP counter, whose module tracker hooks every
+    module, sees the model's own forward and counts what it counts of the eval model."""
     torch.manual_seed(0)
     model = t2t_fast.create_model("t2t_vit_7", img_size=64, num_classes=0)
     optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
@@ -215,11 +278,19 @@ def test_cls_logits_without_head_and_under_dispatch_modes(calls_of):
     features = optimized(x)
     assert features.shape == (2, model.num_features) and relative_error(features, expected) < 1e-5
     through_ops = calls_of(add_layernorm_module, "_cpp_op")
-    with FlopCounterMode(display=False) as counter:
-        counted = optimized(x)
-    assert counter.get_total_flops() > 0 and relative_error(counted, features) < 1e-6
+    paths = calls_of(inference_module, "_cls_logits")
+    with _OpsSeen() as seen:
+        observed = optimized(x)
+    assert len(paths) == 1 and relative_error(observed, features) < 1e-6
     if backend.unavailable_reason("cpp", "cpu") is None:  # each block's two, and the two T2T layers' v-skip
         assert len(through_ops) == 2 * len(model.blocks) + 2
+        assert seen.names.count("t2t_fast::add_layernorm_cpp") == len(through_ops)
+    with FlopCounterMode(display=False) as counter:
+        counted = optimized(x)
+    with FlopCounterMode(display=False) as eval_counter, torch.no_grad():
+        model(x)
+    assert len(paths) == 1 and relative_error(counted, features) < 1e-6
+    assert counter.get_total_flops() == eval_counter.get_total_flops() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
