@@ -94,6 +94,7 @@ def build_model(classes, name, pretrained=False, checkpoint_path=None, **kwargs)
     except TypeError as exc:
         raise _keyword_error(name, classes[family], kwargs, exc) from None
     model.variant = name
+    model.pretrained_cfg = model.built_cfg(name)
     if checkpoint_path is not None:
         from t2t_fast.checkpoint import load_checkpoint
 

@@ -9,8 +9,10 @@
 
 The models are t2t_fast's fast models. Weights load through :func:`t2t_fast.load_checkpoint` (EMA weights
 preferred, ``module.`` prefixes stripped, the head dropped when ``num_classes`` differs, ``pos_embed``
-regenerated for another ``img_size``, the first T2T layer adapted to another ``in_chans``), from the pretrained
-config's ``state_dict``, ``file`` or ``url`` (in that order, as timm resolves them). ``device=`` builds the model
+regenerated for another ``img_size``, the first T2T layer adapted to another ``in_chans``; strictly unless
+``pretrained_strict=False``), from the pretrained config's ``state_dict``, ``file`` or ``url`` (in that order,
+as timm resolves them). The model's ``pretrained_cfg`` is that of the model as built (its input size and
+classes) with whatever ``pretrained_cfg`` / ``pretrained_cfg_overlay`` changed (mean, std, crop_pct, ...). ``device=`` builds the model
 there (``'meta'`` included), ``dtype=`` converts it. Also usable from timm's ``train.py`` via
 ``--device-modules t2t_fast.timm_models``.
 """
@@ -45,7 +47,7 @@ default_cfgs = generate_default_cfgs({
     (f"{name}.in1k" if registry.checkpoint_url(name) else name): _cfg(name) for name in registry.VARIANTS})
 
 
-def _load_weights(model, name, cfg, cache_dir):
+def _load_weights(model, name, cfg, cache_dir, strict):
     from t2t_fast.checkpoint import load_checkpoint
 
     if cfg.get("state_dict") is not None:
@@ -59,7 +61,7 @@ def _load_weights(model, name, cfg, cache_dir):
     else:
         raise RuntimeError(f"No pretrained weights exist for {name}. Use `pretrained=False` for random init, or "
                            f"pass pretrained_cfg_overlay=dict(file=PATH) for a local checkpoint.")
-    load_checkpoint(model, source)
+    load_checkpoint(model, source, strict=strict)
 
 
 def _create(name, pretrained=False, **kwargs):
@@ -67,7 +69,8 @@ def _create(name, pretrained=False, **kwargs):
 
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=kwargs.pop("pretrained_cfg", None),
                                  pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None)).to_dict()
-    cache_dir = kwargs.pop("cache_dir", None)
+    registered = resolve_pretrained_cfg(name).to_dict()
+    cache_dir, strict = kwargs.pop("cache_dir", None), kwargs.pop("pretrained_strict", True)
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
     features_only = kwargs.pop("features_only", False)
@@ -75,8 +78,11 @@ def _create(name, pretrained=False, **kwargs):
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = t2t_fast.create_model(name, **kwargs)
+    # the config of the model as built (its input size, classes), with what the caller's config changed
+    model.pretrained_cfg = {**model.pretrained_cfg,
+                            **{key: value for key, value in cfg.items() if registered.get(key) != value}}
     if pretrained:
-        _load_weights(model, name, cfg, cache_dir)
+        _load_weights(model, name, cfg, cache_dir, strict)
     if dtype is not None:
         model.to(dtype=dtype)
     if features_only:

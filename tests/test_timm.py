@@ -55,6 +55,36 @@ def test_clear_errors(tmp_path):
         timm.create_model("t2t_vit_10", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=64)
 
 
+def test_pretrained_cfg_takes_the_overlay_and_strictness(tmp_path):
+    """The caller's pretrained_cfg_overlay reaches the model's pretrained_cfg (and so timm's data config), over
+    the config of the model as built; the config is an ordinary attribute (assignable, its changes kept), and
+    pretrained_strict=False loads a checkpoint that lacks keys, as it does for timm's own models."""
+    from timm.data import resolve_model_data_config
+
+    overlay = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0)
+    model = timm.create_model("t2t_vit_7", img_size=64, num_classes=10, pretrained_cfg_overlay=overlay)
+    config = resolve_model_data_config(model)
+    assert (config["mean"], config["std"], config["crop_pct"]) == ((0.5,) * 3, (0.25,) * 3, 1.0)
+    assert config["input_size"] == (3, 64, 64) and model.pretrained_cfg["num_classes"] == 10
+    assert model.pretrained_cfg["architecture"] == "t2t_vit_7" and model.default_cfg is model.pretrained_cfg
+    model.pretrained_cfg["interpolation"] = "bilinear"
+    assert resolve_model_data_config(model)["interpolation"] == "bilinear"
+    model.default_cfg = dict(model.pretrained_cfg, crop_pct=0.5)
+    assert model.pretrained_cfg["crop_pct"] == 0.5
+    plain = timm.create_model("t2t_vit_7", img_size=64)
+    assert resolve_model_data_config(plain)["mean"] == (0.485, 0.456, 0.406)
+
+    path = tmp_path / "three_blocks.pth"
+    shallow = t2t_fast.create_model("t2t_vit_7", img_size=64, depth=3)
+    torch.save(shallow.state_dict(), path)
+    with pytest.raises(t2t_fast.CheckpointMismatchError, match="missing keys"):
+        timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=64,
+                          depth=4)
+    deeper = timm.create_model("t2t_vit_7", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                               img_size=64, depth=4, pretrained_strict=False)
+    assert torch.equal(deeper.blocks[2].attn.qkv.weight, shallow.blocks[2].attn.qkv.weight)
+
+
 def test_features_only_gives_the_block_outputs():
     torch.manual_seed(0)
     model = timm.create_model("t2t_vit_7", img_size=80).eval()

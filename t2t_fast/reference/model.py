@@ -135,7 +135,8 @@ class T2TViT(nn.Module):
     mlp_layer = Mlp
     num_prefix_tokens = 1
     global_pool = "token"
-    __jit_unused_properties__ = ["pretrained_cfg", "default_cfg", "head_hidden_size"]
+    __jit_unused_properties__ = ["default_cfg", "head_hidden_size"]
+    __jit_ignored_attributes__ = ["pretrained_cfg"]
 
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, tokens_type="performer", token_dim=64, qkv_bias=False, qk_scale=None,
@@ -150,6 +151,7 @@ class T2TViT(nn.Module):
         self.tokens_type = tokens_type
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
+        self.pretrained_cfg = self.built_cfg()  # timm's data config of the model (a plain dict, as timm's)
 
         self.tokens_to_token = self.t2t_module(in_chans, embed_dim, tokens_type, token_dim)
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -191,14 +193,20 @@ class T2TViT(nn.Module):
                 for i, width in enumerate(self.block_output_widths())]
 
     # ------------------------------------------------------------------------------- timm-style model API
-    @property
-    def pretrained_cfg(self):
-        return registry.pretrained_cfg(getattr(self, "variant", None), self.in_chans, self.img_size,
-                                       self.num_classes, not self.dynamic_img_size, self.tokens_type)
+    def built_cfg(self, variant=None):
+        """The timm-style pretrained config of this model as built (its input size, classes, first layer), of
+        ``variant`` when it was built by name: what ``pretrained_cfg`` starts as."""
+        return registry.pretrained_cfg(variant, self.in_chans, self.img_size, self.num_classes,
+                                       not self.dynamic_img_size, self.tokens_type)
 
     @property
     def default_cfg(self):
+        """timm's older name of ``pretrained_cfg`` (the same dict; assigning either sets both)."""
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg):
+        self.pretrained_cfg = cfg
 
     @property
     def head_hidden_size(self):
@@ -226,6 +234,7 @@ class T2TViT(nn.Module):
         if global_pool not in (None, "token"):
             raise ValueError(f"T2T-ViT pools the cls token only; global_pool={global_pool!r} is not supported")
         self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         if num_classes > 0:
             like = self.cls_token
             self.head = nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
