@@ -27,6 +27,7 @@ import argparse
 import logging
 import math
 import os
+import urllib.error
 
 import torch
 import torch.nn.functional as F
@@ -212,7 +213,18 @@ def load_pretrained(model, name, progress=True):
         released = [n for n in registry.VARIANTS if registry.checkpoint_url(n)]
         raise ValueError(f"no official checkpoint was released for {name}; released: {', '.join(released)}. "
                          f"Pass checkpoint_path= to load a local file.")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=progress,
-                                                        weights_only=True)
-    return load_checkpoint(model, checkpoint)
+    return load_checkpoint(model, download_official(url, progress=progress))
+
+
+def download_official(url, model_dir=None, progress=True):
+    """A released checkpoint from ``url``, through torch.hub's cache (``model_dir``: another cache folder). A
+    download that fails raises ConnectionError saying how to load a local copy instead."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the released files pickle their args
+            return torch.hub.load_state_dict_from_url(url, model_dir=model_dir, map_location="cpu",
+                                                      progress=progress, weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        folder = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise ConnectionError(f"could not download {url} ({getattr(exc, 'reason', exc)}); with the file at hand, "
+                              f"give its path instead (checkpoint_path=PATH, the commands' --checkpoint PATH, timm's "
+                              f"pretrained_cfg_overlay=dict(file=PATH)) or put it in {folder}") from None

@@ -16,7 +16,6 @@ classes) with whatever ``pretrained_cfg`` / ``pretrained_cfg_overlay`` changed (
 there (``'meta'`` included), ``dtype=`` converts it. Also usable from timm's ``train.py`` via
 ``--device-modules t2t_fast.timm_models``.
 """
-import argparse
 import contextlib
 
 import torch
@@ -48,16 +47,14 @@ default_cfgs = generate_default_cfgs({
 
 
 def _load_weights(model, name, cfg, cache_dir, strict):
-    from t2t_fast.checkpoint import load_checkpoint
+    from t2t_fast.checkpoint import download_official, load_checkpoint
 
     if cfg.get("state_dict") is not None:
         source = cfg["state_dict"]
     elif cfg.get("file"):
         source = cfg["file"]
     elif cfg.get("url"):
-        with torch.serialization.safe_globals([argparse.Namespace]):  # official files pickle their args
-            source = torch.hub.load_state_dict_from_url(cfg["url"], model_dir=cache_dir, map_location="cpu",
-                                                        weights_only=True)
+        source = download_official(cfg["url"], model_dir=cache_dir)
     else:
         raise RuntimeError(f"No pretrained weights exist for {name}. Use `pretrained=False` for random init, or "
                            f"pass pretrained_cfg_overlay=dict(file=PATH) for a local checkpoint.")

@@ -1,6 +1,7 @@
 """timm interop: every variant registered; timm.create_model(..., pretrained=True, pretrained_cfg_overlay=
 dict(file=...)) returns t2t_fast's fast model with the weights of an official-format checkpoint."""
 import argparse
+import urllib.error
 
 import pytest
 import torch
@@ -46,9 +47,19 @@ def test_pretrained_file_through_timm(tmp_path):
     assert torch.equal(model.blocks[0].mlp.fc1.weight, ours.blocks[0].mlp.fc1.weight)
 
 
-def test_clear_errors(tmp_path):
+def test_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="No pretrained weights exist for t2t_vit_14_se"):
         timm.create_model("t2t_vit_14_se", pretrained=True)
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    for create in (timm.create_model, t2t_fast.create_model):
+        with pytest.raises(ConnectionError, match=r"could not download https://\S+71.7_T2T_ViT_7.pth.tar \(no "
+                                                  r"network here\).*pretrained_cfg_overlay=dict\(file=PATH\)"):
+            create("t2t_vit_7", pretrained=True)
+    monkeypatch.undo()
     path = tmp_path / "seven.pth"
     _official_checkpoint(path, t2t_fast.create_model("t2t_vit_7", img_size=64))
     with pytest.raises(t2t_fast.CheckpointMismatchError, match="does not fit t2t_vit_10"):

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 
 import numpy as np
 import pytest
@@ -278,6 +279,23 @@ def test_finetune_bad_input(trained, tmp_path, capsys):
                    str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and "cifar-10-batches-py" in err, err
+
+
+def test_finetune_without_network_is_one_line(tmp_path, capsys, monkeypatch):
+    """Fine-tuning from the released weights where they cannot be downloaded: one line saying how to give a local
+    copy, exit code 2."""
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    target = _write_image_folder(tmp_path / "pets", ["a", "b"], n_train=4, n_val=2, seed=1)
+    rc = cli.main(["finetune", "--model", "t2t_vit_7", "--pretrained", "--data", str(target), "--output",
+                   str(tmp_path / "o"), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1",
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "could not download https://" in err and "no network here" in err and "--checkpoint PATH" in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_eval_official_checkpoint_layout(trained, tiny_data, tmp_path, capsys):

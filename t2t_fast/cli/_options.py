@@ -183,9 +183,9 @@ def given_options(parser, argv):
 
 def run_command(fn, args, argv=None, command=None, **kwargs):
     """Run ``fn(args, **kwargs)`` once the train extra is found usable beside this torch. User errors (bad data,
-    bad checkpoint, bad options, a diverged loss) become one line on stderr and exit code 2, a run ended by a
-    callback's StopTraining exit code 3, Ctrl-C one line saying where the last checkpoint is and how to resume
-    (``command`` and ``argv`` rebuild the command line) and exit code 130."""
+    bad checkpoint, bad options, a diverged loss, released weights that cannot be downloaded) become one line on
+    stderr and exit code 2, a run ended by a callback's StopTraining exit code 3, Ctrl-C one line saying where the
+    last checkpoint is and how to resume (``command`` and ``argv`` rebuild the command line) and exit code 130."""
     from t2t_fast.training import requirements_problem
 
     problem = requirements_problem()
@@ -204,7 +204,7 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
         print(f"t2t-fast: {exc}", file=sys.stderr)
         return 3
     except (DataError, ResumeError, CheckpointFileError, FileNotFoundError, CheckpointMismatchError,
-            FloatingPointError) as exc:
+            FloatingPointError, ConnectionError) as exc:  # ConnectionError: a failed download of released weights
         print(f"t2t-fast: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout left (`t2t-fast predict ... | head`): not an error
