@@ -2,6 +2,7 @@
 
 Shared by the reference, the fast model and the ops; no tensor data is touched here. The functions a model's
 forward calls compile under ``torch.jit.script``."""
+import numbers
 from typing import List, Tuple
 
 import torch
@@ -39,11 +40,15 @@ def token_grids(img_size: Tuple[int, int], splits: Splits = SOFT_SPLITS) -> List
     return grids
 
 
+def is_int(value):
+    """True for Python/NumPy integers, False for bools."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def image_size(value):
     """``img_size`` as an (H, W) pair of ints: an int gives a square."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if (isinstance(value, (tuple, list)) and len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        return tuple(value)
+    if is_int(value):
+        return (int(value), int(value))
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) for v in value):
+        return tuple(int(v) for v in value)
     raise TypeError(f"img_size must be an int or a pair of ints, got {value!r}")

@@ -1,4 +1,5 @@
 """Public model API: factories, timm-style methods, image sizes and input validation (both models)."""
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,16 @@ def test_bad_construction_arguments(factory):
         factory("t2t_vit_7", num_heads=5)
     with pytest.raises(TypeError, match="img_size"):
         factory("t2t_vit_7", img_size=224.0)
+    for kwargs, error, message in [
+            (dict(in_chans=0), ValueError, "in_chans must be an integer >= 1, got 0"),
+            (dict(in_chans=3.0), TypeError, "in_chans must be an integer >= 1, got 3.0"),
+            (dict(num_classes=True), TypeError, "num_classes must be an integer >= 0, got True"),
+            (dict(num_classes=10.0), TypeError, "num_classes must be an integer >= 0, got 10.0"),
+            (dict(depth=-1), ValueError, "depth must be an integer >= 0, got -1"),
+            (dict(token_dim=0), ValueError, "token_dim must be an integer >= 1, got 0"),
+            (dict(mlp_ratio=0), ValueError, "mlp_ratio must be a number > 0, got 0")]:
+        with pytest.raises(error, match=message):
+            factory("t2t_vit_7", img_size=32, **kwargs)
+    # NumPy integers are integers
+    model = factory("t2t_vit_7", img_size=np.int64(32), num_classes=np.int64(5), depth=np.int64(1))
+    assert model.img_size == (32, 32) and type(model.num_classes) is int and model.head.out_features == 5

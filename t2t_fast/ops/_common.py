@@ -1,7 +1,6 @@
 """Helpers shared by the op wrappers: output allocation (NaN-poisonable for tests), input checks, launch
 helpers (``cdiv``, ``device_guard``) and the one error for a backend that cannot take an input."""
 import contextlib
-import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -9,6 +8,7 @@ import torch.utils._python_dispatch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast.backend import BackendUnavailableError
+from t2t_fast.geometry import is_int
 
 _poison_outputs = False
 
@@ -50,11 +50,6 @@ def check_float_tensor(name, tensor, op, dtypes=FLOAT_DTYPES):
     if tensor.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} has dtype {str(tensor.dtype).replace('torch.', '')}; expected one of {names}")
-
-
-def is_int(value):
-    """True for Python/NumPy integers, False for bools."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def image_sizes(op, name, x, grid_size):

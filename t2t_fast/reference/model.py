@@ -9,6 +9,7 @@ The forward is written so that the model also works under ``torch.fx`` symbolic 
 helpers are ``torch.fx.wrap``-ped leaves) and ``torch.jit.script`` (Python-only work is skipped when
 ``torch.jit.is_scripting()``).
 """
+import numbers
 from typing import List, Optional, Union
 
 import torch
@@ -18,7 +19,7 @@ import torch.utils.checkpoint
 
 from t2t_fast import registry
 from t2t_fast.backend import autocast_enabled
-from t2t_fast.geometry import SOFT_SPLITS, image_size, token_grids
+from t2t_fast.geometry import SOFT_SPLITS, image_size, is_int, token_grids
 from t2t_fast.reference.layers import Attention, Block, Mlp, T2TModule
 
 
@@ -42,16 +43,24 @@ def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Te
 torch.fx.wrap("add_position_embedding")  # a leaf for torch.fx: the branch depends on the input's shape
 
 
-def check_model_args(embed_dim, num_heads, tokens_type, mlp_ratio, token_dim):
+def check_model_args(in_chans, num_classes, embed_dim, depth, num_heads, tokens_type, mlp_ratio, token_dim):
     """Reject constructor arguments no T2T-ViT can be built with, saying why."""
+    counts = [("in_chans", in_chans, 1), ("num_classes", num_classes, 0), ("embed_dim", embed_dim, 1),
+              ("num_heads", num_heads, 1), ("token_dim", token_dim, 1)]
+    if not isinstance(depth, (tuple, list)):  # the dense family's depth is one count per stage (checked there)
+        counts.append(("depth", depth, 0))
+    for name, value, least in counts:
+        if not is_int(value) or value < least:
+            raise (ValueError if is_int(value) else TypeError)(
+                f"{name} must be an integer >= {least}, got {value!r}")
     if tokens_type not in T2TModule.token_layers:
         raise ValueError(f"tokens_type must be 'performer' or 'transformer', got {tokens_type!r}"
                          + (" (the official 'convolution' option never worked upstream)"
                             if tokens_type == "convolution" else ""))
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-    if token_dim < 1 or mlp_ratio <= 0:
-        raise ValueError(f"token_dim must be >= 1 and mlp_ratio > 0, got {token_dim} and {mlp_ratio}")
+    if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be a number > 0, got {mlp_ratio!r}")
 
 
 def check_image(x, in_chans, img_size, dynamic_img_size, weight_dtype):
@@ -142,11 +151,11 @@ class T2TViT(nn.Module):
                  mlp_ratio=4.0, tokens_type="performer", token_dim=64, qkv_bias=False, qk_scale=None,
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, dynamic_img_size=False):
         super().__init__()
-        check_model_args(embed_dim, num_heads, tokens_type, mlp_ratio, token_dim)
+        check_model_args(in_chans, num_classes, embed_dim, depth, num_heads, tokens_type, mlp_ratio, token_dim)
         self.img_size = image_size(img_size)
         self.grid_size = token_grids(self.img_size)[-1]
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+        self.in_chans = int(in_chans)
+        self.num_classes = int(num_classes)
         self.embed_dim = embed_dim
         self.tokens_type = tokens_type
         self.dynamic_img_size = dynamic_img_size
@@ -233,7 +242,7 @@ class T2TViT(nn.Module):
         model's device and dtype and in its train/eval mode."""
         if global_pool not in (None, "token"):
             raise ValueError(f"T2T-ViT pools the cls token only; global_pool={global_pool!r} is not supported")
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         if num_classes > 0:
             like = self.cls_token
