@@ -3,7 +3,8 @@
 Accepted layouts: timm ``CheckpointSaver`` dicts (``state_dict_ema`` preferred when ``use_ema``, else
 ``state_dict``), fine-tune files ``{'net': state_dict, ...}`` (upstream ``transfer_learning.py``),
 ``{'model': state_dict}`` (our trainer), and bare state_dicts; ``module.`` (DataParallel/DDP) and
-``_orig_mod.`` (torch.compile) prefixes are stripped.
+``_orig_mod.`` (torch.compile) prefixes are stripped, and ``model.`` where every key has it (the state_dict of an
+:func:`t2t_fast.optimize_for_inference` model).
 
 Adaptations, each logged:
 * head: when the checkpoint's classifier has another number of classes than the model (or the model has
@@ -27,6 +28,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import urllib.error
 
 import torch
@@ -64,7 +66,12 @@ def read_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint; all mean that
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
+        if "Weights only load failed" in str(exc):  # pickled objects beyond tensors and plain containers
+            raise CheckpointFileError(
+                f"{path} holds pickled Python objects besides tensors (a whole model saved with torch.save(model)?), "
+                f"which are not loaded from a file that may run code: save model.state_dict() instead, or, if you "
+                f"trust the file, torch.load it with weights_only=False and pass the result") from None
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}").splitlines()[0][:120]
         raise CheckpointFileError(
             f"{path} ({os.path.getsize(path)} bytes) is not a readable PyTorch checkpoint ({reason}): it is empty, "
             f"truncated or another kind of file; give a .pth file written by t2t-fast or an official release"
@@ -96,6 +103,8 @@ def extract_state_dict(checkpoint, use_ema=True):
             while key.startswith(prefix):
                 key = key[len(prefix):]
         cleaned[key] = value
+    if cleaned and all(key.startswith("model.") for key in cleaned):  # an optimize_for_inference model's
+        cleaned = {key[len("model."):]: value for key, value in cleaned.items()}
     return cleaned
 
 

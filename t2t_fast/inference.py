@@ -290,6 +290,14 @@ class InferenceModel(nn.Module):
                                "optimise it again")
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.float()``, ``.bfloat16()``, ...: the images are then cast to the weights' new dtype."""
+        super()._apply(fn, *args, **kwargs)
+        weights = [p for p in self.model.parameters() if p.is_floating_point() and p.dim() > 1]
+        if weights:
+            self.dtype = weights[0].dtype
+        return self
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
