@@ -60,6 +60,11 @@ def _cases():
         ("resume other batch", ["train", *TINY, "--epochs", "1", "--no-model-ema", "--resume", run + "/last.pth",
                                 "--batch-size", "32"], "(--batch-size 256 -> 32); resume with the same options"),
         ("finetune epochs 0", ["finetune", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        ("output holds a run", ["train", *TINY, "--epochs", "1", "--output", run],
+         "run holds another run (its checkpoints are never overwritten): give another --output, continue that "
+         "run with --resume"),
+        ("finetune output holds its checkpoint's run", ["finetune", "--checkpoint", run + "/best.pth", "--data",
+                                                         "{root}/run", *TINY, "--output", run], "holds another run"),
     ]
     evaluate = [(f"eval {name}", ["eval", "--checkpoint", path], expected) for name, path, expected in [
         ("truncated", "{root}/truncated.pth", "truncated.pth"),

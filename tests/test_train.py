@@ -1,5 +1,6 @@
 """t2t-fast train / eval / finetune: exact resume, 2-process DDP, eval reproducing the logged accuracy,
 fine-tuning, and clear errors on bad input. Tiny models and datasets keep the file fast on 2 CPU cores."""
+import argparse
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ pytest.importorskip("sklearn")
 from t2t_fast import cli  # noqa: E402
 from t2t_fast.checkpoint import read_checkpoint  # noqa: E402
 from t2t_fast.cli import train as train_cli  # noqa: E402
+from t2t_fast.training import data as data_lib  # noqa: E402
 from t2t_fast.training.loop import StopTraining  # noqa: E402
 
 # a ~20k-parameter T2T-ViT-7 geometry: the full T2T module and backbone code paths, little compute
@@ -279,6 +281,35 @@ def test_finetune_bad_input(trained, tmp_path, capsys):
                    str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and "cifar-10-batches-py" in err, err
+
+
+def test_default_run_folders_are_numbered_past_earlier_runs(tmp_path, monkeypatch):
+    """Without --output a run goes to output/<model>-<data> (finetune: ...-finetune), or the first of -2, -3, ...
+    that holds no run: an earlier run's checkpoints are never overwritten. --resume keeps its run's folder."""
+    from t2t_fast.training.run import _claim_output
+
+    monkeypatch.chdir(tmp_path)
+
+    def claimed(suffix="", **options):
+        args = argparse.Namespace(**{**dict(output=None, resume=None, model="t2t_vit_7", data=None), **options})
+        _claim_output(args, suffix)
+        return args.output
+
+    first = os.path.join("output", "t2t_vit_7-digits")
+    assert claimed() == first and claimed("-finetune") == first + "-finetune"
+    os.makedirs(first)
+    (tmp_path / first / "log.txt").write_text("")  # a folder without checkpoints is no run
+    assert claimed() == first
+    (tmp_path / first / "best.pth").write_bytes(b"")
+    assert claimed() == first + "-2"
+    os.makedirs(first + "-2")
+    (tmp_path / (first + "-2") / "last.pth").write_bytes(b"")
+    assert claimed() == first + "-3" and claimed(data="/x/pets/") == os.path.join("output", "t2t_vit_7-pets")
+    assert claimed(resume=os.path.join(first, "last.pth")) == first
+    assert claimed(resume=os.path.join(first, "last.pth"), output=first) == first
+    assert claimed(resume=os.path.join(first, "last.pth"), output="elsewhere") == "elsewhere"
+    with pytest.raises(data_lib.DataError, match="--output output/t2t_vit_7-digits-2 holds another run"):
+        claimed(resume=os.path.join(first, "last.pth"), output=first + "-2")
 
 
 def test_finetune_without_network_is_one_line(tmp_path, capsys, monkeypatch):

@@ -122,7 +122,9 @@ def _add_augmentation_arguments(g):
 
 
 def _add_run_arguments(g):
-    g.add_argument("--output", default=None, help="run folder (default: ./output/<model>-<data>)")
+    g.add_argument("--output", default=None,
+                   help="run folder, which must not hold another run (default: ./output/<model>-<data>, finetune "
+                        "...-finetune, numbered -2, -3, ... past folders holding a run)")
     g.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pth (options left out are the "
                    "run's own; options that change what it computes must stay as they were)")
     g.add_argument("--seed", type=int, default=42)

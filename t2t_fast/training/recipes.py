@@ -223,14 +223,16 @@ def finetune_optimizer(args, model):
 @dataclasses.dataclass(frozen=True)
 class Builders:
     """What a run builds its pieces with: ``transforms(args) -> (train, eval)``, ``datasets(args, transforms)
-    -> (train, val)``, ``model(args, num_classes)`` and ``optimizer(args, model)``."""
+    -> (train, val)``, ``model(args, num_classes)`` and ``optimizer(args, model)``; ``output_suffix`` ends the
+    default run folder's name (``output/<model>-<data><suffix>``)."""
 
     transforms: Callable = default_transforms
     datasets: Callable = build_datasets
     model: Callable = build_model
     optimizer: Callable = build_optimizer
+    output_suffix: str = ""
 
 
 FROM_SCRATCH = Builders()
 FINETUNE = Builders(transforms=finetune_transforms, datasets=finetune_datasets, model=finetune_model,
-                    optimizer=finetune_optimizer)
+                    optimizer=finetune_optimizer, output_suffix="-finetune")

@@ -62,14 +62,14 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
     others are the resumed run's (see :func:`t2t_fast.training.state.read_resume_checkpoint`)."""
     checkpoint = None
     if args.resume:  # checked before anything is written
-        if args.output is None:
-            args.output = os.path.dirname(args.resume) or "."
         checkpoint = state.read_resume_checkpoint(args.resume, args, explicit)
         if state.finished(checkpoint):
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"t2t-fast: {args.resume} is the end of a finished run (all {checkpoint['epoch'] + 1} "
-                      f"epochs): nothing left to do; its checkpoints and summary are in {args.output}")
+                      f"epochs): nothing left to do; its checkpoints and summary are in "
+                      f"{os.path.dirname(args.resume) or '.'}")
             return None
+    _claim_output(args, builders.output_suffix)
     threads = torch.get_num_threads()
     dist = Distributed(args.device)
     try:
@@ -111,9 +111,6 @@ def _prepare(args, dist):
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.output is None:
-        data = "digits" if args.data is None else os.path.basename(os.path.normpath(args.data))
-        args.output = os.path.join("output", f"{args.model}-{data}")
     output = args.output
     setup_logging(dist.primary)  # the run folder and its log.txt come once the model is built (_open_output)
     if args.amp is None:
@@ -122,15 +119,38 @@ def _prepare(args, dist):
     return output
 
 
+def _holds_run(folder):
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("last.pth", "best.pth"))
+
+
+def _claim_output(args, suffix):
+    """Set ``args.output``: the resumed run's folder, ``--output``, or ``output/<model>-<data><suffix>``, numbered
+    (``-2``, ``-3``, ...) past folders that hold another run. A run's checkpoints are never overwritten by
+    another: an ``--output`` that holds another run is refused."""
+    resumed = os.path.abspath(os.path.dirname(args.resume) or ".") if args.resume else None
+    if args.output is None and resumed is not None:
+        args.output = os.path.dirname(args.resume) or "."
+    elif args.output is None:
+        data = "digits" if args.data is None else os.path.basename(os.path.normpath(args.data))
+        base = os.path.join("output", f"{args.model}-{data}{suffix}")
+        args.output, number = base, 1
+        while _holds_run(args.output):
+            number += 1
+            args.output = f"{base}-{number}"
+        if number > 1 and int(os.environ.get("RANK", 0)) == 0:
+            print(f"t2t-fast: note: {base} holds an earlier run; this run goes to {args.output}", file=sys.stderr)
+    elif _holds_run(args.output) and os.path.abspath(args.output) != resumed:
+        raise data_lib.DataError(
+            f"--output {args.output} holds another run (its checkpoints are never overwritten): give another "
+            f"--output, continue that run with --resume {os.path.join(args.output, 'last.pth')}, or remove it first")
+
+
 def _open_output(run):
     """Create the run folder and its log.txt: only once the data, options and model have been found usable, so a
     run refused for bad input leaves nothing behind."""
     output = run.output
     if run.dist.primary:
         os.makedirs(output, exist_ok=True)
-        if not run.args.resume and os.path.exists(os.path.join(output, "last.pth")):
-            print(f"t2t-fast: note: {output} holds an earlier run; it is overwritten epoch by epoch "
-                  f"(use --resume {os.path.join(output, 'last.pth')} to continue it instead)", file=sys.stderr)
     setup_logging(run.dist.primary, os.path.join(output, "log.txt") if run.dist.primary else None)
 
 
