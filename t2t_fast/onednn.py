@@ -10,8 +10,8 @@ their GEMMs at the backbone's 197 rows a batch-1 image.
 kernels' ISA is ``'avx512'`` or ``'amx'``), else oneDNN's primitive where it applies (CPU tensors in float32, or
 bfloat16 on CPUs with bf16 matmul instructions; a frozen weight, as in an :func:`t2t_fast.optimize_for_inference`
 model, and no gradient to compute; neither an export nor ``torch.compile`` in progress; no dispatch mode or
-functorch transform, which would not know the calls), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an ``nn.Linear`` that calls it (:func:`t2t_fast.optimize_for_inference`
-converts a model's linears to it).
+functorch transform, which would not know the calls), and ``F.linear`` otherwise. :class:`OneDnnLinear` is an
+``nn.Linear`` that calls it (:func:`t2t_fast.optimize_for_inference` converts a model's linears to it).
 """
 import torch
 import torch.nn.functional as F

@@ -12,9 +12,9 @@ preferred, ``module.`` prefixes stripped, the head dropped when ``num_classes`` 
 regenerated for another ``img_size``, the first T2T layer adapted to another ``in_chans``; strictly unless
 ``pretrained_strict=False``), from the pretrained config's ``state_dict``, ``file`` or ``url`` (in that order,
 as timm resolves them). The model's ``pretrained_cfg`` is that of the model as built (its input size and
-classes) with whatever ``pretrained_cfg`` / ``pretrained_cfg_overlay`` changed (mean, std, crop_pct, ...). ``device=`` builds the model
-there (``'meta'`` included), ``dtype=`` converts it. Also usable from timm's ``train.py`` via
-``--device-modules t2t_fast.timm_models``.
+classes) with whatever ``pretrained_cfg`` / ``pretrained_cfg_overlay`` changed (mean, std, crop_pct, ...).
+``device=`` builds the model there (``'meta'`` included), ``dtype=`` converts it. Also usable from timm's
+``train.py`` via ``--device-modules t2t_fast.timm_models``.
 """
 import contextlib
 

@@ -32,6 +32,9 @@ def files(tmp_path_factory):
     (root / "truncated.pth").write_bytes(last[: len(last) // 2])
     (root / "empty.pth").write_bytes(b"")
     (root / "notes.txt").write_text("these are not weights\n")
+    swapped = torch.load(run / "last.pth", weights_only=False)
+    swapped["classes"][:2] = swapped["classes"][1::-1]
+    torch.save(swapped, root / "other_classes.pth")
     from PIL import Image
 
     Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "red.png")
@@ -76,6 +79,17 @@ def _cases():
     ]]
     evaluate.append(("eval batch 0", ["eval", "--checkpoint", run + "/last.pth", "--batch-size", "0"],
                      "--batch-size/-b: expected an integer >= 1"))
+    evaluate += [(f"eval {name}", ["eval", "--checkpoint", run + "/last.pth", *options], expected)
+                 for name, options, expected in [
+        ("num-classes differs", ["--num-classes", "7"], "--num-classes 7 differs from the checkpoint's 10-class "
+                                                        "head, which eval scores: leave --num-classes out"),
+        ("results file is a checkpoint", ["--results-file", run + "/best.pth"],
+         "best.pth exists and is not a JSON results file: refusing to replace it"),
+        ("results file is a folder", ["--results-file", run], "run: is a folder; give a file name such as"),
+        ("results file in no folder", ["--results-file", "{root}/nodir/r.json"], "nodir does not exist")]]
+    evaluate.append(("eval other classes", ["eval", "--checkpoint", "{root}/other_classes.pth"],
+                     "the evaluation data's classes are not the ones the checkpoint was trained on, in order "
+                     "(index: data vs checkpoint): 0: '0' vs '1', 1: '1' vs '0'"))
     predict = [
         ("predict missing image", ["predict", "{root}/nope.png", "--checkpoint", run + "/last.pth"],
          "nope.png: no such file or folder"),

@@ -112,15 +112,39 @@ def _read(args):
     from t2t_fast.checkpoint import extract_state_dict
     from t2t_fast.checkpoint import read_checkpoint
 
+    _check_results_file(args)
     checkpoint = read_checkpoint(args.checkpoint)
     if not isinstance(checkpoint, dict):
         raise data_lib.DataError(f"{args.checkpoint} does not hold a checkpoint dict")
     _settings(args, checkpoint)
     use_ema = not args.no_ema
+    head = extract_state_dict(checkpoint, use_ema=use_ema).get("head.weight")
+    if head is not None and args.num_classes not in (None, head.shape[0]):
+        raise data_lib.DataError(f"--num-classes {args.num_classes} differs from the checkpoint's "
+                                 f"{head.shape[0]}-class head, which eval scores: leave --num-classes out")
     if args.num_classes is None:
-        head = extract_state_dict(checkpoint, use_ema=use_ema).get("head.weight")
         args.num_classes = head.shape[0] if head is not None else 1000
     return checkpoint, use_ema
+
+
+def _check_results_file(args):
+    """Refuse a --results-file that cannot be written or would replace something else than earlier results,
+    before the evaluation runs."""
+    path = args.results_file
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder):
+        raise data_lib.DataError(f"--results-file {path}: " + ("is a folder; give a file name such as "
+                                 f"{os.path.join(path, 'results.json')}" if os.path.isdir(path) else
+                                 f"its folder {folder} does not exist"))
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            raise data_lib.DataError(f"--results-file {path} exists and is not a JSON results file: refusing to "
+                                     f"replace it; give another file name") from None
 
 
 def _validate(args, checkpoint, use_ema, dist_info):
@@ -131,8 +155,16 @@ def _validate(args, checkpoint, use_ema, dist_info):
 
     dataset = eval_dataset(args, recipes.eval_transform(args))
     if len(dataset.classes) != args.num_classes:
-        raise data_lib.DataError(f"the checkpoint's head has {args.num_classes} classes but the evaluation "
-                                 f"data has {len(dataset.classes)}")
+        raise data_lib.DataError(f"the model has {args.num_classes} classes (the checkpoint's head, or "
+                                 f"--num-classes) but the evaluation data has {len(dataset.classes)}")
+    trained = checkpoint.get("classes")
+    if isinstance(trained, list) and list(dataset.classes) != trained:
+        differ = [f"{i}: {ours!r} vs {theirs!r}" for i, (ours, theirs) in enumerate(zip(dataset.classes, trained))
+                  if ours != theirs]
+        raise data_lib.DataError(f"the evaluation data's classes are not the ones the checkpoint was trained on, in "
+                                 f"order (index: data vs checkpoint): {', '.join(differ[:3])}"
+                                 f"{' ...' if len(differ) > 3 else ''}; each image would be scored against another "
+                                 f"class")
     model = recipes.create_model(args, args.num_classes)
     load_checkpoint(model, checkpoint, use_ema=use_ema)
     model.to(dist_info.device)
