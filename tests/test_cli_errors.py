@@ -63,6 +63,9 @@ def _cases():
         ("resume other batch", ["train", *TINY, "--epochs", "1", "--no-model-ema", "--resume", run + "/last.pth",
                                 "--batch-size", "32"], "(--batch-size 256 -> 32); resume with the same options"),
         ("finetune epochs 0", ["finetune", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        ("odd batch with mixup", ["train", *TINY, "--batch-size", "3", "--mixup", "0.8"],
+         "--batch-size 3 is odd, but mixup / cutmix pair the images of a batch: give an even --batch-size, or "
+         "--mixup 0 --cutmix 0"),
         ("output holds a run", ["train", *TINY, "--epochs", "1", "--output", run],
          "run holds another run (its checkpoints are never overwritten): give another --output, continue that "
          "run with --resume"),

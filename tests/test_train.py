@@ -1,6 +1,7 @@
 """t2t-fast train / eval / finetune: exact resume, 2-process DDP, eval reproducing the logged accuracy,
 fine-tuning, and clear errors on bad input. Tiny models and datasets keep the file fast on 2 CPU cores."""
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -281,6 +282,49 @@ def test_finetune_bad_input(trained, tmp_path, capsys):
                    str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
     err = capsys.readouterr().err
     assert rc == 2 and "cifar-10-batches-py" in err, err
+
+
+def test_oversized_images_are_unreadable_and_unreadable_val_batches_pass(tmp_path, monkeypatch):
+    """An image past PIL's decompression-bomb limit is skipped as unreadable; a validation batch with no readable
+    image is counted and passed over (a training one stops the run: every process must step)."""
+    from PIL import Image
+
+    from t2t_fast.training.distributed import Distributed
+    from t2t_fast.training.loop import validate
+
+    root = _write_image_folder(tmp_path / "d", ["a", "b"], n_train=1, n_val=2)
+    Image.new("RGB", (80, 80)).save(root / "val" / "b" / "2_big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL refuses images past twice this (6400 > 4000 > 1024)
+    folder = data_lib.SafeImageFolder(str(root / "val"), lambda image: torch.zeros(3, 8, 8))
+    assert [folder[i] is None for i in range(len(folder))] == [False, False, False, False, True]
+    assert data_lib.collate_skip_unreadable([None, None]) == (None, None, 2)
+    loader = torch.utils.data.DataLoader(folder, batch_size=2, collate_fn=data_lib.collate_skip_unreadable)
+    batches = [batch[2] for batch in loader]
+    assert batches == [0, 0, 1]  # the last batch: the big image alone
+    dist = Distributed("cpu")
+    try:
+        metrics = validate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2)), loader, dist,
+                           contextlib.nullcontext)
+    finally:
+        dist.close()
+    assert metrics["count"] == 4 and metrics["skipped"] == 1
+
+
+def test_mixup_takes_batches_left_odd_by_unreadable_images():
+    """timm's mixup pairs a batch's images: a batch left odd by skipped images leaves out its last image; a batch of
+    one is not mixed, its target only smoothed."""
+    from timm.data import Mixup
+
+    from t2t_fast.training.loop import _mix
+
+    torch.manual_seed(0)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=4)
+    images, targets = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    mixed, soft = _mix(mixup, images, targets)
+    assert mixed.shape == (2, 3, 8, 8) and soft.shape == (2, 4) and torch.allclose(soft.sum(1), torch.ones(2))
+    single, smoothed = _mix(mixup, images[:1], targets[:1])
+    assert torch.equal(single, images[:1])
+    assert torch.allclose(smoothed, torch.tensor([[0.925, 0.025, 0.025, 0.025]]))
 
 
 def test_default_run_folders_are_numbered_past_earlier_runs(tmp_path, monkeypatch):

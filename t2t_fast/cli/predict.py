@@ -93,7 +93,7 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             with Image.open(self.files[i]) as image:
                 image = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for unreadable or corrupt files
+        except data_lib.unreadable_image_errors() as exc:
             print(f"t2t-fast: skipping unreadable image {self.files[i]}: {exc}", file=sys.stderr)
             return None
         return self.transform(image), i

@@ -3,8 +3,9 @@
 Every dataset yields ``(PIL image, class index)`` through a transform, so the same timm transforms serve
 all of them. Unreadable image files are **skipped with a warning and counted**: the dataset returns
 ``None`` for them and :func:`collate_skip_unreadable` drops those samples from the batch and reports how
-many it dropped (the trainers log the count per epoch and write it to the summary). A batch in which every
-image is unreadable is an error (the ranks of a distributed run must all take the same steps).
+many it dropped (the trainers log the count per epoch and write it to the summary). A training batch in which
+every image is unreadable is an error (the ranks of a distributed run must all take the same steps); such a
+validation batch is counted and passed over.
 """
 import logging
 import os
@@ -87,12 +88,20 @@ class SafeImageFolder(torch.utils.data.Dataset):
         path, target = self.folder.samples[i]
         try:
             image = self.folder.loader(path)
-        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises for truncated/corrupt files
+        except unreadable_image_errors() as exc:
             if path not in self.warned:
                 self.warned.add(path)
                 _logger.warning("skipping unreadable image %s: %s", path, exc)
             return None
         return (self.transform(image) if self.transform else image), target
+
+
+def unreadable_image_errors():
+    """What PIL raises for a file it cannot read as an image: truncated or corrupt files, other formats, and images
+    past its decompression-bomb size limit."""
+    from PIL import Image
+
+    return OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 
 def _has_image_extension(path):
@@ -129,10 +138,10 @@ def cifar_splits(name, root, train_transform, eval_transform):
 
 
 def collate_skip_unreadable(batch):
-    """Default collate of the readable samples -> (images, targets, number of unreadable samples)."""
+    """Default collate of the readable samples -> (images, targets, number of unreadable samples); images and
+    targets are None where no sample of the batch could be read."""
     kept = [sample for sample in batch if sample is not None]
-    skipped = len(batch) - len(kept)
     if not kept:
-        raise DataError(f"all {len(batch)} images of a batch were unreadable (see the warnings above)")
+        return None, None, len(batch)
     images, targets = torch.utils.data.default_collate(kept)
-    return images, targets, skipped
+    return images, targets, len(batch) - len(kept)

@@ -9,6 +9,7 @@ import logging
 
 import torch
 
+from t2t_fast.training.data import DataError
 from t2t_fast.training.logs import Progress
 
 _logger = logging.getLogger(__name__)
@@ -26,12 +27,24 @@ def notify(callbacks, event, *args):
             method(*args)
 
 
+def _mix(mixup, images, targets):
+    """timm's mixup / cutmix pairs the images of a batch, so it takes even batches only: a batch left odd by images
+    skipped as unreadable leaves out its last image (a batch of one is not mixed, only its target smoothed)."""
+    if len(images) % 2:
+        if len(images) == 1:
+            from timm.data.mixup import mixup_target
+
+            return images, mixup_target(targets, mixup.num_classes, 1.0, mixup.label_smoothing)
+        images, targets = images[:-1], targets[:-1]
+    return mixup(images, targets)
+
+
 def train_step(run, images, targets):
     """One optimizer update on a batch: forward under autocast, backward (loss-scaled for fp16), clipping,
     the optimizer and EMA updates and the per-update schedule. Returns the loss."""
     images, targets = images.to(run.dist.device, non_blocking=True), targets.to(run.dist.device, non_blocking=True)
     if run.mixup is not None:
-        images, targets = run.mixup(images, targets)
+        images, targets = _mix(run.mixup, images, targets)
     with run.autocast():
         loss = run.loss_fn(run.network(images), targets)
     run.optimizer.zero_grad(set_to_none=True)
@@ -65,6 +78,9 @@ def train_one_epoch(run, callbacks=()):
     try:
         for step, (images, targets, n_skipped) in enumerate(run.train_loader, 1):
             skipped += n_skipped
+            if images is None:  # every process steps together (DDP): a step with no image would hang the others
+                raise DataError(f"all {n_skipped} images of a training batch were unreadable (see the warnings "
+                                f"above)")
             loss = train_step(run, images, targets)
             loss_sum += loss.detach().double() * images.shape[0]
             seen += images.shape[0]
@@ -103,6 +119,8 @@ def validate(model, loader, dist_info, amp_autocast, desc="Eval", log_interval=5
     progress = Progress(len(loader), desc, dist_info.primary, log_interval)
     for step, (images, targets, n_skipped) in enumerate(loader, 1):
         skipped += n_skipped
+        if images is None:  # no image of the batch could be read: counted as skipped
+            continue
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with amp_autocast():
             output = model(images)

@@ -162,6 +162,9 @@ def _data(run, builders):
     run.num_classes = len(run.classes)
     if args.lr is None:
         args.lr = args.lr_base * (args.batch_size * dist.world_size) / args.lr_base_size
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise data_lib.DataError(f"--batch-size {args.batch_size} is odd, but mixup / cutmix pair the images of a "
+                                 f"batch: give an even --batch-size, or --mixup 0 --cutmix 0")
     per_rank = len(train_set) // dist.world_size
     if args.batch_size > per_rank:
         raise data_lib.DataError(
