@@ -8,7 +8,7 @@
 ``t2t_fast.reference`` holds the pure-PyTorch oracle with the same names and weights.
 """
 from t2t_fast import reference, registry  # noqa: F401  (reference: the oracle, as t2t_fast.reference)
-from t2t_fast.backend import BackendUnavailableError
+from t2t_fast.backend import BackendUnavailableError, SettingError
 from t2t_fast.checkpoint import CheckpointFileError, CheckpointMismatchError, load_checkpoint
 from t2t_fast.inference import InferenceModel, optimize_for_inference
 from t2t_fast.model import T2TViT
@@ -32,6 +32,7 @@ def create_model(name, pretrained=False, checkpoint_path=None, **kwargs):
 list_models = registry.list_models
 
 __all__ = ["T2TViT", "T2TViTSE", "T2TViTDense", "T2TViTGhost", "create_model", "list_models", "load_checkpoint",
-           "CheckpointMismatchError", "CheckpointFileError", "BackendUnavailableError", "optimize_for_inference",
+           "CheckpointMismatchError", "CheckpointFileError", "BackendUnavailableError", "SettingError",
+           "optimize_for_inference",
            "InferenceModel",
            *registry.register_factories(globals(), MODEL_CLASSES, __name__)]

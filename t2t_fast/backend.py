@@ -36,10 +36,15 @@ class BackendUnavailableError(RuntimeError):
     """A backend was requested explicitly but cannot run here; the message says why."""
 
 
+class SettingError(ValueError):
+    """A kernel setting (a ``T2T_FAST_*`` environment variable, a backend name, a ``set_*`` call) that names no
+    choice there is, or one this machine cannot run; the message names the ones there are."""
+
+
 def check_backend_name(name):
     """Validate a backend name (None is allowed and means "not set")."""
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+        raise SettingError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
 
 
@@ -136,7 +141,7 @@ def requested_backend(backend=None):
     if backend is None:
         backend = os.environ.get(ENV_VAR) or "auto"
         if backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={backend!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+            raise SettingError(f"{ENV_VAR}={backend!r} is not a backend; expected one of {', '.join(BACKENDS)}")
     return check_backend_name(backend)
 
 
@@ -240,7 +245,7 @@ def set_cpu_attention(kernel):
     the table chooses."""
     global _cpu_attention_override
     if kernel is not None and kernel not in CPU_ATTENTION_KERNELS:
-        raise ValueError(f"unknown CPU attention kernel {kernel!r}; expected one of {', '.join(CPU_ATTENTION_KERNELS)}")
+        raise SettingError(f"unknown CPU attention kernel {kernel!r}; expected one of {', '.join(CPU_ATTENTION_KERNELS)}")
     _cpu_attention_override = None if kernel == "auto" else kernel
 
 
@@ -255,7 +260,7 @@ def cpu_attention(dtype, grad_enabled, cpu=None, cpp_takes=False):
     if requested is None:
         requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
         if requested not in CPU_ATTENTION_KERNELS:
-            raise ValueError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one "
+            raise SettingError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one "
                              f"of {', '.join(CPU_ATTENTION_KERNELS)}")
     cpu = cpu or _CPU_CLASS
     if cpp_takes and (requested == "cpp" or (requested == "auto" and cpu in _CPU_ATTENTION_CPP_CLASSES)):
@@ -286,7 +291,7 @@ def set_cpu_isa(isa):
 def _check_cpu_isa(isa, source):
     if isa not in native_cpu_isas():
         runnable = ", ".join(native_cpu_isas()) or "none: the extension is not loaded"
-        raise ValueError(f"{source}: {isa!r} is not an instruction set this CPU runs the kernels with ({runnable})")
+        raise SettingError(f"{source}: {isa!r} is not an instruction set this CPU runs the kernels with ({runnable})")
     return isa
 
 

@@ -63,6 +63,9 @@ def _cases():
         ("resume other batch", ["train", *TINY, "--epochs", "1", "--no-model-ema", "--resume", run + "/last.pth",
                                 "--batch-size", "32"], "(--batch-size 256 -> 32); resume with the same options"),
         ("finetune epochs 0", ["finetune", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
+        ("device gpu", ["train", "--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        ("backend cuda on cpu", ["train", *TINY, "--device", "cpu", "--backend", "cuda"],
+         "--backend cuda: the CUDA extension runs CUDA tensors only"),
         ("odd batch with mixup", ["train", *TINY, "--batch-size", "3", "--mixup", "0.8"],
          "--batch-size 3 is odd, but mixup / cutmix pair the images of a batch: give an even --batch-size, or "
          "--mixup 0 --cutmix 0"),
@@ -132,6 +135,27 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, expected, files, tmp_path, 
     assert not out.exists()
     assert (last.read_bytes(), os.path.getmtime(last)) == before
     assert sorted(os.listdir(files / "run")) == ["best.pth", "last.pth", "log.txt", "summary.csv", "summary.json"]
+
+
+@pytest.mark.parametrize("variable", ["T2T_FAST_BACKEND", "T2T_FAST_CPU_ATTENTION", "T2T_FAST_CPU_ISA"])
+def test_bad_kernel_settings_are_one_line(variable, files, monkeypatch, capsys):
+    """A T2T_FAST_* variable naming no choice there is: one line naming the choices, exit code 2 (any command)."""
+    monkeypatch.setenv(variable, "bogus")
+    rc = cli.main(["predict", str(files / "red.png"), "--checkpoint", str(files / "run" / "last.pth"), "--device",
+                   "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"t2t-fast: error: {variable}") and "'bogus'" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys):
+    for argv in (["train", "--device", "cuda"], ["eval", "--checkpoint", "x.pth", "--device", "cuda:1"],
+                 ["bench", "--device", "cuda"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "no CUDA device is available here" in err, err
 
 
 def test_unknown_model_kwarg_names_the_closest_valid_ones():

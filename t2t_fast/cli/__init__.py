@@ -31,9 +31,14 @@ def main(argv=None):
     if command not in COMMANDS:
         print(f"t2t-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from t2t_fast.backend import BackendUnavailableError, SettingError
+
     try:
         module = importlib.import_module(COMMANDS[command][0])
         return module.main(rest)
     except KeyboardInterrupt:  # Ctrl-C before a command's own handler (run_command) is in place
         print("t2t-fast: interrupted", file=sys.stderr)
         return 130
+    except (BackendUnavailableError, SettingError) as exc:  # --backend, T2T_FAST_* settings this machine lacks
+        print(f"t2t-fast: error: {exc}", file=sys.stderr)
+        return 2

@@ -38,6 +38,26 @@ def _number(kind, low, high=None, low_open=False):
     return parse
 
 
+def DEVICE(text):
+    """An argparse type: a device of this machine (``cpu``, ``cuda``, ``cuda:N``); also ``auto`` (bench)."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else " (this torch is a CPU-only build)"
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here{build}; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 POSITIVE_INT = _number(int, 1)
 NON_NEGATIVE_INT = _number(int, 0)
 POSITIVE = _number(float, 0.0, low_open=True)
@@ -48,7 +68,7 @@ FRACTION = _number(float, 0.0, 1.0)
 def add_checkpoint_run_options(parser):
     """``--device``, ``--threads``, ``--amp`` and ``--amp-dtype`` of the commands that run a saved checkpoint
     (eval, predict): unset, they follow the run that wrote it."""
-    parser.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    parser.add_argument("--device", type=DEVICE, help="cpu / cuda (default: cuda when available)")
     parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads (default: the checkpoint's run setting)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="autocast (default: as the checkpoint's run validated, else off)")
@@ -128,7 +148,7 @@ def _add_run_arguments(g):
     g.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pth (options left out are the "
                    "run's own; options that change what it computes must stay as they were)")
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--device", help="cpu / cuda (default: cuda when available); torchrun sets the index")
+    g.add_argument("--device", type=DEVICE, help="cpu / cuda (default: cuda when available); torchrun sets the index")
     g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads per process (torch.set_num_threads)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="autocast (default: on for CUDA, off on CPU)")

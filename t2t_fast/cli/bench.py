@@ -36,7 +36,7 @@ from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, 
                             is_cuda, is_t2t, keep_freed_memory, log, measure_ceilings, plot, run)
 from t2t_fast.bench.openvino import compare as compare_openvino
 from t2t_fast.bench.openvino import format_comparison, openvino_version
-from t2t_fast.cli._options import CommandParser
+from t2t_fast.cli._options import DEVICE, CommandParser
 
 
 def _csv(text):
@@ -67,7 +67,8 @@ def parser():
     p.add_argument("--openvino", action="store_true", help="CPU: also compare with OpenVINO at fp32 and bf16 "
                    "(bf16 where the CPU has bf16 matmul instructions, or with --dtype; the T2T-ViT models; needs "
                    "openvino)")
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default: cuda when available)")
+    p.add_argument("--device", type=DEVICE, default="auto",
+                   help="cpu, cuda[:N] or auto (default: cuda when available)")
     p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of "
                    f"{','.join(PROVIDERS)} (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (saves the "

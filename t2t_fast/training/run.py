@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from t2t_fast import registry
+from t2t_fast import backend, registry
 from t2t_fast.training import loop, recipes, state
 from t2t_fast.training import data as data_lib
 from t2t_fast.training.distributed import Distributed, ShardSampler
@@ -109,6 +109,9 @@ def _prepare(args, dist):
     """Check the model name, set threads, logging and seeds; returns the run folder (not created yet)."""
     if args.model not in registry.VARIANTS:
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
+    reason = backend.unavailable_reason(args.backend, dist.device.type) if args.backend else None
+    if reason is not None:
+        raise data_lib.DataError(f"--backend {args.backend}: {reason}")
     if args.threads:
         torch.set_num_threads(args.threads)
     output = args.output
