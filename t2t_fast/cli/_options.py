@@ -58,6 +58,29 @@ def DEVICE(text):
     return text
 
 
+def AUTO_AUGMENT(text):
+    """An argparse type: a timm auto-augment policy (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``v0``,
+    ``original``, ...) or ``none``, checked by building it."""
+    if text == "none":
+        return text
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    build = (rand_augment_transform if text.startswith("rand") else
+             augment_and_mix_transform if text.startswith("augmix") else auto_augment_transform)
+    try:
+        build(text, dict(translate_const=100, img_mean=(124, 116, 104)))
+    except Exception as exc:  # timm's parsers fail with assertions, key and value errors
+        raise argparse.ArgumentTypeError(f"{text!r} is not a timm auto-augment policy (e.g. rand-m9-mstd0.5-inc1, "
+                                         f"augmix-m5-w4-d2, original, v0, or none): {type(exc).__name__} "
+                                         f"{exc}".rstrip()) from None
+    return text
+
+
+# PIL resampling filters by timm's names; training also takes 'random' (bilinear or bicubic per image)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+# timm schedulers that step by epoch or update without a metric to watch
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly")
+
 POSITIVE_INT = _number(int, 1)
 NON_NEGATIVE_INT = _number(int, 0)
 POSITIVE = _number(float, 0.0, low_open=True)
@@ -93,7 +116,7 @@ def add_common_arguments(parser):
 
     g = parser.add_argument_group("evaluation transform")
     g.add_argument("--crop-pct", type=_number(float, 0.0, 1.0, low_open=True))
-    g.add_argument("--interpolation")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS)
     g.add_argument("--mean", type=float, nargs=3)
     g.add_argument("--std", type=POSITIVE, nargs=3)
     _add_run_arguments(parser.add_argument_group("run"))
@@ -110,7 +133,7 @@ def _add_optimisation_arguments(g):
     g.add_argument("--weight-decay", type=NON_NEGATIVE)
     g.add_argument("--momentum", type=FRACTION)
     g.add_argument("--clip-grad", type=POSITIVE)
-    g.add_argument("--sched", help="timm scheduler name")
+    g.add_argument("--sched", choices=SCHEDULERS, help="timm scheduler")
     g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=None,
                    help="step the schedule every optimizer update instead of every epoch")
     g.add_argument("--warmup-epochs", type=NON_NEGATIVE_INT,
@@ -121,14 +144,14 @@ def _add_optimisation_arguments(g):
 
 
 def _add_augmentation_arguments(g):
-    g.add_argument("--aa", help="timm auto-augment policy ('none' disables)")
+    g.add_argument("--aa", type=AUTO_AUGMENT, help="timm auto-augment policy ('none' disables)")
     g.add_argument("--scale", type=FRACTION, nargs=2, help="RandomResizedCrop scale range")
     g.add_argument("--ratio", type=POSITIVE, nargs=2, help="RandomResizedCrop aspect range")
     g.add_argument("--hflip", type=FRACTION)
     g.add_argument("--color-jitter", type=NON_NEGATIVE)
-    g.add_argument("--train-interpolation")
+    g.add_argument("--train-interpolation", choices=(*INTERPOLATIONS, "random"))
     g.add_argument("--reprob", type=FRACTION, help="random erasing probability")
-    g.add_argument("--remode")
+    g.add_argument("--remode", choices=("const", "rand", "pixel"), help="random erasing fill")
     g.add_argument("--recount", type=POSITIVE_INT)
     g.add_argument("--mixup", type=NON_NEGATIVE, help="mixup alpha (0 off)")
     g.add_argument("--cutmix", type=NON_NEGATIVE, help="cutmix alpha (0 off)")

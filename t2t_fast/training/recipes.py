@@ -156,10 +156,19 @@ def build_model(args, num_classes):
 
 def build_optimizer(args, model):
     """timm ``create_optimizer_v2``: it reads ``model.no_weight_decay()`` and leaves out frozen params."""
+    return _timm_optimizer(args, model)
+
+
+def _timm_optimizer(args, params):
+    """timm's optimizer ``--opt`` over ``params`` (a model or parameter groups); an optimizer timm does not know
+    is a DataError."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                               momentum=args.momentum)
+    try:
+        return create_optimizer_v2(params, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum)
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise data_lib.DataError(f"--opt {args.opt}: {exc}") from None
 
 
 def build_loss(args):
@@ -209,15 +218,12 @@ def finetune_model(args, num_classes):
 
 def finetune_optimizer(args, model):
     """SGD param groups: the head at lr, everything else (backbone + T2T module) at lr x transfer_ratio."""
-    from timm.optim import create_optimizer_v2
-
     head, body = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (head if name.startswith("head.") else body).append(param)
     groups = [{"params": body, "lr_scale": args.transfer_ratio}, {"params": head, "lr_scale": 1.0}]
-    return create_optimizer_v2(groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                               momentum=args.momentum)
+    return _timm_optimizer(args, groups)
 
 
 @dataclasses.dataclass(frozen=True)
