@@ -46,7 +46,12 @@ def _cases():
     train = [
         ("epochs -1", ["train", "--epochs", "-1"], "--epochs: expected an integer >= 1, got -1"),
         ("epochs 0", ["train", "--epochs", "0"], "--epochs: expected an integer >= 1, got 0"),
-        ("lr -1", ["train", "--lr", "-1"], "--lr: expected a number > 0, got -1"),
+        ("lr -1", ["train", "--lr", "-1"], "--lr: expected a finite number > 0, got -1"),
+        ("lr inf", ["train", "--lr", "inf"], "--lr: expected a finite number > 0, got inf"),
+        ("mean nan", ["train", "--mean", "nan", "0", "0"], "--mean: expected a finite number, got nan"),
+        ("seed too large", ["train", "--seed", str(2**64)], "--seed: expected an integer in [0, 4294967295]"),
+        ("predict crop-pct inf", ["predict", "x.png", "--checkpoint", run + "/last.pth", "--crop-pct", "inf"],
+         "--crop-pct: expected a finite number > 0, got inf"),
         ("warmup > epochs", ["train", "--epochs", "2", "--warmup-epochs", "3"],
          "--warmup-epochs 3 is longer than --epochs 2: give --warmup-epochs at most 2"),
         ("batch 0", ["train", "--batch-size", "0"], "--batch-size/-b: expected an integer >= 1, got 0"),

@@ -3,6 +3,7 @@
 become one line and an exit code."""
 import argparse
 import copy
+import math
 import os
 import shlex
 import sys
@@ -17,21 +18,26 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
-def _number(kind, low, high=None, low_open=False):
-    """An argparse type: ``kind`` (int/float) within [low, high] (``low_open``: above low)."""
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _number(kind, low=-math.inf, high=None, low_open=False):
+    """An argparse type: a finite ``kind`` (int, or float within float32's range, as torch keeps them) within
+    [low, high] (``low_open``: above low)."""
     if high is not None:
-        bounds = f"in [{low:g}, {high:g}]"
+        bounds = f" in [{low:g}, {high:g}]" if kind is float else f" in [{low}, {high}]"
     else:
-        bounds = f"{'>' if low_open else '>='} {low:g}"
-    noun = "an integer" if kind is int else "a number"
+        bounds = f" {'>' if low_open else '>='} {low:g}" if low > -math.inf else ""
+    noun = "an integer" if kind is int else "a finite number"
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {noun} {bounds}, got {text!r}") from None
-        if value < low or (low_open and value == low) or (high is not None and value > high) or value != value:
-            raise argparse.ArgumentTypeError(f"expected {noun} {bounds}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {noun}{bounds}, got {text!r}") from None
+        if not math.isfinite(value) or (kind is float and abs(value) > _FLOAT32_MAX) or value < low or (
+                low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {noun}{bounds}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -86,6 +92,8 @@ NON_NEGATIVE_INT = _number(int, 0)
 POSITIVE = _number(float, 0.0, low_open=True)
 NON_NEGATIVE = _number(float, 0.0)
 FRACTION = _number(float, 0.0, 1.0)
+FINITE = _number(float)
+SEED = _number(int, 0, 2**32 - 1)  # what NumPy's generator takes
 
 
 def add_checkpoint_run_options(parser):
@@ -117,7 +125,7 @@ def add_common_arguments(parser):
     g = parser.add_argument_group("evaluation transform")
     g.add_argument("--crop-pct", type=_number(float, 0.0, 1.0, low_open=True))
     g.add_argument("--interpolation", choices=INTERPOLATIONS)
-    g.add_argument("--mean", type=float, nargs=3)
+    g.add_argument("--mean", type=FINITE, nargs=3)
     g.add_argument("--std", type=POSITIVE, nargs=3)
     _add_run_arguments(parser.add_argument_group("run"))
     return parser
@@ -170,7 +178,7 @@ def _add_run_arguments(g):
                         "...-finetune, numbered -2, -3, ... past folders holding a run)")
     g.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pth (options left out are the "
                    "run's own; options that change what it computes must stay as they were)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=SEED, default=42)
     g.add_argument("--device", type=DEVICE, help="cpu / cuda (default: cuda when available); torchrun sets the index")
     g.add_argument("--threads", type=POSITIVE_INT, help="CPU threads per process (torch.set_num_threads)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,

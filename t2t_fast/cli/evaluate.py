@@ -19,7 +19,7 @@ import sys
 import torch
 
 from t2t_fast import registry
-from t2t_fast.cli._options import (INTERPOLATIONS, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, CommandParser,
+from t2t_fast.cli._options import (FINITE, INTERPOLATIONS, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, CommandParser,
                                    add_checkpoint_run_options, run_command)
 from t2t_fast.training import data as data_lib
 
@@ -48,7 +48,7 @@ def build_parser():
     parser.add_argument("--batch-size", "-b", type=POSITIVE_INT, help="default: the checkpoint's run, else 100")
     parser.add_argument("--crop-pct", type=POSITIVE)
     parser.add_argument("--interpolation", choices=INTERPOLATIONS)
-    parser.add_argument("--mean", type=float, nargs=3)
+    parser.add_argument("--mean", type=FINITE, nargs=3)
     parser.add_argument("--std", type=POSITIVE, nargs=3)
     parser.add_argument("--workers", "-j", type=NON_NEGATIVE_INT, help="data loader processes (default: min(4, CPUs))")
     add_checkpoint_run_options(parser)

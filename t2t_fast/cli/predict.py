@@ -21,7 +21,7 @@ import sys
 import torch
 
 from t2t_fast import registry
-from t2t_fast.cli._options import (INTERPOLATIONS, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, CommandParser,
+from t2t_fast.cli._options import (FINITE, INTERPOLATIONS, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, CommandParser,
                                    add_checkpoint_run_options, run_command)
 from t2t_fast.training import data as data_lib
 
@@ -56,7 +56,7 @@ def build_parser():
     parser.add_argument("--crop-pct", type=POSITIVE, help="default: the run's, else the model's pretrained_cfg")
     parser.add_argument("--interpolation", choices=INTERPOLATIONS,
                         help="default: the run's, else the model's pretrained_cfg")
-    parser.add_argument("--mean", type=float, nargs=3, help="default: the run's, else the model's pretrained_cfg")
+    parser.add_argument("--mean", type=FINITE, nargs=3, help="default: the run's, else the model's pretrained_cfg")
     parser.add_argument("--std", type=POSITIVE, nargs=3, help="default: the run's, else the model's pretrained_cfg")
     add_checkpoint_run_options(parser)
     return parser
