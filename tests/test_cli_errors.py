@@ -32,6 +32,12 @@ def files(tmp_path_factory):
     (root / "truncated.pth").write_bytes(last[: len(last) // 2])
     (root / "empty.pth").write_bytes(b"")
     (root / "notes.txt").write_text("these are not weights\n")
+    older = root / "older"  # a run whose best.pth is an epoch before its last.pth
+    older.mkdir()
+    later = torch.load(run / "last.pth", weights_only=False)
+    torch.save(later, older / "best.pth")
+    later["epoch"] += 1
+    torch.save(later, older / "last.pth")
     swapped = torch.load(run / "last.pth", weights_only=False)
     swapped["classes"][:2] = swapped["classes"][1::-1]
     torch.save(swapped, root / "other_classes.pth")
@@ -77,6 +83,14 @@ def _cases():
         ("device gpu", ["train", "--device", "gpu"], "argument --device: expected cpu, cuda or cuda:N, got 'gpu'"),
         ("backend cuda on cpu", ["train", *TINY, "--device", "cpu", "--backend", "cuda"],
          "--backend cuda: the CUDA extension runs CUDA tensors only"),
+        ("output is a file", ["train", *TINY, "--output", "{root}/notes.txt"],
+         "notes.txt is a file, not a folder; give a folder path"),
+        ("output under a file", ["train", *TINY, "--output", "{root}/notes.txt/run"], "notes.txt is a file"),
+        ("output empty", ["train", *TINY, "--output", ""], "--output: give a folder path (got an empty one)"),
+        ("resume best.pth of a run that went on", ["train", "--resume", "{root}/older/best.pth"],
+         "best.pth holds epoch 0, but its run went on to epoch 1: resume from"),
+        ("finetune resumes a train run", ["finetune", "--resume", "{root}/older/last.pth"],
+         "was written by `t2t-fast train`: resume it with `t2t-fast train --resume"),
         ("odd batch with mixup", ["train", *TINY, "--batch-size", "3", "--mixup", "0.8"],
          "--batch-size 3 is odd, but mixup / cutmix pair the images of a batch: give an even --batch-size, or "
          "--mixup 0 --cutmix 0"),

@@ -275,6 +275,25 @@ def test_official_randaugment_posterize_zero_bits():
     assert ops["PosterizeIncreasing"].aug_fn(image, 2).getextrema() == ((192, 192), (64, 64), (0, 0))
 
 
+def test_finetune_takes_the_checkpoints_architecture_and_resumes_alone(trained, tmp_path, capsys):
+    """A t2t-fast checkpoint gives finetune its model and --model-kwargs (its run's architecture); --resume alone
+    finds the run's data; --pretrained for a variant without released weights says to give --checkpoint."""
+    target = _write_image_folder(tmp_path / "pets", ["a", "b"], n_train=4, n_val=2, seed=1)
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--checkpoint", str(trained / "best.pth"), "--data", str(target), "--output",
+                     str(out), "--epochs", "1", "--batch-size", "4", "--img-size", "32", "--workers", "0",
+                     "--threads", "1", "--device", "cpu"]) == 0
+    assert read_checkpoint(str(out / "last.pth"))["args"]["model_kwargs"] == TINY[TINY.index("--model-kwargs") + 1:
+                                                                               TINY.index("--workers")]
+    capsys.readouterr()
+    assert cli.main(["finetune", "--resume", str(out / "last.pth")]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    rc = cli.main(["finetune", "--pretrained", "--model", "t2t_vit_14_wide", "--data", str(target)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--pretrained: no official checkpoint was released for t2t_vit_14_wide" in err, err
+    assert "give --checkpoint FILE" in err
+
+
 def test_finetune_bad_input(trained, tmp_path, capsys):
     rc = cli.main(["finetune", "--data", str(tmp_path), *TINY])
     assert rc == 2 and "give --checkpoint FILE" in capsys.readouterr().err
@@ -390,3 +409,13 @@ def test_eval_official_checkpoint_layout(trained, tiny_data, tmp_path, capsys):
     assert rc == 0
     got = json.load(open(results))
     assert got["count"] == 12 and got["weights"] == "EMA" and 0 <= got["top1"] <= 100
+
+
+def test_resume_refuses_data_of_other_classes():
+    from t2t_fast.training import state
+
+    state.check_resumed_classes({"classes": ["a", "b"]}, ["a", "b"], "run/last.pth")
+    state.check_resumed_classes({}, ["a", "b", "c"], "run/last.pth")  # an older checkpoint without its classes
+    with pytest.raises(state.ResumeError, match=r"run/last.pth was trained on 2 classes \(a, b\), the data holds 3 "
+                                                r"\(a, b, c\): resume with the run's data, or start a new run"):
+        state.check_resumed_classes({"classes": ["a", "b"]}, ["a", "b", "c"], "run/last.pth")

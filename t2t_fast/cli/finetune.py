@@ -16,6 +16,7 @@ summaries and torchrun (``torchrun -m t2t_fast.cli.finetune``) work as for ``t2t
 import argparse
 import sys
 
+from t2t_fast import registry
 from t2t_fast.cli._options import (FRACTION, CommandParser, add_common_arguments, check_schedule, given_options,
                                    recipe_table, run_command)
 from t2t_fast.training import data as data_lib
@@ -41,21 +42,29 @@ def build_parser():
 def resolve(args, explicit=()):
     """Check the transfer options; fill the model from the checkpoint's run and the rest from the recipe.
     ``explicit``: the option names given on the command line."""
-    if args.data is None:
+    if args.data is None and not args.resume:  # a resumed run reads its own
         raise data_lib.DataError("--data DIR is required (an ImageFolder root with train/ and val/, or the CIFAR "
                                  "folder with --dataset cifar10/cifar100)")
     if not (args.checkpoint or args.pretrained or args.resume):
         raise data_lib.DataError("give --checkpoint FILE (or --pretrained) to fine-tune from")
-    if args.model is None and args.checkpoint:
+    if args.checkpoint:
         from t2t_fast.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.checkpoint)
-        if isinstance(saved, dict):
-            args.model = (saved.get("args") or {}).get("model") or saved.get("arch")
+        run = (saved.get("args") or {}) if isinstance(saved, dict) else {}
+        if args.model is None and isinstance(saved, dict):
+            args.model = run.get("model") or saved.get("arch")
+        if "model_kwargs" not in explicit and run.get("model_kwargs") and args.model == run.get("model"):
+            args.model_kwargs = list(run["model_kwargs"])  # the architecture the checkpoint's run trained
     recipe = dict(FINETUNE_RECIPE)
     if args.dataset in data_lib.CIFAR_MEAN:
         recipe.update(mean=data_lib.CIFAR_MEAN[args.dataset], std=data_lib.CIFAR_STD[args.dataset])
-    return check_schedule(apply_recipe(args, recipe), explicit)
+    args = check_schedule(apply_recipe(args, recipe), explicit)
+    if args.pretrained and not args.checkpoint and not args.resume and not registry.checkpoint_url(args.model):
+        released = [name for name in registry.VARIANTS if registry.checkpoint_url(name)]
+        raise data_lib.DataError(f"--pretrained: no official checkpoint was released for {args.model} (released: "
+                                 f"{', '.join(released)}); give --checkpoint FILE")
+    return args
 
 
 def finetune(args, callbacks=(), explicit=None):

@@ -90,6 +90,8 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
 def _setup(args, dist, builders, checkpoint):
     run = Run(args=args, dist=dist, output=_prepare(args, dist))
     train_set, val_set = _data(run, builders)
+    if checkpoint is not None:
+        state.check_resumed_classes(checkpoint, run.classes, args.resume)
     _build(run, builders)
     _open_output(run)
     _schedule(run, train_set, val_set)
@@ -130,6 +132,8 @@ def _claim_output(args, suffix):
     """Set ``args.output``: the resumed run's folder, ``--output``, or ``output/<model>-<data><suffix>``, numbered
     (``-2``, ``-3``, ...) past folders that hold another run. A run's checkpoints are never overwritten by
     another: an ``--output`` that holds another run is refused."""
+    if args.output == "":
+        raise data_lib.DataError("--output: give a folder path (got an empty one)")
     resumed = os.path.abspath(os.path.dirname(args.resume) or ".") if args.resume else None
     if args.output is None and resumed is not None:
         args.output = os.path.dirname(args.resume) or "."
@@ -146,6 +150,11 @@ def _claim_output(args, suffix):
         raise data_lib.DataError(
             f"--output {args.output} holds another run (its checkpoints are never overwritten): give another "
             f"--output, continue that run with --resume {os.path.join(args.output, 'last.pth')}, or remove it first")
+    existing = os.path.abspath(args.output)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise data_lib.DataError(f"--output {args.output}: {existing} is a file, not a folder; give a folder path")
 
 
 def _open_output(run):

@@ -158,7 +158,17 @@ def read_resume_checkpoint(path, args, explicit=None):
     if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "epoch" not in checkpoint:
         raise ResumeError(f"{path} is not a training checkpoint written by t2t-fast (it has no optimizer/epoch "
                           f"state); to start from its weights use `t2t-fast finetune --checkpoint {path}`")
+    last = os.path.join(os.path.dirname(path), "last.pth")
+    if os.path.basename(path) != "last.pth" and os.path.exists(last):
+        latest = read_checkpoint(last)
+        if isinstance(latest, dict) and latest.get("epoch", -1) > checkpoint["epoch"]:
+            raise ResumeError(f"{path} holds epoch {checkpoint['epoch']}, but its run went on to epoch "
+                              f"{latest['epoch']}: resume from {last} (resuming {path} would write over it)")
     saved = checkpoint.get("args", {})
+    if ("transfer_ratio" in saved) != hasattr(args, "transfer_ratio"):  # finetune runs record their transfer ratio
+        command = "finetune" if "transfer_ratio" in saved else "train"
+        raise ResumeError(f"{path} was written by `t2t-fast {command}`: resume it with `t2t-fast {command} "
+                          f"--resume {path}`")
     now = _checkpoint_args(args)
     if explicit is None:  # None: left out (or resolved later, as --lr is from --lr-base): the saved value holds
         explicit = [k for k, v in now.items() if v is not None]
@@ -176,6 +186,16 @@ def read_resume_checkpoint(path, args, explicit=None):
         if key not in explicit and key not in ("resume", "output"):
             setattr(args, key, tuple(value) if isinstance(value, list) and key != "model_kwargs" else value)
     return checkpoint
+
+
+def check_resumed_classes(checkpoint, classes, path):
+    """The resumed run's classes must be the data's, in order (ResumeError otherwise)."""
+    trained = checkpoint.get("classes")
+    if isinstance(trained, list) and trained != list(classes):
+        raise ResumeError(f"{path} was trained on {len(trained)} classes ({', '.join(map(str, trained[:5]))}"
+                          f"{', ...' if len(trained) > 5 else ''}), the data holds {len(classes)} "
+                          f"({', '.join(map(str, list(classes)[:5]))}{', ...' if len(classes) > 5 else ''}): resume "
+                          f"with the run's data, or start a new run")
 
 
 def finished(checkpoint):
