@@ -77,7 +77,9 @@ def test_bench_cli_reports_a_failing_provider(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--providers", "eager"], ["--batch", "0"], ["--dtype", "int8"],
-                                  ["--model", "resnet50", "--part", "tokens_to_token"]])
+                                  ["--model", "resnet50", "--part", "tokens_to_token"], ["--img-size", "0"],
+                                  ["--threads", "0"], ["--reps", "0"], ["--warmup", "-1"], ["--model", "bogus"],
+                                  ["--providers", "compiled", "--no-compile"], ["--device", "gpu"]])
 def test_bench_cli_rejects_bad_arguments(tmp_path, argv, capsys):
     try:
         code = bench_cli.main(["--device", "cpu", "--output", str(tmp_path), *argv])

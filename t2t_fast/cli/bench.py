@@ -36,7 +36,7 @@ from t2t_fast.bench import (CPU_THREADS, DTYPES, MODES, PROVIDERS, cpu_threads, 
                             is_cuda, is_t2t, keep_freed_memory, log, measure_ceilings, plot, run)
 from t2t_fast.bench.openvino import compare as compare_openvino
 from t2t_fast.bench.openvino import format_comparison, openvino_version
-from t2t_fast.cli._options import DEVICE, CommandParser
+from t2t_fast.cli._options import DEVICE, NON_NEGATIVE_INT, POSITIVE_INT, CommandParser
 
 
 def _csv(text):
@@ -77,10 +77,11 @@ def parser():
                    "(default: infer on CPU, both on CUDA)")
     p.add_argument("--part", choices=("model", "tokens_to_token"), default="model",
                    help="time the whole model (default) or only its T2T module (T2T-ViT models only)")
-    p.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
-    p.add_argument("--threads", type=int, default=CPU_THREADS, help=f"CPU threads (default {CPU_THREADS})")
-    p.add_argument("--warmup", type=int, help="untimed steps per provider and case (default: 1 CPU, 5 CUDA)")
-    p.add_argument("--reps", type=int, help="timed rounds per provider and case (default: 5 CPU, 20 CUDA)")
+    p.add_argument("--img-size", type=POSITIVE_INT, default=224, help="input resolution (default 224)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=CPU_THREADS, help=f"CPU threads (default {CPU_THREADS})")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT,
+                   help="untimed steps per provider and case (default: 1 CPU, 5 CUDA)")
+    p.add_argument("--reps", type=POSITIVE_INT, help="timed rounds per provider and case (default: 5 CPU, 20 CUDA)")
     p.add_argument("--backend", default=None, help="backend of the fused model (auto, triton, cuda, cpp, torch)")
     p.add_argument("--no-ceilings", action="store_true", help="do not measure the copy/matmul ceilings")
     p.add_argument("--output", default=os.path.join("bench", "out"), help="folder for the JSON and PNG "
@@ -105,6 +106,19 @@ def _plan(args):
         return f"unknown provider(s) {unknown}; choose from {', '.join(PROVIDERS)}"
     if args.no_compile:
         providers = [p for p in providers if p != "compiled"]
+        if not providers:
+            return "--no-compile leaves no provider of --providers compiled to time"
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        return f"--output {args.output} is a file, not a folder"
+    others = [m for m in models if not is_t2t(m)]
+    if others:
+        try:
+            import timm
+        except ImportError:
+            return f"{others} are not T2T-ViT variants, and timm, which may know them, is not installed"
+        unknown = [m for m in others if not timm.is_model(m)]
+        if unknown:
+            return f"unknown model(s) {unknown}: T2T-ViT variants or timm model names"
     if args.openvino and (cuda or args.part != "model" or not all(is_t2t(m) for m in models)):
         return "--openvino compares whole T2T-ViT models on CPU (--device cpu, --part model)"
     if args.openvino and openvino_version() is None:
