@@ -78,3 +78,9 @@ def test_cli_usage_and_unknown_command(capsys):
     assert "train" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_info_help_and_unknown_options(capsys):
+    assert cli.main(["info", "--help"]) == 0 and "usage: t2t-fast info" in capsys.readouterr().out
+    assert cli.main(["info", "--verbose"]) == 2
+    assert capsys.readouterr().err.strip() == "t2t-fast info: error: it takes no options, got --verbose"

@@ -79,8 +79,13 @@ def _version(module):
 
 
 def main(argv=None):
+    """Entry point of ``t2t-fast info``; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["-h"], ["--help"]):
+        print("usage: t2t-fast info   (no options): versions, and which backends and kernels run here")
+        return 0
     if argv:
-        print("usage: python -m t2t_fast.info   (no options)", file=sys.stderr)
+        print(f"t2t-fast info: error: it takes no options, got {' '.join(argv)}", file=sys.stderr)
         return 2
     info = collect()
     width = max(len(k) for k in info)
