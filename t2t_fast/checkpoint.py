@@ -115,8 +115,6 @@ def _fit_pos_embed(model, table, mode):
     if mode == "regenerate":
         _logger.info("pos_embed %s -> %s: using the model's sinusoid table", tuple(table.shape), tuple(target.shape))
         return target.detach().clone()
-    if mode != "interpolate":
-        raise ValueError(f"pos_embed must be 'regenerate' or 'interpolate', got {mode!r}")
     if table.ndim != 3 or table.shape[-1] != target.shape[-1]:
         raise CheckpointMismatchError(f"pos_embed: checkpoint shape {tuple(table.shape)} cannot be resampled to "
                                       f"{tuple(target.shape)} (embedding widths differ)")
@@ -179,6 +177,8 @@ def load_checkpoint(model, path_or_dict, strict=True, use_ema=True, pos_embed="r
 
     Returns the ``(missing_keys, unexpected_keys)`` result of ``load_state_dict`` (both empty when strict).
     Raises :class:`CheckpointMismatchError` listing every missing, unexpected or mis-shaped key."""
+    if pos_embed not in ("regenerate", "interpolate"):
+        raise ValueError(f"pos_embed must be 'regenerate' or 'interpolate', got {pos_embed!r}")
     if isinstance(path_or_dict, (str, os.PathLike)):
         checkpoint = read_checkpoint(os.fspath(path_or_dict))
     else:

@@ -6,7 +6,7 @@ import torch
 
 import t2t_fast
 import t2t_fast.reference as ref
-from t2t_fast import CheckpointMismatchError, load_checkpoint
+from t2t_fast import CheckpointFileError, CheckpointMismatchError, load_checkpoint
 
 NAME = "t2t_vit_7"
 
@@ -90,6 +90,23 @@ def test_pos_embed_of_another_length_is_regenerated_or_interpolated():
     assert torch.equal(model2.pos_embed[0, 0], state["pos_embed"][0, 0])
     with pytest.raises(ValueError, match="regenerate"):
         load_checkpoint(ref.create_model(NAME), state, pos_embed="stretch")
+    with pytest.raises(ValueError, match="pos_embed must be 'regenerate' or 'interpolate', got 'stretch'"):
+        load_checkpoint(ref.create_model(NAME), ref.create_model(NAME).state_dict(), pos_embed="stretch")
+
+
+def test_whole_models_and_optimized_state_dicts(tmp_path):
+    """A whole pickled model is named as such (not as a truncated file); the state_dict of an
+    optimize_for_inference model (its keys under model.) loads."""
+    model = t2t_fast.create_model(NAME, img_size=32, num_classes=10)
+    torch.save(model, tmp_path / "whole.pth")
+    with pytest.raises(CheckpointFileError, match=r"holds pickled Python objects besides tensors \(a whole model "
+                                                  r"saved with torch.save\(model\)\?\).*save model.state_dict"):
+        load_checkpoint(model, str(tmp_path / "whole.pth"))
+    optimized = t2t_fast.optimize_for_inference(model, dtype=torch.float32)
+    assert all(key.startswith("model.") for key in optimized.state_dict())
+    again = t2t_fast.create_model(NAME, img_size=32, num_classes=10)
+    load_checkpoint(again, optimized.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
 
 
 def test_checkpoint_of_another_variant_lists_offending_keys(trained):

@@ -174,3 +174,7 @@ def test_bad_construction_arguments(factory):
     # NumPy integers are integers
     model = factory("t2t_vit_7", img_size=np.int64(32), num_classes=np.int64(5), depth=np.int64(1))
     assert model.img_size == (32, 32) and type(model.num_classes) is int and model.head.out_features == 5
+    # timm's global_pool: the cls token, the only pooling there is
+    assert factory("t2t_vit_7", img_size=32, global_pool="token").global_pool == "token"
+    with pytest.raises(ValueError, match="pools the cls token only; global_pool='avg' is not supported"):
+        factory("t2t_vit_7", img_size=32, global_pool="avg")

@@ -149,8 +149,10 @@ class T2TViT(nn.Module):
 
     def __init__(self, img_size=224, in_chans=3, num_classes=1000, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, tokens_type="performer", token_dim=64, qkv_bias=False, qk_scale=None,
-                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, dynamic_img_size=False):
+                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, dynamic_img_size=False, global_pool="token"):
         super().__init__()
+        if global_pool != "token":  # timm's ViT argument: T2T-ViT classifies its cls token
+            raise ValueError(f"T2T-ViT pools the cls token only; global_pool={global_pool!r} is not supported")
         check_model_args(in_chans, num_classes, embed_dim, depth, num_heads, tokens_type, mlp_ratio, token_dim)
         self.img_size = image_size(img_size)
         self.grid_size = token_grids(self.img_size)[-1]
