@@ -245,7 +245,8 @@ def set_cpu_attention(kernel):
     the table chooses."""
     global _cpu_attention_override
     if kernel is not None and kernel not in CPU_ATTENTION_KERNELS:
-        raise SettingError(f"unknown CPU attention kernel {kernel!r}; expected one of {', '.join(CPU_ATTENTION_KERNELS)}")
+        raise SettingError(f"unknown CPU attention kernel {kernel!r}; expected one of "
+                           f"{', '.join(CPU_ATTENTION_KERNELS)}")
     _cpu_attention_override = None if kernel == "auto" else kernel
 
 

@@ -91,10 +91,10 @@ def _observed(module):
         return True
     stack = [module]
     while stack:
-        module = stack.pop()
-        if module is None:  # a submodule slot registered empty
+        current = stack.pop()
+        if current is None:  # a submodule slot registered empty
             continue
-        attributes = module.__dict__
+        attributes = current.__dict__
         if attributes["_forward_hooks"] or attributes["_forward_pre_hooks"] or "forward" in attributes:
             return True
         stack += attributes["_modules"].values()
