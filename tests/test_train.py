@@ -411,6 +411,21 @@ def test_eval_official_checkpoint_layout(trained, tiny_data, tmp_path, capsys):
     assert got["count"] == 12 and got["weights"] == "EMA" and 0 <= got["top1"] <= 100
 
 
+def test_image_folders_skip_hidden_folders_and_need_two_classes(tmp_path, capsys):
+    root = _write_image_folder(tmp_path / "d", ["a", "b"], n_train=2, n_val=1)
+    for split in ("train", "val"):  # a notebook's checkpoint folder is no class
+        (root / split / ".ipynb_checkpoints").mkdir()
+        (root / split / ".ipynb_checkpoints" / "0.png").write_bytes((root / split / "a" / "0.png").read_bytes())
+    assert data_lib.SafeImageFolder(str(root / "train")).classes == ["a", "b"]
+    one = _write_image_folder(tmp_path / "one", ["a"], n_train=4, n_val=1)
+    rc = cli.main(["train", "--data", str(one), "--output", str(tmp_path / "o"), "--batch-size", "2", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the training data holds 1 class (a): a classifier needs at least two" in err, err
+    rc = cli.main(["finetune", "--checkpoint", "x.pth", "--data", str(root), "--aa", "v0", "--reprob", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--aa, --reprob: fine-tuning augments as the official transfer does" in err, err
+
+
 def test_resume_refuses_data_of_other_classes():
     from t2t_fast.training import state
 

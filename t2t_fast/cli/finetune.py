@@ -39,6 +39,10 @@ def build_parser():
     return parser
 
 
+# train's augmentation options, which the official transfer transform does not use
+_TRAIN_AUGMENTATION = ("aa", "scale", "ratio", "color_jitter", "train_interpolation", "reprob", "remode", "recount")
+
+
 def resolve(args, explicit=()):
     """Check the transfer options; fill the model from the checkpoint's run and the rest from the recipe.
     ``explicit``: the option names given on the command line."""
@@ -47,6 +51,11 @@ def resolve(args, explicit=()):
                                  "folder with --dataset cifar10/cifar100)")
     if not (args.checkpoint or args.pretrained or args.resume):
         raise data_lib.DataError("give --checkpoint FILE (or --pretrained) to fine-tune from")
+    unused = [name for name in _TRAIN_AUGMENTATION if name in explicit]
+    if unused:
+        raise data_lib.DataError(
+            f"{', '.join('--' + name.replace('_', '-') for name in unused)}: fine-tuning augments as the official "
+            f"transfer does (resize, padded random crop, --hflip; then --mean/--std), not with train's options")
     if args.checkpoint:
         from t2t_fast.checkpoint import read_checkpoint
 

@@ -65,29 +65,36 @@ def _check_dir(path, what):
 
 
 class SafeImageFolder(torch.utils.data.Dataset):
-    """torchvision ``ImageFolder`` (one sub-folder per class) whose unreadable files yield ``None``."""
+    """An ImageFolder (one sub-folder per class, as torchvision's) whose unreadable files yield ``None``. Hidden
+    sub-folders (``.ipynb_checkpoints``, ...) are no classes."""
 
     def __init__(self, root, transform=None):
-        from torchvision.datasets import ImageFolder
+        from torchvision.datasets.folder import make_dataset
 
         _check_dir(root, "image folder")
+        self.classes = sorted(entry.name for entry in os.scandir(root)
+                              if entry.is_dir() and not entry.name.startswith("."))
         try:
-            self.folder = ImageFolder(root, allow_empty=False, is_valid_file=_has_image_extension)
+            if not self.classes:
+                raise FileNotFoundError(f"no class sub-folder in {root}")
+            self.samples = make_dataset(root, {name: i for i, name in enumerate(self.classes)},
+                                        is_valid_file=_has_image_extension, allow_empty=False)
         except FileNotFoundError as exc:
             raise DataError(f"{root}: {exc} (expected one sub-folder per class holding "
                             f"{'/'.join(IMG_EXTENSIONS)} files)") from None
-        self.classes = self.folder.classes
-        self.targets = self.folder.targets
+        self.targets = [target for _, target in self.samples]
         self.transform = transform
         self.warned = set()
 
     def __len__(self):
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        path, target = self.folder.samples[i]
+        from torchvision.datasets.folder import default_loader
+
+        path, target = self.samples[i]
         try:
-            image = self.folder.loader(path)
+            image = default_loader(path)
         except unreadable_image_errors() as exc:
             if path not in self.warned:
                 self.warned.add(path)

@@ -172,6 +172,9 @@ def _data(run, builders):
     train_set, val_set = builders.datasets(args, builders.transforms(args))
     run.classes = list(train_set.classes)
     run.num_classes = len(run.classes)
+    if run.num_classes < 2:
+        raise data_lib.DataError(f"the training data holds {run.num_classes} class ({', '.join(run.classes)}): a "
+                                 f"classifier needs at least two")
     if args.lr is None:
         args.lr = args.lr_base * (args.batch_size * dist.world_size) / args.lr_base_size
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
