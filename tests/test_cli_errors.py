@@ -91,6 +91,11 @@ def _cases():
          "best.pth holds epoch 0, but its run went on to epoch 1: resume from"),
         ("finetune resumes a train run", ["finetune", "--resume", "{root}/older/last.pth"],
          "was written by `t2t-fast train`: resume it with `t2t-fast train --resume"),
+        ("img-size too small", ["train", *TINY, "--img-size", "1"], "--img-size 1: image size (1, 1) is too small"),
+        ("finetune checkpoint and pretrained", ["finetune", "--checkpoint", run + "/best.pth", "--pretrained",
+                                                "--data", "{root}"], "give --checkpoint FILE or --pretrained"),
+        ("predict reference with backend", ["predict", "{root}/red.png", "--checkpoint", run + "/last.pth",
+                                            "--reference", "--backend", "torch"], "--backend picks the fused model"),
         ("odd batch with mixup", ["train", *TINY, "--batch-size", "3", "--mixup", "0.8"],
          "--batch-size 3 is odd, but mixup / cutmix pair the images of a batch: give an even --batch-size, or "
          "--mixup 0 --cutmix 0"),

@@ -51,6 +51,8 @@ def resolve(args, explicit=()):
                                  "folder with --dataset cifar10/cifar100)")
     if not (args.checkpoint or args.pretrained or args.resume):
         raise data_lib.DataError("give --checkpoint FILE (or --pretrained) to fine-tune from")
+    if args.checkpoint and args.pretrained:
+        raise data_lib.DataError("give --checkpoint FILE or --pretrained (the released weights), not both")
     unused = [name for name in _TRAIN_AUGMENTATION if name in explicit]
     if unused:
         raise data_lib.DataError(

@@ -160,6 +160,9 @@ def predict(args, out=None):
     from t2t_fast.checkpoint import read_checkpoint
 
     out = sys.stdout if out is None else out
+    if args.reference and args.backend:
+        raise data_lib.DataError("--backend picks the fused model's kernels; --reference runs the pure-PyTorch "
+                                 "model, which has none: give one of them")
     files = image_files(args.images)
     checkpoint = read_checkpoint(args.checkpoint)
     if not isinstance(checkpoint, dict):

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from t2t_fast import registry
+from t2t_fast.geometry import image_size, token_grids
 from t2t_fast.training import data as data_lib
 
 OFFICIAL_RECIPE = dict(
@@ -96,6 +97,11 @@ def create_model(args, num_classes, **kwargs):
     """The fast model of a run: ``--model`` at ``--img-size`` with ``--model-kwargs`` and ``--backend``."""
     import t2t_fast
 
+    if args.img_size is not None:
+        try:
+            token_grids(image_size(args.img_size))
+        except (TypeError, ValueError) as exc:
+            raise data_lib.DataError(f"--img-size {args.img_size}: {exc}") from None
     kwargs = model_kwargs(args, num_classes=num_classes, img_size=args.img_size, **kwargs)
     if args.backend is not None:
         kwargs["backend"] = args.backend
