@@ -91,6 +91,9 @@ def _cases():
          "best.pth holds epoch 0, but its run went on to epoch 1: resume from"),
         ("finetune resumes a train run", ["finetune", "--resume", "{root}/older/last.pth"],
          "was written by `t2t-fast train`: resume it with `t2t-fast train --resume"),
+        ("in_chans 1 on RGB data", ["train", *TINY, "--model-kwargs", "depth=1", "embed_dim=32", "num_heads=2",
+                                    "token_dim=8", "in_chans=1"], "--model-kwargs in_chans=1: the training images "
+                                                                  "are RGB (3 channels)"),
         ("img-size too small", ["train", *TINY, "--img-size", "1"], "--img-size 1: image size (1, 1) is too small"),
         ("finetune checkpoint and pretrained", ["finetune", "--checkpoint", run + "/best.pth", "--pretrained",
                                                 "--data", "{root}"], "give --checkpoint FILE or --pretrained"),

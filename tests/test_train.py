@@ -196,6 +196,7 @@ def test_finetune_new_head_and_transfer_lr(trained, tmp_path):
     assert ckpt["state_dict"]["head.weight"].shape == (2, 32)
     body, head = ckpt["optimizer"]["param_groups"]
     assert head["lr"] == pytest.approx(body["lr"] / 0.01) and body["momentum"] == 0.9
+    assert json.load(open(out / "summary.json"))[-1]["lr"] == pytest.approx(head["lr"])  # the head's, not 1 %
     assert ckpt["args"]["opt"] == "sgd" and ckpt["args"]["weight_decay"] == 5e-4
     # the backbone started from the checkpoint, not from scratch
     source = read_checkpoint(str(trained / "best.pth"))["state_dict_ema"]

@@ -73,7 +73,7 @@ def train_one_epoch(run, callbacks=()):
                         log_interval)
 
     def status():
-        return f"Loss {loss_sum.item() / max(seen, 1):.4f} LR {run.optimizer.param_groups[0]['lr']:.3g}"
+        return f"Loss {loss_sum.item() / max(seen, 1):.4f} LR {peak_lr(run.optimizer):.3g}"
 
     try:
         for step, (images, targets, n_skipped) in enumerate(run.train_loader, 1):
@@ -95,6 +95,11 @@ def train_one_epoch(run, callbacks=()):
     if skipped:
         _logger.warning("epoch %d: skipped %d unreadable training images", run.epoch, int(skipped))
     return {"loss": total / max(count, 1), "skipped": int(skipped)}
+
+
+def peak_lr(optimizer):
+    """The largest learning rate of the optimizer's groups: fine-tuning's head lr (its backbone's is a fraction)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def check_finite(loss_sum, epoch, step):

@@ -195,6 +195,10 @@ def _build(run, builders):
 
     args, device = run.args, run.dist.device
     run.model = builders.model(args, run.num_classes).to(device)
+    if run.model.in_chans != 3:  # every dataset here yields RGB images
+        raise data_lib.DataError(f"--model-kwargs in_chans={run.model.in_chans}: the training images are RGB (3 "
+                                 f"channels); train a 3-channel model (load_checkpoint adapts its weights to "
+                                 f"other channel counts)")
     if args.grad_checkpointing:
         run.model.set_grad_checkpointing(True)
     run.optimizer = builders.optimizer(args, run.model)
@@ -247,7 +251,7 @@ def _run_epoch(run, callbacks):
     t0 = time.perf_counter()
     train_metrics = loop.train_one_epoch(run, callbacks)
     run.scheduler.step(run.epoch + 1)
-    row = {"epoch": run.epoch, "step": run.num_updates, "lr": run.optimizer.param_groups[0]["lr"],
+    row = {"epoch": run.epoch, "step": run.num_updates, "lr": loop.peak_lr(run.optimizer),
            "train_loss": train_metrics["loss"], "train_skipped": train_metrics["skipped"],
            "train_time_s": round(time.perf_counter() - t0, 2)}
     row.update(_validate(run, run.model, "val", f"Val {run.epoch}"))
