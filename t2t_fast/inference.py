@@ -24,7 +24,7 @@ from torch.nn.modules import module as _torch_modules
 
 from t2t_fast import backend, model as fast_model, onednn, ops
 from t2t_fast.geometry import image_token_grids
-from t2t_fast.ops._common import direct_calls_allowed
+from t2t_fast.ops._common import CPU_KERNEL_DTYPES, direct_calls_allowed
 from t2t_fast.ops.add_layernorm import cpp_unsupported as add_layernorm_cpp_unsupported
 from t2t_fast.ops.add_layernorm import run_cpp as add_layernorm_cpp
 from t2t_fast.ops.encoder_blocks import cpp_arguments as encoder_blocks_arguments
@@ -198,9 +198,6 @@ def _cls_logits(model, images):
     return model.head(h[:, 0])
 
 
-_DIRECT_T2T_DTYPES = (torch.float32, torch.bfloat16)  # those the fused C++ soft split and FAVOR+ kernels take
-
-
 class InferenceT2TModule(fast_model.T2TModule):
     """The fused T2T module of a CPU model converted by :func:`optimize_for_inference` (the same parameters and
     state_dict). In eager CPU inference on float32 / bfloat16 images, with performer layers as built and the
@@ -221,7 +218,7 @@ class InferenceT2TModule(fast_model.T2TModule):
     def _direct(self, x):
         """Whether :meth:`forward` calls the kernels directly for the image ``x``; an image the layers do not take
         (the wrong channel count) goes to the fused module's forward, whose checks say what is wrong."""
-        if self.training or torch.is_grad_enabled() or x.dtype not in _DIRECT_T2T_DTYPES or x.dim() != 4 \
+        if self.training or torch.is_grad_enabled() or x.dtype not in CPU_KERNEL_DTYPES or x.dim() != 4 \
                 or not direct_calls_allowed(x) or backend.is_exporting() \
                 or backend.unavailable_reason("cpp", "cpu") is not None or _observed(self):
             return False

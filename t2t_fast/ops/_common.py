@@ -13,6 +13,8 @@ from t2t_fast.geometry import is_int
 _poison_outputs = False
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# what the vectorised C++ CPU kernels (csrc/cpu_kernels.inc and the units beside it) take
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # dtype codes of the native extension (csrc/restructurize_unfold.h: enum DType)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 

@@ -16,11 +16,10 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, is_exporting, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
-                                  float32_parameter, new_output, storage_extent)
+from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, backend_cannot_take, check_float_tensor,
+                                  direct_calls_allowed, float32_parameter, new_output, storage_extent)
 
 _OP = "add_layernorm"
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def add_layernorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -58,7 +57,7 @@ def cpp_unsupported(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
-    if x.dtype not in _CPP_DTYPES:
+    if x.dtype not in CPU_KERNEL_DTYPES:
         return f"dtype {x.dtype} (the C++ kernel takes float32 and bfloat16)"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, residual, weight, bias)):
         return "a gradient is needed (the C++ kernel is forward-only)"

@@ -86,12 +86,11 @@ import torch
 
 from t2t_fast._native import native_module
 from t2t_fast.backend import autocast_enabled, cpu_isa, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, compute_dtype,
-                                   direct_calls_allowed, new_output, storage_extent)
+from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, backend_cannot_take, check_float_tensor,
+                                  compute_dtype, direct_calls_allowed, new_output, storage_extent)
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 EPS_LOG_CLAMP = 80.0  # largest log of the shifted eps term (see the module docstring)
 HALF_NORM_CAP = 2.0 ** 100  # |q|^2/2 enters eps_t capped here: finite, and past the clamp either way
 ROW_SCALE = 2.0 ** -64  # exact scale of the queries whose |q|^2/2 overflows
@@ -362,7 +361,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _cpp_takes(k, q, v):
     """Whether the C++ forward takes these (validated) CPU inputs: float32/bfloat16, and no gradient needed
     (it has no backward: training runs the torch path, whose autograd is the backward)."""
-    if k.dtype not in _CPP_DTYPES:
+    if k.dtype not in CPU_KERNEL_DTYPES:
         return False
     return not (torch.is_grad_enabled() and (k.requires_grad or q.requires_grad or v.requires_grad))
 
@@ -372,7 +371,7 @@ def _validate_cpp_op(k, q, v, w, eps):
     float32/bfloat16)."""
     _validate(k, q, v, w, eps)
     reason = unavailable_reason("cpp", k.device.type)
-    if reason is None and k.dtype not in _CPP_DTYPES:
+    if reason is None and k.dtype not in CPU_KERNEL_DTYPES:
         reason = f"dtype {k.dtype} (the C++ kernel takes float32 and bfloat16)"
     if reason is not None:
         backend_cannot_take(_OP, "cpp", reason)

@@ -21,11 +21,10 @@ import torch
 
 from t2t_fast._native import native_avx512_bf16, native_attention_max_token_stride, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, direct_calls_allowed,
-                                  is_int, new_output, storage_extent)
+from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, backend_cannot_take, check_float_tensor,
+                                  direct_calls_allowed, is_int, new_output, storage_extent)
 
 _OP = "multihead_attention"
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 _CPP_ISAS = ("amx", "avx512")
 
 
@@ -62,7 +61,7 @@ def cpp_unsupported(qkv: torch.Tensor, num_heads: int) -> Optional[str]:
         return "this CPU has no AVX512-BF16 instructions"
     if cpu_isa() not in _CPP_ISAS:
         return f"the CPU kernels' instruction set is {cpu_isa()} (the C++ kernel runs with {' or '.join(_CPP_ISAS)})"
-    if qkv.dtype not in _CPP_DTYPES:
+    if qkv.dtype not in CPU_KERNEL_DTYPES:
         return f"dtype {qkv.dtype} (the C++ kernel takes float32 and bfloat16)"
     if qkv.shape[2] // (3 * num_heads) % 16 != 0:
         return f"head size {qkv.shape[2] // (3 * num_heads)} (the C++ kernel takes multiples of 16)"

@@ -25,12 +25,11 @@ import torch.nn.functional as F
 
 from t2t_fast._native import native_avx512_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
-from t2t_fast.ops._common import (DTYPE_CODES, PerWeightCache, backend_cannot_take, check_float_tensor,
-                                  direct_calls_allowed, is_int, new_output, storage_extent)
+from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, PerWeightCache, backend_cannot_take,
+                                  check_float_tensor, direct_calls_allowed, is_int, new_output, storage_extent)
 
 _OP = "packed_linear"
 MULTIPLE = 32  # in and out features of the bfloat16 kernel are multiples of this
-_CPP_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_ISAS = ("avx512", "amx")  # the CPU kernels' instruction sets the kernels run with
 
 
@@ -82,7 +81,7 @@ def _kernel_unsupported(x, weight_shape, weight_dtype, bias, grad):
     reason = unavailable_reason("cpp", x.device.type)
     if reason is not None:
         return reason
-    if x.dtype not in _CPP_DTYPES or weight_dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if x.dtype not in CPU_KERNEL_DTYPES or weight_dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return "dtypes other than one of float32 and bfloat16 (the kernels take float32 or bfloat16 throughout)"
     reason = isa_unsupported(x.dtype)
     if reason is not None:
@@ -174,7 +173,7 @@ def _validate_cpp_op(x, packed, bias, out_features, gelu):
     if not is_int(out_features) or out_features <= 0:
         raise ValueError(f"{_OP}: out_features must be a positive int, got {out_features!r}")
     weight_shape = (out_features, x.shape[-1] if x.dim() else 0)
-    if x.dtype in _CPP_DTYPES and out_features > 0:
+    if x.dtype in CPU_KERNEL_DTYPES and out_features > 0:
         elements = native_module().linear_packed_elements(DTYPE_CODES[x.dtype], *weight_shape)
         if packed.dtype != x.dtype or packed.numel() != elements:
             raise ValueError(f"{_OP}: packed must hold the {elements} {x.dtype} elements of an out_features x "

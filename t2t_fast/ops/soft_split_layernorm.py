@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, requested_backend, select_backend
 from t2t_fast.geometry import split_output_size
-from t2t_fast.ops._common import (DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take, check_float_tensor,
-                                   compute_dtype, direct_calls_allowed, image_sizes, is_int, new_output,
-                                   split_geometry, storage_extent)
+from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take,
+                                  check_float_tensor, compute_dtype, direct_calls_allowed, image_sizes, is_int,
+                                  new_output, split_geometry, storage_extent)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd, square_window
 
 _OP = "soft_split_layernorm"
@@ -187,16 +187,13 @@ def soft_split_layernorm(x, kernel_size, stride, padding, weight, bias, eps=1e-5
     return _fwd_op(*arguments, chosen != "triton")[0]
 
 
-_FUSED_CPU_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def soft_split_layernorm_native_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype):
     """The native forward: returns y (B, L, F) in ``out_dtype`` and the row mean and rstd (B*L,).
 
     CPU tensors in float32/bfloat16 (x and out_dtype): the fused C++ kernel (gather + LayerNorm per window
     row, vectorised with :func:`t2t_fast.backend.cpu_isa`). Otherwise (CUDA, float16, float64): the native
     gather, then torch's LayerNorm in the statistics dtype."""
-    if x.device.type == "cpu" and x.dtype in _FUSED_CPU_DTYPES and out_dtype in _FUSED_CPU_DTYPES:
+    if x.device.type == "cpu" and x.dtype in CPU_KERNEL_DTYPES and out_dtype in CPU_KERNEL_DTYPES:
         return _fused_cpu_fwd(x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype)
     stats = compute_dtype(x.dtype)
     unfolded = restructurize_unfold_fwd(x, grid_h, grid_w, square_window(kernel_size, stride, padding))
