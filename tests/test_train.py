@@ -301,7 +301,7 @@ def test_finetune_bad_input(trained, tmp_path, capsys):
     rc = cli.main(["finetune", "--checkpoint", str(trained / "best.pth"), "--dataset", "cifar10", "--data",
                    str(tmp_path), "--output", str(tmp_path / "o"), *TINY])
     err = capsys.readouterr().err
-    assert rc == 2 and "cifar-10-batches-py" in err, err
+    assert rc == 2 and "cifar-10-batches-py" in err and "download=True" not in err, err
 
 
 def test_oversized_images_are_unreadable_and_unreadable_val_batches_pass(tmp_path, monkeypatch):
@@ -435,3 +435,41 @@ def test_resume_refuses_data_of_other_classes():
     with pytest.raises(state.ResumeError, match=r"run/last.pth was trained on 2 classes \(a, b\), the data holds 3 "
                                                 r"\(a, b, c\): resume with the run's data, or start a new run"):
         state.check_resumed_classes({"classes": ["a", "b"]}, ["a", "b", "c"], "run/last.pth")
+
+
+@pytest.mark.parametrize("mode, pixels", [
+    ("I;16", np.array([[0, 257, 32896], [65535, 514, 1000]], dtype=np.uint16)),
+    ("I", np.array([[0, 257, 32896], [65535, 514, 1000]], dtype=np.int32)),
+    ("I", np.array([[0, 1, 128], [255, 2, 4]], dtype=np.int32)),
+    ("F", np.array([[0.0, 1 / 255, 128 / 255], [1.0, 2 / 255, 4 / 255]], dtype=np.float32)),
+    ("F", np.array([[0.0, 1.0, 128.0], [255.0, 2.0, 4.0]], dtype=np.float32)),
+])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode, pixels):
+    """16-bit grayscale (and 32-bit integer / float) images become 8-bit RGB by their range, where PIL's
+    convert("RGB") alone clips every value past 255 to white."""
+    from PIL import Image
+
+    path = tmp_path / "image.tiff"
+    Image.fromarray(pixels).save(path)
+    assert Image.open(path).mode == mode
+    image = data_lib.load_rgb(str(path))
+    full = float(pixels.max())
+    expected = np.rint(pixels.astype(np.float64) * (255.0 / full)).astype(np.uint8)
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), np.repeat(expected[..., None], 3, axis=-1))
+    if mode == "I;16":  # and as a PNG, the usual 16-bit format
+        Image.fromarray(pixels).save(tmp_path / "image.png")
+        np.testing.assert_array_equal(np.asarray(data_lib.load_rgb(str(tmp_path / "image.png"))), np.asarray(image))
+
+
+def test_images_of_unknown_range_are_unreadable(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.array([[-1.0, 300.0]], dtype=np.float32)).save(tmp_path / "f.tiff")
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "i.tiff")
+    with pytest.raises(data_lib.unreadable_image_errors(), match=r"floating-point image with values -1\.\.300, "
+                       r"outside 0\.\.1 or 0\.\.255: convert it to an 8-bit image first"):
+        data_lib.load_rgb(str(tmp_path / "f.tiff"))
+    with pytest.raises(ValueError, match=r"32-bit integer image with values 0\.\.70000, outside 0\.\.255 or "
+                       r"0\.\.65535"):
+        data_lib.load_rgb(str(tmp_path / "i.tiff"))

@@ -89,11 +89,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         try:
-            with Image.open(self.files[i]) as image:
-                image = image.convert("RGB")
+            image = data_lib.load_rgb(self.files[i])
         except data_lib.unreadable_image_errors() as exc:
             print(f"t2t-fast: skipping unreadable image {self.files[i]}: {exc}", file=sys.stderr)
             return None

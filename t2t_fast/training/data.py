@@ -90,17 +90,51 @@ class SafeImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        from torchvision.datasets.folder import default_loader
-
         path, target = self.samples[i]
         try:
-            image = default_loader(path)
+            image = load_rgb(path)
         except unreadable_image_errors() as exc:
             if path not in self.warned:
                 self.warned.add(path)
                 _logger.warning("skipping unreadable image %s: %s", path, exc)
             return None
         return (self.transform(image) if self.transform else image), target
+
+
+# Full-scale value of the single-channel modes PIL's convert("RGB") would clip at 255.
+_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def load_rgb(path):
+    """The image file at ``path`` as an 8-bit RGB PIL image.
+
+    16-bit grayscale (PNG, TIFF, PGM) is scaled to 8 bits, where ``convert("RGB")`` alone would clip every value
+    above 255 to white. 32-bit integer and float images are scaled by their range when it is one of 0..255,
+    0..65535 (integers) or 0..1 (floats), and refused otherwise (raises ValueError, as for an unreadable file).
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in _FULL_SCALE or image.mode in ("I", "F"):
+            image = _to_8bit(image, path)
+        return image.convert("RGB")
+
+
+def _to_8bit(image, path):
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    full_scale = _FULL_SCALE.get(image.mode)
+    if full_scale is None:
+        ranges = (255, 65535) if image.mode == "I" else (1.0, 255)
+        full_scale = next((top for top in ranges if low >= 0 and high <= top), None)
+        if full_scale is None:
+            kind = "32-bit integer" if image.mode == "I" else "floating-point"
+            raise ValueError(f"{kind} image with values {low:g}..{high:g}, outside "
+                             f"{' or '.join(f'0..{top:g}' for top in ranges)}: convert it to an 8-bit image first")
+    return Image.fromarray(np.rint(pixels * (255.0 / full_scale)).astype(np.uint8), mode="L")
 
 
 def unreadable_image_errors():
@@ -139,9 +173,9 @@ def cifar_splits(name, root, train_transform, eval_transform):
     try:
         return (cls(root, train=True, transform=train_transform, download=False),
                 cls(root, train=False, transform=eval_transform, download=False))
-    except RuntimeError as exc:
-        raise DataError(f"{root}: {exc} (expected the extracted python version, e.g. "
-                        f"{root}/{cls.base_folder}/)") from None
+    except RuntimeError:
+        raise DataError(f"{root}: no {name} data found (this command does not download it: expected the extracted "
+                        f"python version, e.g. {root}/{cls.base_folder}/)") from None
 
 
 def collate_skip_unreadable(batch):
