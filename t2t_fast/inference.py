@@ -16,6 +16,7 @@ come from :func:`_cls_logits`, which does less work than the model's forward for
 T2T module (:class:`InferenceT2TModule`) calls its kernels directly.
 """
 import copy
+import functools
 import warnings
 
 import torch
@@ -258,7 +259,10 @@ class InferenceModel(nn.Module):
     dtype, runs without autograd (``torch.inference_mode``) and returns the logits in the image's dtype.
 
     ``model`` is the converted module (eval mode, no ``requires_grad``); other attributes of it (``num_classes``,
-    ``pretrained_cfg``, ...) are readable here too. There is no training mode: ``train()`` raises."""
+    ``pretrained_cfg``, ...) are readable here too. Its ``forward_features``, ``forward_head`` and
+    ``forward_intermediates`` read here take and return tensors as the call does (cast to the model's dtype and
+    back, without autograd); ``model``'s own take the model's dtype. There is no training mode: ``train()``
+    raises."""
 
     def __init__(self, model, dtype, compiled=None):
         super().__init__()
@@ -299,7 +303,20 @@ class InferenceModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("model"), name)
+            found = getattr(super().__getattr__("model"), name)
+            return functools.partial(self._cast_call, found) if name in _IMAGE_METHODS else found
+
+    def _cast_call(self, method, x, *args, **kwargs):
+        if not x.is_floating_point():
+            return method(x, *args, **kwargs)  # the model's own error
+        with torch.inference_mode():
+            out = method(x.to(self.dtype), *args, **kwargs)
+        return torch.utils._pytree.tree_map_only(
+            torch.Tensor, lambda t: t.to(x.dtype) if t.is_floating_point() else t, out)
+
+
+# The model's methods that take an image or features: called through an InferenceModel, cast like its forward.
+_IMAGE_METHODS = frozenset({"forward_features", "forward_head", "forward_intermediates"})
 
 
 def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):

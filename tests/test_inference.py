@@ -99,6 +99,31 @@ def test_input_dtypes_and_original_left_alone():
     assert all(torch.equal(v, before[k]) for k, v in fast.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_methods_take_images_as_the_call_does(dtype):
+    """forward_features / forward_head / forward_intermediates read on the optimized model cast the image to the
+    weights' dtype and back, without autograd, and compute what the converted model's own methods compute."""
+    _, fast = _trained_like("t2t_vit_7", 64)
+    optimized = t2t_fast.optimize_for_inference(fast, dtype=dtype)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    with torch.inference_mode():
+        own = optimized.model.forward_features(x.detach().to(dtype))
+        own_final, own_intermediates = optimized.model.forward_intermediates(x.detach().to(dtype), indices=2)
+    features = optimized.forward_features(x)
+    assert features.dtype == torch.float32 and features.grad_fn is None
+    torch.testing.assert_close(features, own.float(), rtol=0, atol=0)
+    head = optimized.forward_head(features, pre_logits=True)
+    assert head.dtype == torch.float32 and head.shape == (2, optimized.embed_dim)
+    final, intermediates = optimized.forward_intermediates(x, indices=2)
+    torch.testing.assert_close(final, own_final.float(), rtol=0, atol=0)
+    assert [t.dtype for t in intermediates] == [torch.float32] * 2
+    torch.testing.assert_close(intermediates, [t.float() for t in own_intermediates], rtol=0, atol=0)
+    assert optimized.forward_features(x.double()).dtype == torch.float64
+    with pytest.raises(TypeError, match="floating-point image"):
+        optimized.forward_features((x.detach() * 100).to(torch.uint8))
+    assert not hasattr(t2t_fast.optimize_for_inference(torch.nn.Linear(3, 4)), "forward_features")
+
+
 def test_eval_mode_and_no_grad():
     """Dropout and drop-path off (two calls agree), no autograd graph even for an input that requires grad,
     no training mode; the model's attributes stay readable."""
