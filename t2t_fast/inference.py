@@ -207,8 +207,10 @@ class InferenceT2TModule(fast_model.T2TModule):
     layers or backends) it runs the fused module's forward."""
 
     def forward(self, x):
-        if torch.jit.is_scripting() or not self._direct(x):
-            return super().forward(x)
+        if torch.jit.is_scripting():
+            return self.fused_forward(x)
+        if not self._direct(x):
+            return self.fused_forward(x)
         grids = image_token_grids(x, self.splits)
         kernels = _DirectKernels(True)
         x = _performer_layer(self.attention1, x, self.splits[0], None, kernels)
@@ -275,6 +277,10 @@ class InferenceModel(nn.Module):
     def forward(self, x):
         """Logits of the image batch ``x`` (B, C, H, W), in ``x``'s dtype."""
         image = x.to(self.dtype) if x.is_floating_point() else x  # anything else: the model's own error
+        if torch.jit.is_scripting():
+            with torch.no_grad():
+                logits = self.model(image)
+            return logits.to(x.dtype) if x.is_floating_point() else logits
         with torch.inference_mode():
             if not self.compiled and image.device.type == "cpu" and not backend.is_exporting() \
                     and not torch.compiler.is_compiling() and _plain_backbone(self.model) \

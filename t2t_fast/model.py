@@ -197,6 +197,10 @@ class T2TModule(layers.T2TModule):
     backend = None
 
     def forward(self, x):
+        return self.fused_forward(x)
+
+    def fused_forward(self, x):
+        """The forward, by a name subclasses can call under TorchScript (which has no ``super()``)."""
         grids = image_token_grids(x, self.splits)
         x = self.attention1(x, self.splits[0])                      # image -> (B, H1*W1, token_dim)
         x = self.attention2(x, self.splits[1], grids[0])            # tokens -> (B, H2*W2, token_dim)

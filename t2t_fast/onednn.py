@@ -103,6 +103,9 @@ class OneDnnLinear(nn.Linear):
     gelu = False
 
     def forward(self, x):
+        if torch.jit.is_scripting():
+            y = F.linear(x, self.weight, self.bias)
+            return F.gelu(y) if self.gelu else y
         return linear(x, self.weight, self.bias, self.gelu)
 
 
@@ -132,4 +135,5 @@ def use_onednn_linears(model):
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = OneDnnLinear
+            module.gelu = False  # an instance attribute, as TorchScript reads only those
     return model

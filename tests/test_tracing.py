@@ -71,3 +71,39 @@ def test_jit_trace_matches_eager(name):
         traced = torch.jit.trace(model, x)
         for images in (x, other):
             torch.testing.assert_close(traced(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_reference", [False, True])
+def test_torchscript_refuses_what_the_model_refuses(make_reference):
+    """A scripted model checks its input as the model does (TorchScript raises its own error type, with the
+    model's message): a wrong image size is no silent answer."""
+    import t2t_fast.reference as reference
+
+    torch.manual_seed(0)
+    model = (reference.t2t_vit_7 if make_reference else t2t_fast.t2t_vit_7)(img_size=SIZE).eval()
+    scripted = torch.jit.script(model)
+    bad = [torch.randn(2, 3, SIZE - 16, SIZE), torch.randn(2, 4, SIZE, SIZE), torch.randn(3, SIZE, SIZE),
+           torch.randn(0, 3, SIZE, SIZE), torch.randint(0, 255, (2, 3, SIZE, SIZE), dtype=torch.uint8)]
+    for images in bad:
+        with pytest.raises((TypeError, ValueError)) as eager:
+            model(images)
+        with pytest.raises(torch.jit.Error) as script:
+            scripted(images)
+        message = str(eager.value).replace(", got dtype torch.uint8", "")  # TorchScript prints a dtype's number
+        assert f"builtins.{eager.type.__name__}: {message}" in str(script.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchscript_of_an_optimized_model(dtype, tmp_path):
+    """torch.jit.script of an optimize_for_inference model: the same fp32 images in, logits in their dtype out,
+    equal to the optimized model's within the dtype's rounding, through a save and load."""
+    optimized = t2t_fast.optimize_for_inference(_model("t2t_vit_7"), dtype=dtype)
+    torch.jit.save(torch.jit.script(optimized), tmp_path / "model.pt")
+    scripted = torch.jit.load(tmp_path / "model.pt")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    got = scripted(x)
+    assert got.dtype == torch.float32 and got.grad_fn is None
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got, optimized(x), rtol=tolerance, atol=tolerance)
+    with pytest.raises(torch.jit.Error, match="built for 64x64 images but got 48x64"):
+        scripted(torch.randn(2, 3, 48, SIZE))

@@ -10,7 +10,7 @@ helpers are ``torch.fx.wrap``-ped leaves) and ``torch.jit.script`` (Python-only 
 ``torch.jit.is_scripting()``).
 """
 import numbers
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.fx
@@ -64,30 +64,46 @@ def check_model_args(in_chans, num_classes, embed_dim, depth, num_heads, tokens_
 
 
 def check_image(x, in_chans, img_size, dynamic_img_size, weight_dtype):
-    """Validate a model input: a float tensor (B, in_chans, H, W) with B > 0, in the weights' dtype unless
-    autocast is on, and, unless ``dynamic_img_size``, (H, W) == img_size. Returns (H, W)."""
+    """Validate a model input: :func:`check_image_layout`, and the weights' dtype unless autocast is on.
+    Returns (H, W)."""
     if isinstance(x, torch.fx.Proxy):
         return None  # symbolic tracing: no values or shapes to check
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected an image tensor, got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"expected a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point image, got dtype {x.dtype} (convert and normalise it first)")
+    size = check_image_layout(x, in_chans, img_size, dynamic_img_size)
     if x.dtype != weight_dtype and not autocast_enabled(x.device.type):
         raise TypeError(f"the image is {x.dtype} but the model's weights are {weight_dtype}: cast the image "
                         f"(x.to({weight_dtype})), convert the model (model.to({x.dtype})) or run it under "
                         f"torch.autocast")
+    return size
+
+
+def check_image_layout(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int],
+                       dynamic_img_size: bool) -> Tuple[int, int]:
+    """Validate an image batch's layout: a float tensor (B, in_chans, H, W) with B > 0 and, unless
+    ``dynamic_img_size``, (H, W) == img_size, large enough for the soft splits. Returns (H, W). Compiles under
+    ``torch.jit.script``, so a scripted model refuses what the model refuses."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D image batch (B, C, H, W), got shape {_shape_text(x.shape)}")
+    if not x.is_floating_point():
+        # TorchScript formats a dtype as its number
+        got = "" if torch.jit.is_scripting() else f", got dtype {x.dtype}"
+        raise TypeError(f"expected a floating-point image{got} (convert and normalise it first)")
     if x.shape[0] == 0:
         raise ValueError("empty batch: the input has batch size 0")
     if x.shape[1] != in_chans:
-        raise ValueError(f"the model takes {in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        raise ValueError(f"the model takes {in_chans} input channels, got {x.shape[1]} "
+                         f"(shape {_shape_text(x.shape)})")
     size = (x.shape[2], x.shape[3])
-    if not dynamic_img_size and size != tuple(img_size):
+    if not dynamic_img_size and size != (img_size[0], img_size[1]):
         raise ValueError(f"the model was built for {img_size[0]}x{img_size[1]} images but got {size[0]}x{size[1]}; "
                          f"build it with img_size={size} or dynamic_img_size=True")
     token_grids(size)
     return size
+
+
+def _shape_text(shape: List[int]) -> str:
+    return "(" + ", ".join([str(d) for d in shape]) + ")"
 
 
 def init_module_weights(module):
@@ -261,7 +277,9 @@ class T2TViT(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward_tokens(self, x):
         """The image as the backbone's input tokens (B, 1 + N, embed_dim): T2T module, cls token, positions."""
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            check_image_layout(x, self.in_chans, self.img_size, self.dynamic_img_size)
+        else:
             check_image(x, self.in_chans, self.img_size, self.dynamic_img_size, self.cls_token.dtype)
         x = self.tokens_to_token(x)
         # cat/add promote: under autocast the residual stream stays in the parameters' fp32, as upstream
