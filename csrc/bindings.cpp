@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -489,6 +490,29 @@ void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderN
   t2t::encoder_forward_cpu(p, threads);
 }
 
+// A hash of 64 8-byte words spread evenly over each buffer (address, bytes), plus its trailing bytes: what the
+// caches of packed weights compare to see a write that leaves a weight's version counter alone (through
+// ``weight.data``), at the cost of a few cache lines a buffer.
+std::uint64_t sample_fingerprint(const std::vector<std::pair<std::uintptr_t, std::int64_t>>& buffers) {
+  constexpr std::int64_t kWords = 64;
+  constexpr std::uint64_t kPrime = 1099511628211ull;  // FNV-1a
+  std::uint64_t hash = 1469598103934665603ull;
+  for (const auto& [address, bytes] : buffers) {
+    const auto* base = reinterpret_cast<const unsigned char*>(address);
+    const std::int64_t words = bytes / 8;
+    for (std::int64_t i = 0; i < std::min(words, kWords); ++i) {
+      const std::int64_t at = words <= kWords ? i : i * (words - 1) / (kWords - 1);
+      std::uint64_t word;
+      std::memcpy(&word, base + at * 8, sizeof(word));
+      hash = (hash ^ word) * kPrime;
+    }
+    for (std::int64_t b = words * 8; b < bytes; ++b) {
+      hash = (hash ^ base[b]) * kPrime;
+    }
+  }
+  return hash;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -496,6 +520,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_with_cuda", &compiled_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
 
+  m.def("sample_fingerprint", &sample_fingerprint, py::arg("buffers"),
+        "Hash of 64 words spread over each (address, bytes) buffer (the packed-weight caches' check for writes "
+        "through .data)");
   m.def("cpu_isas", &cpu_isas, "ISAs of the vectorised CPU kernels this CPU runs, best first");
   m.def("soft_split_layernorm_forward_cpu", &soft_split_layernorm_forward, py::arg("x"), py::arg("x_extent"),
         py::arg("sizes"), py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("strides"),

@@ -124,6 +124,23 @@ def test_feature_methods_take_images_as_the_call_does(dtype):
     assert not hasattr(t2t_fast.optimize_for_inference(torch.nn.Linear(3, 4)), "forward_features")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_written_through_data_are_seen(dtype):
+    """Packed and reordered weights are rebuilt after writes that leave the version counter alone (``p.data.mul_``,
+    as mean-teacher EMA updates write a teacher), in the model and in its optimized form."""
+    reference, fast = _trained_like("t2t_vit_7", 64)
+    fast.requires_grad_(False)
+    optimized = t2t_fast.optimize_for_inference(fast, dtype=dtype)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x), optimized(x)  # the packed forms are made here
+        for model in (reference, fast, optimized.model):
+            for p in model.parameters():
+                p.data.mul_(0.5)  # exact in every dtype: the optimized weights stay those of the halved model
+        torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(optimized(x), t2t_fast.optimize_for_inference(fast, dtype=dtype)(x))
+
+
 def test_eval_mode_and_no_grad():
     """Dropout and drop-path off (two calls agree), no autograd graph even for an input that requires grad,
     no training mode; the model's attributes stay readable."""

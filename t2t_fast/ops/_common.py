@@ -7,6 +7,7 @@ import torch
 import torch.utils._python_dispatch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from t2t_fast._native import native_module
 from t2t_fast.backend import BackendUnavailableError
 from t2t_fast.geometry import is_int
 
@@ -122,17 +123,35 @@ def float32_parameter(tensor):
     return tensor, (tensor.data_ptr(), storage_extent(tensor))
 
 
+def fingerprint_buffer(tensor):
+    """``(address, bytes)`` of a CPU tensor, as :func:`sample_fingerprint` takes it."""
+    nbytes = tensor.nbytes if tensor.is_contiguous() else storage_extent(tensor) * tensor.element_size()
+    return tensor.data_ptr(), nbytes
+
+
+def sample_fingerprint(buffers):
+    """A hash of a sample of the :func:`fingerprint_buffer` ``buffers``' bytes (64 words each): it changes when a
+    tensor is overwritten as a whole, also through ``tensor.data``, which leaves the version counter alone. None
+    without the extension."""
+    native = native_module()
+    return None if native is None else native.sample_fingerprint(buffers)
+
+
 class PerWeightCache:
     """``cache(weight)``: ``build(weight)`` made once per weight and rebuilt when the weight is changed in place (its
-    address or version counter moves), kept only as long as the weight lives: a weight packed or reordered for a
-    kernel. Not for weights created under ``torch.inference_mode`` (no version counter)."""
+    address or version counter moves, or a sample of its bytes changes: writes through ``weight.data`` leave the
+    version counter alone; seen where the extension is built), kept only as long as the weight lives: a weight
+    packed or reordered for a CPU kernel. Not for weights created under ``torch.inference_mode`` (no version
+    counter)."""
 
     def __init__(self, build):
         self._build = build
-        self._entries = WeakIdKeyDictionary()  # weight -> ((address, version) it was built from, the result)
+        # weight -> ((address, version, fingerprint) it was built from, the result)
+        self._entries = WeakIdKeyDictionary()
 
     def __call__(self, weight):
-        key = (weight.data_ptr(), weight._version)
+        fingerprint = sample_fingerprint([fingerprint_buffer(weight)]) if weight.is_cpu else None
+        key = (weight.data_ptr(), weight._version, fingerprint)
         entry = self._entries.get(weight)
         if entry is None or entry[0] != key:
             entry = (key, self._build(weight))

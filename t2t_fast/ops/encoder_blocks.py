@@ -26,7 +26,7 @@ from torch import nn
 from t2t_fast._native import native_avx512_bf16, native_module
 from t2t_fast.backend import cpu_isa, is_exporting, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (DTYPE_CODES, backend_cannot_take, check_float_tensor, float32_parameter,
-                                  new_output, storage_extent)
+                                  fingerprint_buffer, new_output, sample_fingerprint, storage_extent)
 from t2t_fast.ops.add_layernorm import add_layernorm_ref
 from t2t_fast.ops.packed_linear import MULTIPLE, isa_unsupported, packed_weight
 from t2t_fast.ops.multihead_attention import multihead_attention_ref
@@ -207,21 +207,24 @@ _prepared = weakref.WeakKeyDictionary()
 def _signature(blocks, final_norm):
     """What the arguments of a run of blocks depend on: its modules, their scalars, and per tensor its address and
     version counter (a change in place moves the version counter; another tensor or a conversion to another dtype
-    moves the address). Read straight from the modules' dicts: this runs on every call."""
-    parts = [len(blocks)]
+    moves the address), and a sample of the tensors' bytes (a write through ``.data`` moves neither). Read straight
+    from the modules' dicts: this runs on every call."""
+    parts, buffers = [len(blocks)], []
     for block in blocks:
         modules = block._modules
         attn, mlp = modules["attn"], modules["mlp"]
         attn_modules, mlp_modules = attn._modules, mlp._modules
         parts += (id(block), id(attn), id(mlp), id(mlp_modules["act"]), attn.num_heads, attn.scale)
-        parts += _module_parts(modules["norm1"], attn_modules["qkv"], attn_modules["proj"], modules["norm2"],
-                               mlp_modules["fc1"], mlp_modules["fc2"])
-    parts += _module_parts(final_norm)
+        _module_parts(parts, buffers, modules["norm1"], attn_modules["qkv"], attn_modules["proj"], modules["norm2"],
+                      mlp_modules["fc1"], mlp_modules["fc2"])
+    _module_parts(parts, buffers, final_norm)
+    parts.append(sample_fingerprint(buffers))
     return parts
 
 
-def _module_parts(*modules):
-    parts = []
+def _module_parts(parts, buffers, *modules):
+    """Add the modules' parts of :func:`_signature` to ``parts`` and their CPU parameters' fingerprint buffers to
+    ``buffers``."""
     for module in modules:
         attributes = module.__dict__  # a LayerNorm's eps, a fused linear's GELU flag
         parts += (id(module), type(module), attributes.get("eps"), attributes.get("gelu"))
@@ -229,7 +232,8 @@ def _module_parts(*modules):
             if tensor is not None:
                 # an inference tensor has no version counter: a part equal to nothing, so no cached use
                 parts += (id(tensor), tensor.data_ptr(), object() if tensor.is_inference() else tensor._version)
-    return parts
+                if tensor.is_cpu:
+                    buffers.append(fingerprint_buffer(tensor))
 
 
 def _prepare(blocks, final_norm):
