@@ -112,11 +112,14 @@ _REASONS = {
 
 
 def unavailable_reason(backend, device_type):
-    """Why ``backend`` cannot run tensors of ``device_type`` (``'cpu'``/``'cuda'``), or None if it can."""
+    """Why ``backend`` cannot run tensors of ``device_type`` (``'cpu'``/``'cuda'``) now, or None if it can."""
     check_backend_name(backend)
     if backend == "auto":
         return None
-    return _REASONS[backend](device_type)
+    reason = _REASONS[backend](device_type)
+    if reason is None and backend != "torch" and transform_active():
+        return "forward-mode AD and torch.func transforms (jvp, grad, vmap) need the 'torch' backend"
+    return reason
 
 
 def autocast_enabled(device_type):
@@ -134,6 +137,15 @@ def is_exporting():
     if compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting():
         return True
     return False
+
+
+def transform_active():
+    """True under forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) or a ``torch.func`` transform
+    (``grad``, ``vmap``, ...): the fused ops have no formulas for them, the torch ops do."""
+    if torch.compiler.is_compiling():  # Dynamo handles the transforms of compiled code itself
+        return False
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(functorch is not None and functorch()) or torch.autograd.forward_ad._current_level >= 0
 
 
 def requested_backend(backend=None):
@@ -250,6 +262,18 @@ def set_cpu_attention(kernel):
     _cpu_attention_override = None if kernel == "auto" else kernel
 
 
+def requested_cpu_attention():
+    """The CPU attention kernel asked for: :func:`set_cpu_attention`'s, else ``T2T_FAST_CPU_ATTENTION``'s, else
+    ``'auto'``."""
+    requested = _cpu_attention_override
+    if requested is None:
+        requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
+        if requested not in CPU_ATTENTION_KERNELS:
+            raise SettingError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one "
+                               f"of {', '.join(CPU_ATTENTION_KERNELS)}")
+    return requested
+
+
 def cpu_attention(dtype, grad_enabled, cpu=None, cpp_takes=False):
     """The backbone attention kernel for CPU tensors whose maths run in ``dtype``: ``'cpp'``, ``'sdpa'`` or
     ``'matmul'``. ``cpp_takes``: whether the C++ kernel can take this call's input
@@ -257,12 +281,7 @@ def cpu_attention(dtype, grad_enabled, cpu=None, cpp_takes=False):
 
     Precedence: :func:`set_cpu_attention`, then ``T2T_FAST_CPU_ATTENTION`` (``cpp``/``sdpa``/``matmul``/``auto``),
     then the measured table for ``cpu`` (default: this machine's :func:`cpu_class`) and the grad mode."""
-    requested = _cpu_attention_override
-    if requested is None:
-        requested = os.environ.get(CPU_ATTENTION_ENV_VAR) or "auto"
-        if requested not in CPU_ATTENTION_KERNELS:
-            raise SettingError(f"{CPU_ATTENTION_ENV_VAR}={requested!r} is not a CPU attention kernel; expected one "
-                             f"of {', '.join(CPU_ATTENTION_KERNELS)}")
+    requested = requested_cpu_attention()
     cpu = cpu or _CPU_CLASS
     if cpp_takes and (requested == "cpp" or (requested == "auto" and cpu in _CPU_ATTENTION_CPP_CLASSES)):
         return "cpp"

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from t2t_fast import onednn, ops, reference
-from t2t_fast.backend import autocast_enabled, check_backend_name, cpu_attention
+from t2t_fast.backend import (autocast_enabled, check_backend_name, cpu_attention, requested_cpu_attention,
+                              transform_active)
 from t2t_fast.geometry import image_token_grids
 from t2t_fast.ops.add_layernorm import add_layernorm_ref
 from t2t_fast.ops.favor_attention import favor_attention_ref
@@ -134,16 +135,33 @@ def attend(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
     if torch.jit.is_scripting():
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     elif q.device.type == "cpu" and cpu_attention(cpu_maths_dtype(q), torch.is_grad_enabled()) == "matmul":
-        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-        y = F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
+        y = matmul_attention(q, k, v, dropout_p, scale)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        y = sdpa(q, k, v, dropout_p, scale)
     return y.transpose(1, 2).flatten(2)
+
+
+def matmul_attention(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    """Softmax attention with the attention matrix formed, as the reference computes it."""
+    attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    return F.dropout(attn, dropout_p, training=dropout_p > 0) @ v
+
+
+def sdpa(q, k, v, dropout_p: float, scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, or :func:`matmul_attention` under forward-mode AD and ``torch.func``
+    transforms, and on CPU where the matmul form is asked for by name (``T2T_FAST_CPU_ATTENTION=matmul``): torch's
+    fused attention kernels have neither forward-mode formulas nor a double backward."""
+    if torch.jit.is_scripting():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    elif transform_active() or (q.device.type == "cpu" and requested_cpu_attention() == "matmul"):
+        return matmul_attention(q, k, v, dropout_p, scale)
+    else:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
 # Leaves for torch.fx: their arguments' shapes and devices steer them, and they run the fused kernels.
 for _leaf in ("image_token_grids", "split_norm_project", "linear_attention", "residual_norm", "restructurize_split",
-              "attention", "attend"):
+              "attention", "attend", "sdpa"):
     torch.fx.wrap(_leaf)
 
 
@@ -154,8 +172,12 @@ class _FusedSoftSplit:
     backend = None
 
     def recompute(self):
-        """Recompute the unfolded rows in backward (training with grad) instead of keeping them."""
-        return self.training and torch.is_grad_enabled()
+        """Recompute the unfolded rows in backward (training with grad) instead of keeping them; not under
+        ``torch.func`` transforms, which do not take the saved-tensor hooks of recomputation."""
+        if torch.jit.is_scripting():  # TorchScript runs the references, which need no recomputation
+            return False
+        else:
+            return self.training and torch.is_grad_enabled() and not transform_active()
 
 
 class TokenPerformer(_FusedSoftSplit, layers.TokenPerformer):
@@ -181,9 +203,8 @@ class TokenTransformer(_FusedSoftSplit, layers.TokenTransformer):
         qkv = split_norm_project(x, split, grid_size, self.norm1.weight, self.norm1.bias, self.norm1.eps,
                                  self.attn.qkv.weight, self.attn.qkv.bias, self.backend, self.recompute())
         q, k, v = qkv.split(self.attn.in_dim, dim=-1)
-        y = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
-                                           dropout_p=self.attn.attn_drop.p if self.training else 0.0,
-                                           scale=self.attn.scale).squeeze(1)
+        y = sdpa(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), self.attn.attn_drop.p if self.training else 0.0,
+                 self.attn.scale).squeeze(1)
         y, normed = residual_norm(v, self.attn.proj_drop(self.attn.proj(y)), self.norm2.weight, self.norm2.bias,
                                   self.norm2.eps, self.backend)
         return y + self.mlp(normed)

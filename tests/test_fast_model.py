@@ -344,3 +344,61 @@ def test_training_keeps_no_unfolded_tensor_alive():
     assert not unfolded, f"unfolded tensors saved for backward: {unfolded}"
     out.sum().backward()
     assert model.tokens_to_token.attention1.kqv.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_forward_mode_ad_matches_the_reference(name):
+    """torch.func.jvp and torch.autograd.forward_ad: the fused ops step aside for the torch ops, which have
+    forward-mode formulas (the tangents are the reference's, not zeros)."""
+    torch.manual_seed(0)
+    reference, fast = _pair(name, img_size=64)
+    x, tangent = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    expected = torch.func.jvp(reference, (x,), (tangent,))[1]
+    assert expected.abs().max() > 0
+    assert relative_error(torch.func.jvp(fast, (x,), (tangent,))[1], expected) <= 1e-5
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        dual = fast(forward_ad.make_dual(x, tangent))
+        assert relative_error(forward_ad.unpack_dual(dual).tangent, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_func_grad_in_training_matches_backward(name):
+    """torch.func.grad of a training step (dropout on: the same seed gives the same masks) equals backward's
+    gradients; the T2T layers keep their unfolded rows there instead of recomputing them."""
+    torch.manual_seed(0)
+    model = t2t_fast.create_model(name, img_size=64, num_classes=5).train()
+    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(params, x):
+        logits = torch.func.functional_call(model, (params, buffers), (x,))
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    torch.manual_seed(1)
+    grads = torch.func.grad(loss)(params, x)
+    torch.manual_seed(1)
+    torch.nn.functional.cross_entropy(model(x), target).backward()
+    for n, p in model.named_parameters():
+        assert relative_error(grads[n], p.grad) <= 1e-5, n
+
+
+@pytest.mark.parametrize("name", ["t2t_vit_7", "t2t_vit_t_14"])
+def test_double_backward_with_matmul_attention(name, monkeypatch):
+    """A gradient penalty (create_graph=True, then backward) through the fused T2T ops matches the reference, with
+    the matmul form of attention on CPU (torch's fused attention kernels have no double backward)."""
+    monkeypatch.setattr(t2t_fast.backend, "_cpu_attention_override", "matmul")
+    torch.manual_seed(0)
+    reference, fast = _pair(name, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (reference, fast):
+        model.zero_grad()
+        image = x.clone().requires_grad_()
+        image_grad, = torch.autograd.grad(model(image).square().sum(), image, create_graph=True)
+        image_grad.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n, expected in grads[0].items():
+        assert relative_error(grads[1][n], expected) <= 1e-4, n

@@ -703,3 +703,9 @@ def test_cuda_uses_current_stream_and_compiles():
     (grad,) = torch.autograd.grad(compiled(x), x)
     (expected,) = torch.autograd.grad(restructurize_unfold_ref(x, (14, 14), 3, 2, 1).float().sum(), x)
     assert torch.equal(grad, expected)
+
+
+def test_gradgradcheck_float64():
+    """The backward (a fold) is differentiable again: double backward (create_graph=True) works."""
+    x = make_input(2, 3, 5, 4, True, torch.float64).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: restructurize_unfold(t, (5, 4), 3, 2, 1, backend="cpp"), (x,))

@@ -712,3 +712,16 @@ def test_persistent_programs_follow_occupancy(monkeypatch):
     assert kernels._blocks_per_sm(compiled(32, 4, 0), "cuda") == 16  # 2048 threads
     assert kernels._blocks_per_sm(compiled(40, 4, 100_000), "cuda") == 2  # shared memory
     assert kernels._blocks_per_sm(compiled(255, 16, 0), "cuda") == 1
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["image", "tokens"])
+def test_soft_split_layernorm_gradgradcheck_float64(tokens):
+    """Double backward (create_graph=True) through the native op: its backward is differentiated through the
+    reference."""
+    torch.manual_seed(0)
+    grid = (5, 4) if tokens else None
+    x = (torch.randn(2, 20, 3) if tokens else torch.randn(2, 3, 5, 4)).double().requires_grad_()
+    weight = (1 + 0.3 * torch.randn(27)).double().requires_grad_()
+    bias = (0.2 * torch.randn(27)).double().requires_grad_()
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: soft_split_layernorm(x, 3, 2, 1, w, b, grid_size=grid, backend="cpp"), (x, weight, bias))

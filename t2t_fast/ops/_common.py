@@ -8,7 +8,7 @@ import torch.utils._python_dispatch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from t2t_fast._native import native_module
-from t2t_fast.backend import BackendUnavailableError
+from t2t_fast.backend import BackendUnavailableError, transform_active
 from t2t_fast.geometry import is_int
 
 _poison_outputs = False
@@ -105,8 +105,21 @@ def direct_calls_allowed(tensor):
     if torch.compiler.is_compiling() or type(tensor) is not torch.Tensor or tensor.device.type != "cpu":
         return False
     in_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
-    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return in_mode is not None and not in_mode() and transforms is not None and not transforms()
+    return in_mode is not None and not in_mode() and not transform_active()
+
+
+def differentiable_backward(reference, inputs, needs_grad, grad_output):
+    """The gradients of ``reference(*inputs)`` (the op's pure-torch twin) for the inputs where ``needs_grad``, as a
+    graph that can be differentiated again (None for the others): a fused op's backward under
+    ``create_graph=True``, whose backward kernels have no formula of their own."""
+    wanted = [i for i, needed in enumerate(needs_grad) if needed]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(reference(*inputs), [inputs[i] for i in wanted], grad_output,
+                                    create_graph=True, allow_unused=True)
+    result = [None] * len(inputs)
+    for i, grad in zip(wanted, grads):
+        result[i] = grad
+    return result
 
 
 def storage_extent(tensor):

@@ -87,7 +87,8 @@ import torch
 from t2t_fast._native import native_module
 from t2t_fast.backend import autocast_enabled, cpu_isa, requested_backend, select_backend, unavailable_reason
 from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, backend_cannot_take, check_float_tensor,
-                                  compute_dtype, direct_calls_allowed, new_output, storage_extent)
+                                  compute_dtype, differentiable_backward, direct_calls_allowed, new_output,
+                                  storage_extent)
 
 _OP = "favor_attention"
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -349,6 +350,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _ds, _dz, _dc):
     k, q, v, w, s, z, c_k = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiated, through the reference
+        dk, dq, dv = differentiable_backward(lambda k, q, v: _favor_attention_torch(k, q, v, w, ctx.eps), (k, q, v),
+                                             ctx.needs_input_grad[:3], grad_y)
+        return dk, dq, dv, None, None
     dk, dq, dv = _bwd_op(grad_y, k, q, v, w, s, z, c_k, ctx.eps)
     return dk, dq, dv, None, None
 

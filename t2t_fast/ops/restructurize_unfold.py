@@ -229,4 +229,15 @@ def _backward(ctx, dy):
     return _bwd_op(dy, *ctx.geometry), None, None, None
 
 
+def _setup_bwd_context(ctx, inputs, output):
+    _, _, grid_h, grid_w, window = inputs
+    ctx.geometry = (grid_h, grid_w, window)
+
+
+def _backward_of_backward(ctx, ddx):
+    """The backward is linear in ``dy`` (a fold): its derivative is the forward (double backward)."""
+    return _fwd_op(ddx, *ctx.geometry), None, None, None, None
+
+
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op.register_autograd(_backward_of_backward, setup_context=_setup_bwd_context)

@@ -22,8 +22,8 @@ from t2t_fast._native import native_module
 from t2t_fast.backend import cpu_isa, requested_backend, select_backend
 from t2t_fast.geometry import split_output_size
 from t2t_fast.ops._common import (CPU_KERNEL_DTYPES, DTYPE_CODES, FLOAT_DTYPES, as_image, backend_cannot_take,
-                                  check_float_tensor, compute_dtype, direct_calls_allowed, image_sizes, is_int,
-                                  new_output, split_geometry, storage_extent)
+                                  check_float_tensor, compute_dtype, differentiable_backward, direct_calls_allowed,
+                                  image_sizes, is_int, new_output, split_geometry, storage_extent)
 from t2t_fast.ops.restructurize_unfold import restructurize_unfold_bwd, restructurize_unfold_fwd, square_window
 
 _OP = "soft_split_layernorm"
@@ -51,7 +51,7 @@ def soft_split_layernorm_ref(x: torch.Tensor, kernel_size: int, stride: int, pad
         rows with float32 parameters.
     """
     unfolded = F.unfold(as_image(x, grid_size), kernel_size, padding=padding, stride=stride).transpose(1, 2)
-    shape = [unfolded.shape[-1]]
+    shape = list(weight.shape)  # not the rows' size: a constant where an export records sizes as values
     result = unfolded.dtype if out_dtype is None else out_dtype
     if unfolded.dtype == weight.dtype and weight.dtype == bias.dtype and bias.dtype == result:
         return F.layer_norm(unfolded, shape, weight, bias, eps)
@@ -294,16 +294,27 @@ def _(dy, x, weight, mean, rstd, kernel_size, stride, padding, grid_h, grid_w, n
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, kernel_size, stride, padding, _, grid_h, grid_w, _, native = inputs
+    x, weight, bias, kernel_size, stride, padding, eps, grid_h, grid_w, out_dtype, native = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.geometry = (kernel_size, stride, padding, grid_h, grid_w, native)
     ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.eps, ctx.out_dtype = eps, out_dtype
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiated, through the reference
+        kernel_size, stride, padding, grid_h, grid_w, _ = ctx.geometry
+        grid_size = _grid_size(x, grid_h, grid_w)
+
+        def reference(x, weight, bias):
+            return soft_split_layernorm_ref(x, kernel_size, stride, padding, weight, bias, ctx.eps, grid_size,
+                                            ctx.out_dtype)
+
+        return (*differentiable_backward(reference, (x, weight, bias), ctx.needs_input_grad[:3], dy),
+                None, None, None, None, None, None, None, None)
     # The first split reads the image, which needs no gradient: then dx is skipped (the rows' LayerNorm
     # gradient and its scatter back into the image).
     input_grad = ctx.needs_input_grad[0]
