@@ -1,6 +1,7 @@
 """Every bad input a user gives the t2t-fast commands is one line on stderr naming the problem and the fix, exit
 code 2, no traceback, nothing written and no checkpoint changed; Ctrl-C during `t2t-fast train` (a real SIGINT)
 says where the last checkpoint is and the exact command that resumes it; resuming a finished run does nothing."""
+import json
 import os
 import shlex
 import signal
@@ -273,3 +274,141 @@ def test_resume_may_change_how_it_runs_and_says_so(files, caplog):
     assert args.model_kwargs == ["depth=1", "embed_dim=32", "num_heads=2", "token_dim=8"]
     assert (args.batch_size, args.epochs, args.model_ema) == (256, 1, False)
     assert state.finished(checkpoint)
+
+
+def _copy_run(files, tmp_path):
+    import shutil
+
+    return shutil.copytree(files / "run", tmp_path / "run")
+
+
+def test_a_folder_in_use_is_refused_with_its_pid(files, tmp_path, capsys):
+    """A live run holds its folder: another run given it as --output, or resuming it, is refused with the pid."""
+    from t2t_fast.training import state
+
+    run = _copy_run(files, tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    locks = [state.lock_folder(str(busy)), state.lock_folder(str(run))]
+    try:
+        rc = cli.main(["train", *TINY, "--output", str(busy)])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"--output {busy} is in use by a live run (pid {os.getpid()}): give another --output" in err, err
+        rc = cli.main(["train", "--resume", str(run / "last.pth")])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"--resume {run / 'last.pth'}: {run} is in use by a live run (pid {os.getpid()}); resume it" in err
+    finally:
+        for lock in locks:
+            lock.release()
+    assert os.listdir(busy) == [] and ".lock" not in os.listdir(run)
+
+
+def test_resume_needs_the_runs_number_of_processes(files, tmp_path, monkeypatch, capsys):
+    """The schedule and the global batch depend on the number of processes: resuming with another is refused, with
+    the command that resumes with the run's number."""
+    last = files / "run" / "last.pth"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc = cli.main(["train", "--resume", str(last)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert (f"{last} was written by a run of 1 process, this one has 2: its schedule and global batch depend on "
+            f"the number, so resume with 1: t2t-fast train --resume {last}") in err, err
+    monkeypatch.delenv("WORLD_SIZE")
+    two = torch.load(last, weights_only=False)
+    two["rng"] *= 2
+    (tmp_path / "two").mkdir()
+    torch.save(two, tmp_path / "two" / "last.pth")
+    rc = cli.main(["train", "--resume", str(tmp_path / "two" / "last.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"resume with 2: torchrun --nproc_per_node=2 -m t2t_fast.train --resume {tmp_path}" in err
+
+
+def test_ctrl_c_under_torchrun_prints_torchruns_command(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from t2t_fast.cli._options import interrupted_message
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "last.pth").write_bytes(b"")
+    args = SimpleNamespace(output=str(tmp_path), resume=None)
+    line = interrupted_message(args, ["--data", "d"], "finetune", 0)
+    assert line.endswith(f"resume with: torchrun --nproc_per_node=2 -m t2t_fast.cli.finetune --data d --resume "
+                         f"{tmp_path / 'last.pth'}")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    line = interrupted_message(args, ["--data", "d"], "train", 0)
+    assert "resume with: torchrun --nnodes=2 --nproc_per_node=8 -m t2t_fast.train --data d --resume" in line
+
+
+def test_resume_repairs_a_run_stopped_while_saving(files, tmp_path, capsys):
+    """Stopped after last.pth was written but before best.pth and the summary were: resuming brings them up to
+    last.pth (here the run is finished, so that is all it does)."""
+    run = _copy_run(files, tmp_path)
+    last = run / "last.pth"
+    (run / "best.pth").write_bytes(b"an earlier epoch's")
+    os.utime(run / "best.pth", (os.path.getmtime(last) - 60,) * 2)
+    (run / "summary.json").unlink()
+    (run / "summary.csv").unlink()
+    assert cli.main(["train", "--resume", str(last)]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    assert (run / "best.pth").read_bytes() == last.read_bytes()
+    rows = json.loads((run / "summary.json").read_text())
+    assert rows == [torch.load(last, weights_only=False)["metrics"]]
+    assert sorted(os.listdir(run)) == ["best.pth", "last.pth", "log.txt", "summary.csv", "summary.json"]
+
+
+def test_resume_best_with_a_damaged_last(files, tmp_path, capsys, caplog):
+    """--resume best.pth where last.pth is damaged: a warning that last.pth is unreadable and will be replaced."""
+    run = _copy_run(files, tmp_path)
+    (run / "last.pth").write_bytes((files / "truncated.pth").read_bytes())
+    with caplog.at_level("WARNING"):
+        assert cli.main(["train", "--resume", str(run / "best.pth")]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
+    assert caplog.messages == [f"{run / 'last.pth'} is unreadable (damaged or truncated); resuming from "
+                               f"{run / 'best.pth'}, the next epoch writes a new last.pth"]
+
+
+def test_unwritable_files_are_one_line(capsys):
+    """A read-only run folder, a full disk: one line, exit code 2."""
+    from types import SimpleNamespace
+
+    from t2t_fast.cli._options import run_command
+
+    def read_only(args):
+        raise OSError(30, "Read-only file system", "out/log.txt")
+
+    assert run_command(read_only, SimpleNamespace()) == 2
+    assert capsys.readouterr().err == "t2t-fast: error: [Errno 30] Read-only file system: 'out/log.txt'\n"
+
+
+def test_predict_into_a_closed_pipe_is_no_error(files):
+    """`t2t-fast predict ... | head`: the reader leaving is no error (exit code 0, nothing on stderr)."""
+    script = _t2t_fast_command()
+    proc = subprocess.Popen([script, "predict", *[str(files / "red.png")] * 300, "--checkpoint",
+                             str(files / "run" / "last.pth"), "--device", "cpu"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader leaves before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
+    """SIGTERM (a scheduler's or a container's stop): the Ctrl-C line with the resume command, exit code 143, no
+    temp file left."""
+    script = _t2t_fast_command()
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--epochs", "8", *TINY]
+    proc = subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a guard against a hung run, not a timing assertion
+    while not (out / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(f"t2t-fast: stopped by SIGTERM; the last checkpoint is {out / 'last.pth'}; resume "
+                             f"with: t2t-fast train"), stderr
+    assert not [name for name in os.listdir(out) if name.startswith(".")]

@@ -3,6 +3,7 @@ fine-tuning, and clear errors on bad input. Tiny models and datasets keep the fi
 import argparse
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -247,18 +248,21 @@ def test_checkpoint_of_another_variant(trained, tiny_data, tmp_path, capsys):
 
 
 def test_unreadable_images_are_skipped_and_counted(tiny_data, tmp_path, capsys):
+    """Each unreadable file is warned about once per run, however many epochs and loader workers read it."""
     import shutil
 
     data = tmp_path / "d"
     shutil.copytree(tiny_data, data)
     (data / "train" / "cat" / "broken.png").write_bytes(b"not a png")
     (data / "train" / "dog" / "truncated.png").write_bytes((data / "train" / "dog" / "0.png").read_bytes()[:40])
-    rc = cli.main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--epochs", "1",
-                   "--batch-size", "26", "--warmup-epochs", "0", "--cooldown-epochs", "0", *TINY])
+    rc = cli.main(["train", "--data", str(data), "--output", str(tmp_path / "out"), "--epochs", "2",
+                   "--batch-size", "26", "--warmup-epochs", "0", "--cooldown-epochs", "0", *TINY, "--workers", "2"])
     assert rc == 0
-    assert "skipping unreadable image" in capsys.readouterr().out
-    row = json.load(open(tmp_path / "out" / "summary.json"))[-1]
-    assert row["train_skipped"] == 2
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "skipping unreadable image" in line]
+    assert sorted(line.split()[3] for line in warnings) == [str(data / "train" / "cat" / "broken.png") + ":",
+                                                            str(data / "train" / "dog" / "truncated.png") + ":"]
+    rows = json.load(open(tmp_path / "out" / "summary.json"))
+    assert [row["train_skipped"] for row in rows] == [2, 2]
 
 
 def test_official_randaugment_posterize_zero_bits():
@@ -289,6 +293,17 @@ def test_finetune_takes_the_checkpoints_architecture_and_resumes_alone(trained, 
     capsys.readouterr()
     assert cli.main(["finetune", "--resume", str(out / "last.pth")]) == 0
     assert "nothing left to do" in capsys.readouterr().out
+    # the resume command as Ctrl-C prints it names the starting weights, which resuming does not read
+    start = tmp_path / "start.pth"
+    start.write_bytes((trained / "best.pth").read_bytes())
+    out2 = tmp_path / "ft2"
+    argv = ["finetune", "--checkpoint", str(start), "--data", str(target), "--output", str(out2), "--epochs", "1",
+            "--batch-size", "4", "--img-size", "32", "--workers", "0", "--threads", "1", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    start.unlink()
+    capsys.readouterr()
+    assert cli.main([*argv, "--resume", str(out2 / "last.pth")]) == 0
+    assert "nothing left to do" in capsys.readouterr().out
     rc = cli.main(["finetune", "--pretrained", "--model", "t2t_vit_14_wide", "--data", str(target)])
     err = capsys.readouterr().err
     assert rc == 2 and "--pretrained: no official checkpoint was released for t2t_vit_14_wide" in err, err
@@ -316,10 +331,12 @@ def test_oversized_images_are_unreadable_and_unreadable_val_batches_pass(tmp_pat
     Image.new("RGB", (80, 80)).save(root / "val" / "b" / "2_big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL refuses images past twice this (6400 > 4000 > 1024)
     folder = data_lib.SafeImageFolder(str(root / "val"), lambda image: torch.zeros(3, 8, 8))
-    assert [folder[i] is None for i in range(len(folder))] == [False, False, False, False, True]
-    assert data_lib.collate_skip_unreadable([None, None]) == (None, None, 2)
+    unreadable = [isinstance(folder[i], data_lib.Unreadable) for i in range(len(folder))]
+    assert unreadable == [False, False, False, False, True]
+    skipped = [data_lib.Unreadable("a.png", "bad"), data_lib.Unreadable("b.png", "bad")]
+    assert data_lib.collate_skip_unreadable(skipped) == (None, None, skipped)
     loader = torch.utils.data.DataLoader(folder, batch_size=2, collate_fn=data_lib.collate_skip_unreadable)
-    batches = [batch[2] for batch in loader]
+    batches = [batch[2] for batch in data_lib.readable_batches(loader)]
     assert batches == [0, 0, 1]  # the last batch: the big image alone
     dist = Distributed("cpu")
     try:
@@ -473,3 +490,138 @@ def test_images_of_unknown_range_are_unreadable(tmp_path):
     with pytest.raises(ValueError, match=r"32-bit integer image with values 0\.\.70000, outside 0\.\.255 or "
                        r"0\.\.65535"):
         data_lib.load_rgb(str(tmp_path / "i.tiff"))
+
+
+def test_summary_survives_a_damaged_or_deleted_json(tmp_path, caplog):
+    """summary.json damaged or deleted: the earlier rows come back from summary.csv (as numbers), with a warning."""
+    from t2t_fast.training.state import Summary
+
+    summary = Summary(str(tmp_path))
+    rows = [{"epoch": 0, "step": 3, "lr": 1e-05, "val_top1": 10.0, "train_skipped": 0},
+            {"epoch": 1, "step": 6, "lr": 0.0007071, "val_top1": 33.333333333333336, "train_skipped": 1,
+             "val_ema_top1": 25.0}]
+    for row in rows:
+        summary.append(row)
+    (tmp_path / "summary.json").write_text("garbage{")
+    with caplog.at_level("WARNING"):
+        assert summary.rows() == rows
+    assert "summary.json is unreadable" in caplog.text and "read from" in caplog.text
+    summary.append({"epoch": 2, "step": 9})
+    assert [row["epoch"] for row in json.load(open(tmp_path / "summary.json"))] == [0, 1, 2]
+    (tmp_path / "summary.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert summary.rows() == [*rows, {"epoch": 2, "step": 9}]
+    assert "summary.json is missing" in caplog.text
+
+
+def test_failed_checkpoint_writes_keep_the_previous_file(tmp_path, monkeypatch):
+    """A full disk while writing last.pth (torch's writer raises RuntimeError) is an OSError saying so; the previous
+    file stays, and no temp file is left (for the best.pth copy too)."""
+    from t2t_fast.training import state
+
+    last, best = tmp_path / "last.pth", tmp_path / "best.pth"
+    state.save_atomic({"epoch": 0}, str(last))
+    state.copy_atomic(str(last), str(best))
+    before = last.read_bytes()
+
+    def full(obj, f):
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0\nmore")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"could not write .*last.pth \(is the disk full\? \[enforce fail at "
+                                      r"inline_container.cc:672\] . unexpected pos 64 vs 0\); the previous "
+                                      r"last.pth is unchanged"):
+        state.save_atomic({"epoch": 1}, str(last))
+
+    def no_space(source, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state.shutil, "copyfileobj", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        state.copy_atomic(str(last), str(best))
+    assert last.read_bytes() == best.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "last.pth"]
+
+
+def test_a_run_holds_its_folder(tmp_path, monkeypatch):
+    """A run holds its folder for its life: a default folder another run holds is numbered past (also when that
+    run takes it between the check and the folder's creation), a given one is refused with its pid."""
+    from types import SimpleNamespace
+
+    from t2t_fast.training import run as run_lib
+    from t2t_fast.training import state
+
+    monkeypatch.chdir(tmp_path)
+    handlers = logging.getLogger().handlers[:]
+    base = os.path.join("output", "t2t_vit_7-digits")
+    os.makedirs(base)
+    lock = state.lock_folder(base)
+    try:
+        assert state.lock_holder(base) == os.getpid()
+        with pytest.raises(state.FolderInUse, match=f"is in use by a live run \\(pid {os.getpid()}\\)"):
+            state.lock_folder(base)
+        args = argparse.Namespace(output=None, resume=None, model="t2t_vit_7", data=None)
+        assert run_lib._claim_output(args, "") == base and args.output == base + "-2"
+        args = argparse.Namespace(output=base, resume=None, model="t2t_vit_7", data=None)
+        with pytest.raises(data_lib.DataError, match=f"--output {base} is in use by a live run \\(pid "
+                                                     f"{os.getpid()}\\): give another --output"):
+            run_lib._claim_output(args, "")
+        # both runs found the default folder free; the one that creates it second moves on
+        dist = SimpleNamespace(primary=True, gather_objects=lambda obj: [obj])
+        args = argparse.Namespace(output=base, resume=None)
+        second = run_lib.Run(args=args, dist=dist, output=base, numbered=base)
+        run_lib._open_output(second)
+        try:
+            assert second.output == args.output == base + "-2"
+            assert state.lock_holder(base + "-2") == os.getpid()
+        finally:
+            second.lock.release()
+        given = run_lib.Run(args=argparse.Namespace(output=base, resume=None), dist=dist, output=base)
+        with pytest.raises(data_lib.DataError, match="is in use by a live run"):
+            run_lib._open_output(given)
+    finally:
+        lock.release()
+        for handler in set(logging.getLogger().handlers) - set(handlers):  # the log.txt _open_output opened
+            handler.close()
+        logging.getLogger().handlers[:] = handlers
+    assert state.lock_holder(base) is None and os.listdir(base) == []
+
+
+def test_relative_data_resumes_from_another_directory(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run records its --data as an absolute path: it resumes from any directory; where the data is gone, the
+    error says it is the run's recorded folder and that --data can be given."""
+    import shutil
+
+    shutil.copytree(tiny_data, tmp_path / "pets")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert _train("pets", out, "--epochs", "2", callbacks=[StopAfterSteps(4)]) == 3
+    assert read_checkpoint(str(out / "last.pth"))["args"]["data"] == str(tmp_path / "pets")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "pets").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert train_cli.main(["--resume", str(out / "last.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'pets'}, the data folder {out / 'last.pth'}'s run recorded, does not exist: give --data" \
+        in err, err
+    (tmp_path / "moved").rename(tmp_path / "pets")
+    assert train_cli.main(["--resume", str(out / "last.pth")]) == 0
+    assert read_checkpoint(str(out / "last.pth"))["epoch"] == 1
+
+
+def test_lr_below_min_lr_is_a_warning(caplog):
+    """A batch-scaled lr below --min-lr would make the schedule rise: the log says so, with both values."""
+    from types import SimpleNamespace
+
+    from t2t_fast.training import run as run_lib
+
+    dataset = type("Images", (), {"classes": ["a", "b"], "__len__": lambda self: 4})()
+    builders = SimpleNamespace(transforms=lambda args: None, datasets=lambda args, transforms: (dataset, dataset))
+    args = argparse.Namespace(lr=None, lr_base=1e-4, lr_base_size=64, batch_size=2, min_lr=1e-5, mixup=0, cutmix=0)
+    run = run_lib.Run(args=args, dist=SimpleNamespace(world_size=1, primary=True, distributed=False), output="o")
+    with caplog.at_level("WARNING"):
+        run_lib._data(run, builders)
+    assert "the learning rate 3.13e-06 (for this global batch) is below --min-lr 1e-05" in caplog.text

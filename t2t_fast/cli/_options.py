@@ -1,12 +1,14 @@
 """What the commands share: the parser whose errors are one line, checked number types, the common options of
-``train`` and ``finetune``, the recipe table of ``--help``, and how a command's errors, Ctrl-C included,
-become one line and an exit code."""
+``train`` and ``finetune``, the recipe table of ``--help``, and how a command's errors, Ctrl-C and SIGTERM
+included, become one line and an exit code."""
 import argparse
 import copy
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 
 
@@ -234,11 +236,21 @@ def given_options(parser, argv):
     return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a training command (a scheduler's or a container's stop): it ends the run as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run_command(fn, args, argv=None, command=None, **kwargs):
     """Run ``fn(args, **kwargs)`` once the train extra is found usable beside this torch. User errors (bad data,
-    bad checkpoint, bad options, a diverged loss, released weights that cannot be downloaded) become one line on
-    stderr and exit code 2, a run ended by a callback's StopTraining exit code 3, Ctrl-C one line saying where the
-    last checkpoint is and how to resume (``command`` and ``argv`` rebuild the command line) and exit code 130."""
+    bad checkpoint, bad options, a diverged loss, released weights that cannot be downloaded, a file that cannot
+    be read or written) become one line on stderr and exit code 2, a run ended by a callback's StopTraining exit
+    code 3, and a closed stdout (``| head``) exit code 0. For a training command (``command``; ``argv`` rebuilds
+    its command line), Ctrl-C and SIGTERM print one line saying where the last checkpoint is and how to resume,
+    exit code 130 and 143."""
     from t2t_fast.training import requirements_problem
 
     problem = requirements_problem()
@@ -251,32 +263,42 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
     from t2t_fast.training.state import ResumeError
 
     started = time.time()
+    # signal handlers can only be set from the main thread (a notebook or a test may run a command in another)
+    on_term = command is not None and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_term else None
     try:
         fn(args, **kwargs)
-    except StopTraining as exc:
-        print(f"t2t-fast: {exc}", file=sys.stderr)
-        return 3
-    except (DataError, ResumeError, CheckpointFileError, FileNotFoundError, CheckpointMismatchError,
-            FloatingPointError, ConnectionError) as exc:  # ConnectionError: a failed download of released weights
-        print(f"t2t-fast: error: {exc}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader of stdout left (`t2t-fast predict ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
         return 0
-    except KeyboardInterrupt:
+    except StopTraining as exc:
+        print(f"t2t-fast: {exc}", file=sys.stderr)
+        return 3
+    except (DataError, ResumeError, CheckpointFileError, CheckpointMismatchError, FloatingPointError,
+            OSError) as exc:  # OSError: a missing file, a read-only folder, a full disk, a failed download
+        print(f"t2t-fast: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         if int(os.environ.get("RANK", 0)) == 0:
-            print(interrupted_message(args, argv, command, started), file=sys.stderr)
-        return 130
+            print(interrupted_message(args, argv, command, started, "stopped by SIGTERM" if terminated else
+                                      "interrupted"), file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if on_term:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
-def interrupted_message(args, argv, command, started):
-    """The line Ctrl-C prints: for a training command, the last checkpoint and the command that resumes it.
-    ``started``: when the command started (a ``last.pth`` older than that, and not resumed from, is an earlier
-    run's)."""
+def interrupted_message(args, argv, command, started, what="interrupted"):
+    """The line Ctrl-C prints (``what`` happened): for a training command, the last checkpoint and the command that
+    resumes it (torchrun's, with the same processes, under torchrun). ``started``: when the command started (a
+    ``last.pth`` older than that, and not resumed from, is an earlier run's)."""
+    from t2t_fast.training.distributed import launch_command
+
     output = getattr(args, "output", None)
     if command is None or argv is None or output is None:
-        return "t2t-fast: interrupted"
+        return f"t2t-fast: {what}"
     last = os.path.join(output, "last.pth")
     kept, skip = [], False
     for item in argv:  # the same command without its --resume, which is added back pointing at last.pth
@@ -286,8 +308,10 @@ def interrupted_message(args, argv, command, started):
             skip = True
         elif not item.startswith("--resume="):
             kept.append(item)
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    launcher = launch_command(command, processes, int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
     if not os.path.isfile(last) or (not args.resume and os.path.getmtime(last) < started):
-        return (f"t2t-fast: interrupted before the first epoch finished, so there is no checkpoint in {output} "
-                f"yet; start again with: {shlex.join(['t2t-fast', command, *kept])}")
-    return (f"t2t-fast: interrupted; the last checkpoint is {last}; resume with: "
-            f"{shlex.join(['t2t-fast', command, *kept, '--resume', last])}")
+        return (f"t2t-fast: {what} before the first epoch finished, so there is no checkpoint in {output} "
+                f"yet; start again with: {shlex.join([*launcher, *kept])}")
+    return (f"t2t-fast: {what}; the last checkpoint is {last}; resume with: "
+            f"{shlex.join([*launcher, *kept, '--resume', last])}")

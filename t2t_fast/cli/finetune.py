@@ -58,7 +58,7 @@ def resolve(args, explicit=()):
         raise data_lib.DataError(
             f"{', '.join('--' + name.replace('_', '-') for name in unused)}: fine-tuning augments as the official "
             f"transfer does (resize, padded random crop, --hflip; then --mean/--std), not with train's options")
-    if args.checkpoint:
+    if args.checkpoint and not args.resume:  # a resumed run takes its model and weights from its own checkpoint
         from t2t_fast.checkpoint import read_checkpoint
 
         saved = read_checkpoint(args.checkpoint)

@@ -1,14 +1,16 @@
 """Datasets for the training commands: the built-in digits demo, ImageFolder trees and CIFAR folders.
 
 Every dataset yields ``(PIL image, class index)`` through a transform, so the same timm transforms serve
-all of them. Unreadable image files are **skipped with a warning and counted**: the dataset returns
-``None`` for them and :func:`collate_skip_unreadable` drops those samples from the batch and reports how
-many it dropped (the trainers log the count per epoch and write it to the summary). A training batch in which
-every image is unreadable is an error (the ranks of a distributed run must all take the same steps); such a
-validation batch is counted and passed over.
+all of them. Unreadable image files are **skipped with a warning and counted**: the dataset returns an
+:class:`Unreadable` for them, :func:`collate_skip_unreadable` drops those samples from the batch and passes them
+on, and :func:`readable_batches` warns once per file, in the process that trains (loader workers would each warn
+again), and counts them (the trainers log the count per epoch and write it to the summary). A training batch in
+which every image is unreadable is an error (the ranks of a distributed run must all take the same steps); such
+a validation batch is counted and passed over.
 """
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +24,13 @@ CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0
 
 class DataError(ValueError):
     """The data given to a command cannot be used; the message says what to fix."""
+
+
+class Unreadable(NamedTuple):
+    """What a dataset yields for an image file that cannot be read: the file and why."""
+
+    path: str
+    reason: str
 
 
 class DigitsDataset(torch.utils.data.Dataset):
@@ -65,8 +74,8 @@ def _check_dir(path, what):
 
 
 class SafeImageFolder(torch.utils.data.Dataset):
-    """An ImageFolder (one sub-folder per class, as torchvision's) whose unreadable files yield ``None``. Hidden
-    sub-folders (``.ipynb_checkpoints``, ...) are no classes."""
+    """An ImageFolder (one sub-folder per class, as torchvision's) whose unreadable files yield
+    :class:`Unreadable`. Hidden sub-folders (``.ipynb_checkpoints``, ...) are no classes."""
 
     def __init__(self, root, transform=None):
         from torchvision.datasets.folder import make_dataset
@@ -84,7 +93,7 @@ class SafeImageFolder(torch.utils.data.Dataset):
                             f"{'/'.join(IMG_EXTENSIONS)} files)") from None
         self.targets = [target for _, target in self.samples]
         self.transform = transform
-        self.warned = set()
+        self.warned = set()  # the unreadable files warned about (by readable_batches, in the main process)
 
     def __len__(self):
         return len(self.samples)
@@ -94,10 +103,7 @@ class SafeImageFolder(torch.utils.data.Dataset):
         try:
             image = load_rgb(path)
         except unreadable_image_errors() as exc:
-            if path not in self.warned:
-                self.warned.add(path)
-                _logger.warning("skipping unreadable image %s: %s", path, exc)
-            return None
+            return Unreadable(path, str(exc))
         return (self.transform(image) if self.transform else image), target
 
 
@@ -179,10 +185,23 @@ def cifar_splits(name, root, train_transform, eval_transform):
 
 
 def collate_skip_unreadable(batch):
-    """Default collate of the readable samples -> (images, targets, number of unreadable samples); images and
+    """Default collate of the readable samples -> (images, targets, the :class:`Unreadable` samples); images and
     targets are None where no sample of the batch could be read."""
-    kept = [sample for sample in batch if sample is not None]
+    kept = [sample for sample in batch if not isinstance(sample, Unreadable)]
+    unreadable = [sample for sample in batch if isinstance(sample, Unreadable)]
     if not kept:
-        return None, None, len(batch)
+        return None, None, unreadable
     images, targets = torch.utils.data.default_collate(kept)
-    return images, targets, len(batch) - len(kept)
+    return images, targets, unreadable
+
+
+def readable_batches(loader):
+    """``(images, targets, number of unreadable samples)`` per batch of a loader that collates with
+    :func:`collate_skip_unreadable`, warning about each unreadable file once (per dataset, in this process)."""
+    warned = getattr(loader.dataset, "warned", set())  # only datasets with a ``warned`` set yield Unreadable
+    for images, targets, unreadable in loader:
+        for path, reason in unreadable:
+            if path not in warned:
+                warned.add(path)
+                _logger.warning("skipping unreadable image %s: %s", path, reason)
+        yield images, targets, len(unreadable)

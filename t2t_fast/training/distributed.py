@@ -6,6 +6,28 @@ import torch
 import torch.distributed as dist
 
 
+# the module a launcher (torchrun) runs for each training command
+LAUNCH_MODULES = {"train": "t2t_fast.train", "finetune": "t2t_fast.cli.finetune"}
+
+
+def processes_from_env():
+    """The number of processes of this run as its launcher set it (torchrun's WORLD_SIZE, SLURM, MPI; 1 without
+    one), known before the process group is set up."""
+    from timm.utils.distributed import world_info_from_env
+
+    return world_info_from_env()[2]
+
+
+def launch_command(command, processes, per_node=None):
+    """The start of the command line that runs ``t2t-fast <command>`` in ``processes`` processes: torchrun for
+    more than one, ``per_node`` of them on each machine (default: all on one)."""
+    if processes <= 1:
+        return ["t2t-fast", command]
+    per_node = per_node or processes
+    nodes = [f"--nnodes={processes // per_node}"] if per_node < processes else []
+    return ["torchrun", *nodes, f"--nproc_per_node={per_node}", "-m", LAUNCH_MODULES[command]]
+
+
 class Distributed:
     """Rank facts from torchrun's environment (RANK/WORLD_SIZE/LOCAL_RANK; SLURM works too)."""
 

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from t2t_fast.training.data import DataError
+from t2t_fast.training.data import DataError, readable_batches
 from t2t_fast.training.logs import Progress
 
 _logger = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def train_one_epoch(run, callbacks=()):
         return f"Loss {loss_sum.item() / max(seen, 1):.4f} LR {peak_lr(run.optimizer):.3g}"
 
     try:
-        for step, (images, targets, n_skipped) in enumerate(run.train_loader, 1):
+        for step, (images, targets, n_skipped) in enumerate(readable_batches(run.train_loader), 1):
             skipped += n_skipped
             if images is None:  # every process steps together (DDP): a step with no image would hang the others
                 raise DataError(f"all {n_skipped} images of a training batch were unreadable (see the warnings "
@@ -122,7 +122,7 @@ def validate(model, loader, dist_info, amp_autocast, desc="Eval", log_interval=5
     loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
     skipped = 0
     progress = Progress(len(loader), desc, dist_info.primary, log_interval)
-    for step, (images, targets, n_skipped) in enumerate(loader, 1):
+    for step, (images, targets, n_skipped) in enumerate(readable_batches(loader), 1):
         skipped += n_skipped
         if images is None:  # no image of the batch could be read: counted as skipped
             continue

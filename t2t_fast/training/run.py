@@ -9,6 +9,7 @@ write the checkpoint and the summary row.
 import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -34,6 +35,8 @@ class Run:
     args: Any
     dist: Distributed
     output: str
+    numbered: Any = None  # the default folder's unnumbered name, or None for a given or resumed --output
+    lock: Any = None
     num_classes: int = 0
     classes: Any = ()
     model: Any = None
@@ -52,6 +55,7 @@ class Run:
     epoch: int = 0
     num_updates: int = 0
     best: Any = None
+    best_epoch: Any = None
 
 
 def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
@@ -60,21 +64,30 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
     Returns the last epoch's metrics on the primary rank, else None (also when ``--resume`` names a finished
     run: there is nothing left to do). ``explicit``: the options given on the command line; with ``--resume``, the
     others are the resumed run's (see :func:`t2t_fast.training.state.read_resume_checkpoint`)."""
+    primary = int(os.environ.get("RANK", 0)) == 0
+    if args.data is not None:  # recorded absolute, so that the run resumes from any directory
+        args.data = os.path.abspath(args.data)
     checkpoint = None
     if args.resume:  # checked before anything is written
         checkpoint = state.read_resume_checkpoint(args.resume, args, explicit)
+        folder = os.path.dirname(args.resume) or "."
+        holder = state.lock_holder(folder)
+        if holder is not None:
+            raise _in_use(args, state.FolderInUse(folder, holder))
+        if primary and os.path.basename(args.resume) == "last.pth":
+            state.repair(args.resume, checkpoint)
         if state.finished(checkpoint):
-            if int(os.environ.get("RANK", 0)) == 0:
+            if primary:
                 print(f"t2t-fast: {args.resume} is the end of a finished run (all {checkpoint['epoch'] + 1} "
-                      f"epochs): nothing left to do; its checkpoints and summary are in "
-                      f"{os.path.dirname(args.resume) or '.'}")
+                      f"epochs): nothing left to do; its checkpoints and summary are in {folder}")
             return None
-    _claim_output(args, builders.output_suffix)
+    numbered = _claim_output(args, builders.output_suffix)
     threads = torch.get_num_threads()
     dist = Distributed(args.device)
+    run = Run(args=args, dist=dist, output=args.output, numbered=numbered)
     try:
         started = time.perf_counter()
-        run = _setup(args, dist, builders, checkpoint)
+        _setup(run, builders, checkpoint)
         metrics = None
         for epoch in range(run.epoch, run.num_epochs):
             run.epoch = epoch
@@ -83,12 +96,15 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
             _log_done(run, metrics, time.perf_counter() - started)
         return metrics if dist.primary else None
     finally:
+        if run.lock is not None:
+            run.lock.release()
         dist.close()
         torch.set_num_threads(threads)  # train() is also called in-process (tests, notebooks)
 
 
-def _setup(args, dist, builders, checkpoint):
-    run = Run(args=args, dist=dist, output=_prepare(args, dist))
+def _setup(run, builders, checkpoint):
+    args = run.args
+    _prepare(args, run.dist)
     train_set, val_set = _data(run, builders)
     if checkpoint is not None:
         state.check_resumed_classes(checkpoint, run.classes, args.resume)
@@ -104,11 +120,10 @@ def _setup(args, dist, builders, checkpoint):
         run.scheduler.step(run.epoch)
     _wrap(run)
     _log_start(run, len(train_set), len(val_set))
-    return run
 
 
 def _prepare(args, dist):
-    """Check the model name, set threads, logging and seeds; returns the run folder (not created yet)."""
+    """Check the model name, set threads, logging and seeds."""
     if args.model not in registry.VARIANTS:
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
     reason = backend.unavailable_reason(args.backend, dist.device.type) if args.backend else None
@@ -116,54 +131,86 @@ def _prepare(args, dist):
         raise data_lib.DataError(f"--backend {args.backend}: {reason}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    output = args.output
     setup_logging(dist.primary)  # the run folder and its log.txt come once the model is built (_open_output)
     if args.amp is None:
         args.amp = dist.device.type == "cuda"
     state.seed_everything(args.seed)  # the same initial weights (and EMA copy) on every rank
-    return output
 
 
 def _holds_run(folder):
-    return any(os.path.exists(os.path.join(folder, name)) for name in ("last.pth", "best.pth"))
+    """Whether ``folder`` holds a run: its checkpoints, or a live run that has not finished an epoch yet."""
+    return (any(os.path.exists(os.path.join(folder, name)) for name in ("last.pth", "best.pth"))
+            or state.lock_holder(folder) is not None)
+
+
+def _numbered(base):
+    """``base``, ``base-2``, ``base-3``, ..."""
+    yield base
+    yield from (f"{base}-{number}" for number in itertools.count(2))
+
+
+def _in_use(args, exc):
+    """The error for a run folder that a live run holds (``exc``: :class:`~t2t_fast.training.state.FolderInUse`)."""
+    if args.resume and os.path.abspath(exc.folder) == os.path.abspath(os.path.dirname(args.resume) or "."):
+        return data_lib.DataError(f"--resume {args.resume}: {exc}; resume it once that run has ended")
+    return data_lib.DataError(f"--output {exc}: give another --output, or wait for that run to end")
 
 
 def _claim_output(args, suffix):
     """Set ``args.output``: the resumed run's folder, ``--output``, or ``output/<model>-<data><suffix>``, numbered
     (``-2``, ``-3``, ...) past folders that hold another run. A run's checkpoints are never overwritten by
-    another: an ``--output`` that holds another run is refused."""
+    another: an ``--output`` that holds another run, or that a live run holds, is refused. Returns the default
+    folder's unnumbered name (None for a given or resumed folder), which :func:`_open_output` numbers on from."""
     if args.output == "":
         raise data_lib.DataError("--output: give a folder path (got an empty one)")
     resumed = os.path.abspath(os.path.dirname(args.resume) or ".") if args.resume else None
+    base = None
     if args.output is None and resumed is not None:
         args.output = os.path.dirname(args.resume) or "."
     elif args.output is None:
         data = "digits" if args.data is None else os.path.basename(os.path.normpath(args.data))
         base = os.path.join("output", f"{args.model}-{data}{suffix}")
-        args.output, number = base, 1
-        while _holds_run(args.output):
-            number += 1
-            args.output = f"{base}-{number}"
-        if number > 1 and int(os.environ.get("RANK", 0)) == 0:
-            print(f"t2t-fast: note: {base} holds an earlier run; this run goes to {args.output}", file=sys.stderr)
-    elif _holds_run(args.output) and os.path.abspath(args.output) != resumed:
-        raise data_lib.DataError(
-            f"--output {args.output} holds another run (its checkpoints are never overwritten): give another "
-            f"--output, continue that run with --resume {os.path.join(args.output, 'last.pth')}, or remove it first")
+        args.output = next(folder for folder in _numbered(base) if not _holds_run(folder))
+        if args.output != base and int(os.environ.get("RANK", 0)) == 0:
+            print(f"t2t-fast: note: {base} holds another run; this run goes to {args.output}", file=sys.stderr)
+    else:
+        holder = state.lock_holder(args.output)
+        if holder is not None:
+            raise _in_use(args, state.FolderInUse(args.output, holder))
+        if _holds_run(args.output) and os.path.abspath(args.output) != resumed:
+            raise data_lib.DataError(
+                f"--output {args.output} holds another run (its checkpoints are never overwritten): give another "
+                f"--output, continue that run with --resume {os.path.join(args.output, 'last.pth')}, or remove it "
+                f"first")
     existing = os.path.abspath(args.output)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise data_lib.DataError(f"--output {args.output}: {existing} is a file, not a folder; give a folder path")
+    return base
 
 
 def _open_output(run):
-    """Create the run folder and its log.txt: only once the data, options and model have been found usable, so a
-    run refused for bad input leaves nothing behind."""
-    output = run.output
+    """Create the run folder, hold it for the run's life (:func:`~t2t_fast.training.state.lock_folder`) and start
+    its log.txt: only once the data, options and model have been found usable, so a run refused for bad input
+    leaves nothing behind. A default folder that another run took since :func:`_claim_output` moves this run on to
+    the next free number; a given or resumed one is refused."""
+    taken = None
     if run.dist.primary:
-        os.makedirs(output, exist_ok=True)
-    setup_logging(run.dist.primary, os.path.join(output, "log.txt") if run.dist.primary else None)
+        while True:
+            os.makedirs(run.output, exist_ok=True)
+            try:
+                run.lock = state.lock_folder(run.output)
+                break
+            except state.FolderInUse as exc:
+                if run.numbered is None:
+                    raise _in_use(run.args, exc) from None
+                taken = taken or exc
+                run.output = next(folder for folder in _numbered(run.numbered) if not _holds_run(folder))
+    run.output = run.args.output = run.dist.gather_objects(run.output)[0]  # the folder rank 0 holds
+    setup_logging(run.dist.primary, os.path.join(run.output, "log.txt") if run.dist.primary else None)
+    if taken is not None:
+        _logger.warning("%s; this run goes to %s", taken, run.output)
 
 
 def _data(run, builders):
@@ -177,6 +224,10 @@ def _data(run, builders):
                                  f"classifier needs at least two")
     if args.lr is None:
         args.lr = args.lr_base * (args.batch_size * dist.world_size) / args.lr_base_size
+    if args.min_lr > args.lr and dist.primary:
+        _logger.warning("the learning rate %.3g (for this global batch) is below --min-lr %.3g, so the schedule "
+                        "raises it towards --min-lr instead of lowering it: give a lower --min-lr or a higher --lr",
+                        args.lr, args.min_lr)
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise data_lib.DataError(f"--batch-size {args.batch_size} is odd, but mixup / cutmix pair the images of a "
                                  f"batch: give an even --batch-size, or --mixup 0 --cutmix 0")
@@ -260,7 +311,7 @@ def _run_epoch(run, callbacks):
     score = row.get("val_ema_top1", row["val_top1"])
     is_best = run.best is None or score > run.best
     if is_best:
-        run.best = score
+        run.best, run.best_epoch = score, run.epoch
     row["best_top1"] = run.best
     row["time_s"] = round(time.perf_counter() - t0, 2)
     rng = run.dist.gather_objects(state.get_rng_state())
