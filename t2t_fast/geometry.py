@@ -41,8 +41,9 @@ def token_grids(img_size: Tuple[int, int], splits: Splits = SOFT_SPLITS) -> List
 
 
 def is_int(value):
-    """True for Python/NumPy integers, False for bools."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """True for Python/NumPy integers and the symbolic sizes of ``torch.compile`` / ``torch.export``, False for
+    bools."""
+    return isinstance(value, (numbers.Integral, torch.SymInt)) and not isinstance(value, bool)
 
 
 def image_size(value):

@@ -305,20 +305,51 @@ def test_torch_compile_as_the_first_call(tmp_path):
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_onnx_round_trip(tmp_path, dynamo):
-    """Both ONNX exporters: torch.export's, and the TorchScript-based one (a jit trace)."""
+    """Both ONNX exporters (torch.export's, and the TorchScript-based one: a jit trace) with a dynamic batch, and
+    torch.export's with a dynamic image size for a dynamic_img_size model: the sizes stay symbols of the graph."""
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    model = _tiny().eval()
-    x = torch.randn(2, 3, 64, 64)
-    path = tmp_path / "t2t.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and its trace's TracerWarnings
-        torch.onnx.export(model, (x,), str(path), opset_version=18, input_names=["image"], output_names=["logits"],
-                          dynamo=dynamo)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {"image": x.numpy()})
-    with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+    cases = [(_tiny().eval(), {0: "batch"}, [(3, 3, 64, 64)])]
+    if dynamo:
+        torch.manual_seed(0)
+        dynamic = t2t_fast.create_model("t2t_vit_7", img_size=64, dynamic_img_size=True).eval()
+        cases.append((dynamic, {0: "batch", 2: "height", 3: "width"}, [(1, 3, 64, 64), (3, 3, 40, 72)]))
+    for index, (model, axes, others) in enumerate(cases):
+        x = torch.randn(2, 3, 64, 64)
+        path = tmp_path / f"t2t{index}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and its trace's TracerWarnings
+            kwargs = dict(dynamic_shapes=({k: torch.export.Dim.AUTO for k in axes},)) if dynamo else dict(
+                dynamic_axes={"image": axes})
+            torch.onnx.export(model, (x,), str(path), opset_version=18, input_names=["image"],
+                              output_names=["logits"], dynamo=dynamo, **kwargs)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for shape in [x.shape, *others]:
+            images = torch.randn(shape)
+            (logits,) = session.run(None, {"image": images.numpy()})
+            with torch.no_grad():
+                torch.testing.assert_close(torch.from_numpy(logits), model(images), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_with_dynamic_image_sizes():
+    """A dynamic_img_size model compiled with symbolic sizes (dynamic=True) takes other image sizes, forward and
+    backward, with the eager model's numbers (aot_eager: the sizes go through the model's checks as symbols, as
+    under inductor, without its code generation)."""
+    torch.manual_seed(0)
+    model = _tiny(dynamic_img_size=True).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the same numbers without the same masks
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for size in [(64, 64), (40, 72)]:
+        x = torch.randn(2, 3, *size)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        compiled(x).square().sum().backward()
+        for got, want in zip((p.grad for p in model.parameters()), expected):
+            assert relative_error(got, want) <= 1e-4
 
 
 def test_torch_export_matches_eager():

@@ -31,7 +31,7 @@ def add_layernorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
     if weight.dtype != x.dtype and not (x.dtype in (torch.float16, torch.bfloat16) and weight.dtype == torch.float32
                                         and bias.dtype == torch.float32):
         weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)
+    return total, F.layer_norm(total, weight.shape, weight, bias, eps)  # a constant under export
 
 
 def _validate(x, residual, weight, bias, eps):

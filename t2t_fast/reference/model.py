@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from t2t_fast import registry
-from t2t_fast.backend import autocast_enabled
+from t2t_fast.backend import autocast_enabled, is_exporting
 from t2t_fast.geometry import SOFT_SPLITS, image_size, is_int, token_grids
 from t2t_fast.reference.layers import Attention, Block, Mlp, T2TModule
 
@@ -33,9 +33,10 @@ def sinusoid_table(num_positions: int, dim: int, device: Optional[torch.device] 
     return table.to(torch.float32).unsqueeze(0)
 
 
-def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
-    """``x + pos_embed``; for another token count (``dynamic_img_size``) the sinusoid table of that length."""
-    if x.shape[1] != pos_embed.shape[1]:
+def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
+    """``x + pos_embed``; for another token count (``dynamic`` models) the sinusoid table of that length, which an
+    export of a ``dynamic`` model computes for every count (so the image size stays a symbol of the export)."""
+    if (dynamic and is_exporting()) or x.shape[1] != pos_embed.shape[1]:
         pos_embed = sinusoid_table(x.shape[1], pos_embed.shape[-1], pos_embed.device).to(pos_embed.dtype)
     return x + pos_embed
 
@@ -284,7 +285,7 @@ class T2TViT(nn.Module):
         x = self.tokens_to_token(x)
         # cat/add promote: under autocast the residual stream stays in the parameters' fp32, as upstream
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(add_position_embedding(x, self.pos_embed))
+        return self.pos_drop(add_position_embedding(x, self.pos_embed, self.dynamic_img_size))
 
     def checkpointing(self):
         """Whether blocks are checkpointed now: enabled, in training, with grad (never in TorchScript)."""
