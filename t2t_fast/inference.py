@@ -286,6 +286,9 @@ class InferenceModel(nn.Module):
                     and not torch.compiler.is_compiling() and _plain_backbone(self.model) \
                     and not _observed(self.model):
                 logits = _cls_logits(self.model, image)
+            elif backend.is_exporting() and self.dtype != torch.float32:
+                with _LayerNormsInParameterDtype():
+                    logits = self._call(image)
             else:
                 logits = self._call(image)
         return logits.to(x.dtype) if x.is_floating_point() else logits
@@ -321,6 +324,24 @@ class InferenceModel(nn.Module):
             torch.Tensor, lambda t: t.to(x.dtype) if t.is_floating_point() else t, out)
 
 
+class _LayerNormsInParameterDtype(torch.overrides.TorchFunctionMode):
+    """Every ``F.layer_norm`` of activations in another dtype than its parameters (the float32 LayerNorms of a
+    bf16/fp16 model) as an explicit cast to the parameters' dtype and back: what torch's CPU kernel computes, in
+    the form an exported graph can hold (ONNX's LayerNormalization takes one dtype)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            x, shape, weight, bias, eps = _layer_norm_arguments(*args, **kwargs)
+            if weight is not None and x.dtype != weight.dtype:
+                return func(x.to(weight.dtype), shape, weight, bias, eps).to(x.dtype)
+        return func(*args, **kwargs)
+
+
+def _layer_norm_arguments(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return input, normalized_shape, weight, bias, eps
+
+
 # The model's methods that take an image or features: called through an InferenceModel, cast like its forward.
 _IMAGE_METHODS = frozenset({"forward_features", "forward_head", "forward_intermediates"})
 
@@ -352,12 +373,11 @@ def optimize_for_inference(model, dtype=torch.bfloat16, compile=False):
         warnings.warn(f"this CPU has no {dtype} matmul instructions: a {dtype} model runs many times slower here "
                       f"than a float32 one (see bench/RESULTS.md)", stacklevel=2)
     converted = copy.deepcopy(model).eval().requires_grad_(False)
-    if dtype != torch.float32:
-        kept = [(module, {k: v.clone() for k, v in module.state_dict().items()})
-                for module in converted.modules() if isinstance(module, _FP32_MODULES)]
-        converted.to(dtype)
-        for module, state in kept:  # the fp32 values as they were, not their low-precision rounding
-            module.float().load_state_dict(state)
+    kept = [(module, {k: v.clone() for k, v in module.state_dict().items()})
+            for module in converted.modules() if isinstance(module, _FP32_MODULES)] if dtype != torch.float32 else []
+    converted.to(dtype)  # also a model in another dtype to float32
+    for module, state in kept:  # the fp32 values as they were, not their low-precision rounding
+        module.float().load_state_dict(state)
     if on_cpu:
         onednn.use_onednn_linears(converted)
         for module in converted.modules():

@@ -1,5 +1,6 @@
 """optimize_for_inference (low-precision weights, fp32 LayerNorm parameters, input casting, no autograd, optional
 torch.compile with freezing), the --dtype of the commands, and the CPU attention kernel choice of the backbone."""
+import copy
 import importlib
 import json
 import threading
@@ -139,6 +140,34 @@ def test_weights_written_through_data_are_seen(dtype):
                 p.data.mul_(0.5)  # exact in every dtype: the optimized weights stay those of the halved model
         torch.testing.assert_close(fast(x), reference(x), rtol=1e-4, atol=1e-5)
     assert torch.equal(optimized(x), t2t_fast.optimize_for_inference(fast, dtype=dtype)(x))
+
+
+def test_low_precision_model_exports(tmp_path):
+    """A bf16 optimized model exports (its float32 LayerNorms as explicit casts around them, which ONNX's
+    LayerNormalization needs) and the export computes its logits: torch.export, and ONNX under OpenVINO."""
+    optimized = t2t_fast.optimize_for_inference(_trained_like("t2t_vit_7", 64)[1], dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 64, 64)
+    expected = optimized(x)
+    # the export records the ops' torch references (bf16 maths where the kernels keep float32): bf16 rounding apart
+    torch.testing.assert_close(torch.export.export(optimized, (x,)).module()(x), expected, rtol=3e-2, atol=3e-2)
+    openvino = pytest.importorskip("openvino")
+    pytest.importorskip("onnxscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(optimized, (x,), str(tmp_path / "model.onnx"), dynamo=True)
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(tmp_path / "model.onnx")), "CPU")
+    torch.testing.assert_close(torch.from_numpy(compiled(x.numpy())[0]), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_optimizing_a_low_precision_model_to_float32():
+    """dtype=torch.float32 converts a bf16 model's weights (its images were cast to float32 for bf16 weights)."""
+    model = _trained_like("t2t_vit_7", 64)[1]
+    optimized = t2t_fast.optimize_for_inference(copy.deepcopy(model).bfloat16(), dtype=torch.float32)
+    assert {p.dtype for p in optimized.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 64, 64)
+    expected = t2t_fast.optimize_for_inference(model.bfloat16().float(), dtype=torch.float32)(x)
+    torch.testing.assert_close(optimized(x), expected, rtol=0, atol=0)
 
 
 def test_eval_mode_and_no_grad():
