@@ -99,9 +99,8 @@ def extract_state_dict(checkpoint, use_ema=True):
         state = checkpoint
     cleaned = {}
     for key, value in state.items():
-        for prefix in _PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(_PREFIXES):  # in any order and number (a compiled DataParallel model's)
+            key = key.split(".", 1)[1]
         cleaned[key] = value
     if cleaned and all(key.startswith("model.") for key in cleaned):  # an optimize_for_inference model's
         cleaned = {key[len("model."):]: value for key, value in cleaned.items()}
@@ -179,6 +178,10 @@ def load_checkpoint(model, path_or_dict, strict=True, use_ema=True, pos_embed="r
     Raises :class:`CheckpointMismatchError` listing every missing, unexpected or mis-shaped key."""
     if pos_embed not in ("regenerate", "interpolate"):
         raise ValueError(f"pos_embed must be 'regenerate' or 'interpolate', got {pos_embed!r}")
+    from t2t_fast.inference import InferenceModel
+
+    if isinstance(model, InferenceModel):  # its converted model holds the weights (cast to their dtypes)
+        return load_checkpoint(model.model, path_or_dict, strict, use_ema, pos_embed)
     if isinstance(path_or_dict, (str, os.PathLike)):
         checkpoint = read_checkpoint(os.fspath(path_or_dict))
     else:

@@ -33,11 +33,12 @@ def _formats(state):
         "timm_no_ema": {"state_dict": state, "epoch": 3, "args": argparse.Namespace(model=NAME)},
         "finetune_net_dataparallel": {"net": {"module." + k: v for k, v in state.items()}, "acc": 98.3, "epoch": 59},
         "ddp_compiled_model": {"model": {"module._orig_mod." + k: v for k, v in state.items()}},
+        "compiled_dataparallel_model": {"_orig_mod.module." + k: v for k, v in state.items()},
     }
 
 
 @pytest.mark.parametrize("fmt", ["bare", "timm_ema", "timm_no_ema", "finetune_net_dataparallel",
-                                 "ddp_compiled_model"])
+                                 "ddp_compiled_model", "compiled_dataparallel_model"])
 @pytest.mark.parametrize("factory", [ref.create_model, t2t_fast.create_model], ids=["reference", "fast"])
 def test_each_format_loads_strictly_and_bit_exact(trained, fmt, factory, tmp_path):
     state, x, logits = trained
@@ -107,6 +108,12 @@ def test_whole_models_and_optimized_state_dicts(tmp_path):
     again = t2t_fast.create_model(NAME, img_size=32, num_classes=10)
     load_checkpoint(again, optimized.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # and into an optimized model: its converted model takes the weights
+    fresh = t2t_fast.optimize_for_inference(t2t_fast.create_model(NAME, img_size=32, num_classes=10),
+                                            dtype=torch.float32)
+    load_checkpoint(fresh, model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh(x), optimized(x))
 
 
 def test_checkpoint_of_another_variant_lists_offending_keys(trained):
