@@ -490,11 +490,11 @@ void encoder_forward(const std::vector<EncoderBlockArgs>& blocks, const EncoderN
   t2t::encoder_forward_cpu(p, threads);
 }
 
-// A hash of 64 8-byte words spread evenly over each buffer (address, bytes), plus its trailing bytes: what the
+// A hash of 8 8-byte words spread evenly over each buffer (address, bytes), plus its trailing bytes: what the
 // caches of packed weights compare to see a write that leaves a weight's version counter alone (through
 // ``weight.data``), at the cost of a few cache lines a buffer.
 std::uint64_t sample_fingerprint(const std::vector<std::pair<std::uintptr_t, std::int64_t>>& buffers) {
-  constexpr std::int64_t kWords = 64;
+  constexpr std::int64_t kWords = 8;
   constexpr std::uint64_t kPrime = 1099511628211ull;  // FNV-1a
   std::uint64_t hash = 1469598103934665603ull;
   for (const auto& [address, bytes] : buffers) {
@@ -521,7 +521,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_kernels", &compiled_kernels, "Names of the kernels compiled into this build");
 
   m.def("sample_fingerprint", &sample_fingerprint, py::arg("buffers"),
-        "Hash of 64 words spread over each (address, bytes) buffer (the packed-weight caches' check for writes "
+        "Hash of 8 words spread over each (address, bytes) buffer (the packed-weight caches' check for writes "
         "through .data)");
   m.def("cpu_isas", &cpu_isas, "ISAs of the vectorised CPU kernels this CPU runs, best first");
   m.def("soft_split_layernorm_forward_cpu", &soft_split_layernorm_forward, py::arg("x"), py::arg("x_extent"),

@@ -143,7 +143,7 @@ def fingerprint_buffer(tensor):
 
 
 def sample_fingerprint(buffers):
-    """A hash of a sample of the :func:`fingerprint_buffer` ``buffers``' bytes (64 words each): it changes when a
+    """A hash of a sample of the :func:`fingerprint_buffer` ``buffers``' bytes (8 words each): it changes when a
     tensor is overwritten as a whole, also through ``tensor.data``, which leaves the version counter alone. None
     without the extension."""
     native = native_module()
