@@ -207,7 +207,7 @@ class InferenceT2TModule(fast_model.T2TModule):
     layers or backends) it runs the fused module's forward."""
 
     def forward(self, x):
-        if torch.jit.is_scripting():
+        if torch.jit.is_scripting():  # alone in its condition: TorchScript then compiles none of the rest
             return self.fused_forward(x)
         if not self._direct(x):
             return self.fused_forward(x)

@@ -581,12 +581,31 @@ def test_a_run_holds_its_folder(tmp_path, monkeypatch):
         given = run_lib.Run(args=argparse.Namespace(output=base, resume=None), dist=dist, output=base)
         with pytest.raises(data_lib.DataError, match="is in use by a live run"):
             run_lib._open_output(given)
+        # a run that ended (lock released) after writing checkpoints into the folder this run had found free
+        done = base + "-3"
+        os.makedirs(done)
+        open(os.path.join(done, "last.pth"), "wb").close()
+        late = run_lib.Run(args=argparse.Namespace(output=done, resume=None), dist=dist, output=done, numbered=base)
+        run_lib._open_output(late)
+        try:
+            assert late.output == base + "-2" and state.lock_holder(done) is None  # -2: its run has ended
+        finally:
+            late.lock.release()
+        given = run_lib.Run(args=argparse.Namespace(output=done, resume=None), dist=dist, output=done)
+        with pytest.raises(data_lib.DataError, match=f"--output {done} holds another run"):
+            run_lib._open_output(given)
+        # a resumed run's last.pth written by another run since it was read
+        resumed = run_lib.Run(args=argparse.Namespace(output=done, resume=os.path.join(done, "last.pth")), dist=dist,
+                              output=done, resumed_stamp=0)
+        with pytest.raises(data_lib.DataError, match="was written by another run since this one read it"):
+            run_lib._open_output(resumed)
     finally:
         lock.release()
         for handler in set(logging.getLogger().handlers) - set(handlers):  # the log.txt _open_output opened
             handler.close()
         logging.getLogger().handlers[:] = handlers
     assert state.lock_holder(base) is None and os.listdir(base) == []
+    assert sorted(os.listdir(base + "-3")) == ["last.pth"]
 
 
 def test_relative_data_resumes_from_another_directory(tiny_data, tmp_path, monkeypatch, capsys):

@@ -35,7 +35,9 @@ def sinusoid_table(num_positions: int, dim: int, device: Optional[torch.device] 
 
 def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, dynamic: bool = False) -> torch.Tensor:
     """``x + pos_embed``; for another token count (``dynamic`` models) the sinusoid table of that length, which an
-    export of a ``dynamic`` model computes for every count (so the image size stays a symbol of the export)."""
+    export of a ``dynamic`` model computes for every count, its own too (so the image size stays a symbol of the
+    export): the same numbers unless ``pos_embed`` is no longer that table (``load_checkpoint(...,
+    pos_embed="interpolate")``)."""
     if (dynamic and is_exporting()) or x.shape[1] != pos_embed.shape[1]:
         pos_embed = sinusoid_table(x.shape[1], pos_embed.shape[-1], pos_embed.device).to(pos_embed.dtype)
     return x + pos_embed

@@ -37,6 +37,7 @@ class Run:
     output: str
     numbered: Any = None  # the default folder's unnumbered name, or None for a given or resumed --output
     lock: Any = None
+    resumed_stamp: Any = None  # the resumed folder's last.pth as read: its modification time (ns), None if none
     num_classes: int = 0
     classes: Any = ()
     model: Any = None
@@ -67,10 +68,11 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
     primary = int(os.environ.get("RANK", 0)) == 0
     if args.data is not None:  # recorded absolute, so that the run resumes from any directory
         args.data = os.path.abspath(args.data)
-    checkpoint = None
+    checkpoint = resumed_stamp = None
     if args.resume:  # checked before anything is written
-        checkpoint = state.read_resume_checkpoint(args.resume, args, explicit)
         folder = os.path.dirname(args.resume) or "."
+        resumed_stamp = _stamp(os.path.join(folder, "last.pth"))
+        checkpoint = state.read_resume_checkpoint(args.resume, args, explicit)
         holder = state.lock_holder(folder)
         if holder is not None:
             raise _in_use(args, state.FolderInUse(folder, holder))
@@ -84,7 +86,7 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
     numbered = _claim_output(args, builders.output_suffix)
     threads = torch.get_num_threads()
     dist = Distributed(args.device)
-    run = Run(args=args, dist=dist, output=args.output, numbered=numbered)
+    run = Run(args=args, dist=dist, output=args.output, numbered=numbered, resumed_stamp=resumed_stamp)
     try:
         started = time.perf_counter()
         _setup(run, builders, checkpoint)
@@ -201,16 +203,46 @@ def _open_output(run):
             os.makedirs(run.output, exist_ok=True)
             try:
                 run.lock = state.lock_folder(run.output)
-                break
             except state.FolderInUse as exc:
                 if run.numbered is None:
                     raise _in_use(run.args, exc) from None
-                taken = taken or exc
-                run.output = next(folder for folder in _numbered(run.numbered) if not _holds_run(folder))
+                taken = taken or str(exc)
+            else:  # held now: what another run may have written since _claim_output looked
+                changed = _written_since_claimed(run)
+                if changed is None:
+                    break
+                if run.lock is not None:
+                    run.lock.release()
+                    run.lock = None
+                if run.numbered is None:
+                    raise data_lib.DataError(changed)
+                taken = taken or changed
+            run.output = next(folder for folder in _numbered(run.numbered) if not _holds_run(folder))
     run.output = run.args.output = run.dist.gather_objects(run.output)[0]  # the folder rank 0 holds
     setup_logging(run.dist.primary, os.path.join(run.output, "log.txt") if run.dist.primary else None)
     if taken is not None:
         _logger.warning("%s; this run goes to %s", taken, run.output)
+
+
+def _written_since_claimed(run):
+    """Why the folder just locked cannot take this run (another run wrote checkpoints in it, or went on with the
+    run resumed here, since :func:`_claim_output` looked), or None."""
+    last = os.path.join(run.output, "last.pth")
+    if run.args.resume and os.path.abspath(run.output) == os.path.abspath(os.path.dirname(run.args.resume) or "."):
+        if _stamp(last) != run.resumed_stamp:
+            return f"--resume {run.args.resume}: {last} was written by another run since this one read it; resume again"
+        return None
+    if any(os.path.exists(os.path.join(run.output, name)) for name in ("last.pth", "best.pth")):
+        return f"--output {run.output} holds another run (its checkpoints are never overwritten): give another --output"
+    return None
+
+
+def _stamp(path):
+    """``path``'s modification time in ns, or None where it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _data(run, builders):

@@ -9,6 +9,7 @@ import random
 import shlex
 import shutil
 import tempfile
+import time
 
 try:
     import fcntl
@@ -192,15 +193,16 @@ class FolderLock:
 
 def lock_folder(folder):
     """Hold ``folder`` for this process's run: an exclusive ``flock`` on ``folder/.lock`` (which holds the process
-    id) until :meth:`FolderLock.release`. Raises :class:`FolderInUse` when a live run holds it; returns None where
-    files cannot be locked (no fcntl, or a file system without flock: then two runs in one folder go unnoticed)."""
+    id) until :meth:`FolderLock.release`. Raises :class:`FolderInUse` when a live run holds it (OSError where the
+    lock file cannot be created); returns None where files cannot be locked (no fcntl, or a file system without
+    flock: then two runs in one folder go unnoticed)."""
     if fcntl is None:
         return None
     path = os.path.join(folder, _LOCK_NAME)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
@@ -218,6 +220,17 @@ def lock_folder(folder):
             os.write(fd, f"{os.getpid()}\n".encode())
             return FolderLock(path, fd)
         os.close(fd)
+
+
+def _flock_exclusive(fd, tries=10, pause=0.01):
+    """``flock(LOCK_EX | LOCK_NB)``, tried again for a moment: :func:`lock_holder`'s look holds a shared lock for as
+    long as it reads."""
+    for _ in range(tries - 1):
+        try:
+            return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(pause)
+    return fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def lock_holder(folder):
