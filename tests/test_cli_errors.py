@@ -395,17 +395,19 @@ def test_predict_into_a_closed_pipe_is_no_error(files):
     assert "error" not in stderr and "Traceback" not in stderr, stderr
 
 
-def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
-    """SIGTERM (a scheduler's or a container's stop): the Ctrl-C line with the resume command, exit code 143, no
-    temp file left."""
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_ends_a_run_like_ctrl_c(tmp_path, workers):
+    """SIGTERM (a scheduler's or a container's stop, sent to the whole process group, loader workers included):
+    the Ctrl-C line with the resume command, exit code 143, no temp file left."""
     script = _t2t_fast_command()
     out = tmp_path / "run"
-    argv = ["train", "--output", str(out), "--epochs", "8", *TINY]
-    proc = subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv = ["train", "--output", str(out), "--epochs", "8", *TINY, "--workers", workers]
+    proc = subprocess.Popen([script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 300  # a guard against a hung run, not a timing assertion
     while not (out / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stdout[-2000:] + stderr[-2000:]
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -236,14 +236,6 @@ def given_options(parser, argv):
     return {dest for dest, value in vars(probe.parse_args(argv)).items() if value is not unset}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a training command (a scheduler's or a container's stop): it ends the run as Ctrl-C does."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def run_command(fn, args, argv=None, command=None, **kwargs):
     """Run ``fn(args, **kwargs)`` once the train extra is found usable beside this torch. User errors (bad data,
     bad checkpoint, bad options, a diverged loss, released weights that cannot be downloaded, a file that cannot
@@ -258,6 +250,7 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
         print(f"t2t-fast: error: {problem}", file=sys.stderr)
         return 2
     from t2t_fast.checkpoint import CheckpointFileError, CheckpointMismatchError
+    from t2t_fast.training import loop
     from t2t_fast.training.data import DataError
     from t2t_fast.training.loop import StopTraining
     from t2t_fast.training.state import ResumeError
@@ -265,7 +258,10 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
     started = time.time()
     # signal handlers can only be set from the main thread (a notebook or a test may run a command in another)
     on_term = command is not None and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if on_term else None
+    previous = None
+    if on_term:
+        loop.install_termination()
+        previous = signal.signal(signal.SIGTERM, loop.terminate)
     try:
         fn(args, **kwargs)
     except BrokenPipeError:  # the reader of stdout left (`t2t-fast predict ... | head`): not an error
@@ -279,7 +275,10 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
         print(f"t2t-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
+        terminated = isinstance(exc, loop.Terminated)
+        # objects the interrupt left half-built (a loader iterator starting its workers) fail in __del__ as the
+        # process ends: noise after the one line below
+        sys.unraisablehook = lambda unraisable: None
         if int(os.environ.get("RANK", 0)) == 0:
             print(interrupted_message(args, argv, command, started, "stopped by SIGTERM" if terminated else
                                       "interrupted"), file=sys.stderr)

@@ -5,7 +5,9 @@ Callbacks are objects with any of ``on_step_end(run)`` (after every optimizer up
 :class:`StopTraining` to end the run at once, like a killed process: nothing of the epoch in progress is
 saved.
 """
+import contextlib
 import logging
+import os
 
 import torch
 
@@ -17,6 +19,51 @@ _logger = logging.getLogger(__name__)
 
 class StopTraining(Exception):
     """Raised by a callback to end the run at once (the commands exit with code 3)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a training command (a scheduler's or a container's stop): it ends the run as Ctrl-C does."""
+
+
+class _Termination:
+    """Where SIGTERM stands: requested, and whether the epochs are running (then the run stops at the next step,
+    after a checkpoint being written is complete, rather than wherever the signal lands: an exception raised in
+    the middle of logging or of a ``__del__`` can deadlock or be lost)."""
+
+    requested = False
+    between_steps = False
+    pid = None  # the training process: a loader worker forked before its init inherits the handler
+
+
+def install_termination():
+    """Make :func:`terminate` the process's SIGTERM handler target (call from the main thread)."""
+    _Termination.requested, _Termination.between_steps, _Termination.pid = False, False, os.getpid()
+
+
+def terminate(signum=None, frame=None):
+    """The SIGTERM handler of the training commands: stop the run with :class:`Terminated`, at once outside the
+    epochs, at the next step during them."""
+    if os.getpid() != _Termination.pid:
+        return  # a loader worker: the training process ends the run and shuts it down
+    _Termination.requested = True
+    if not _Termination.between_steps:
+        raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_between_steps():
+    """Within the block a SIGTERM stops the run at the next step (:func:`stop_if_terminated`)."""
+    _Termination.between_steps = True
+    try:
+        yield
+    finally:
+        _Termination.between_steps = False
+
+
+def stop_if_terminated():
+    """Raise :class:`Terminated` where SIGTERM was received."""
+    if _Termination.requested:
+        raise Terminated()
 
 
 def notify(callbacks, event, *args):
@@ -77,6 +124,7 @@ def train_one_epoch(run, callbacks=()):
 
     try:
         for step, (images, targets, n_skipped) in enumerate(readable_batches(run.train_loader), 1):
+            stop_if_terminated()
             skipped += n_skipped
             if images is None:  # every process steps together (DDP): a step with no image would hang the others
                 raise DataError(f"all {n_skipped} images of a training batch were unreadable (see the warnings "
@@ -123,6 +171,7 @@ def validate(model, loader, dist_info, amp_autocast, desc="Eval", log_interval=5
     skipped = 0
     progress = Progress(len(loader), desc, dist_info.primary, log_interval)
     for step, (images, targets, n_skipped) in enumerate(readable_batches(loader), 1):
+        stop_if_terminated()
         skipped += n_skipped
         if images is None:  # no image of the batch could be read: counted as skipped
             continue

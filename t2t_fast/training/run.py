@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -91,9 +92,11 @@ def train(args, builders=recipes.FROM_SCRATCH, callbacks=(), explicit=None):
         started = time.perf_counter()
         _setup(run, builders, checkpoint)
         metrics = None
-        for epoch in range(run.epoch, run.num_epochs):
-            run.epoch = epoch
-            metrics = _run_epoch(run, callbacks)
+        with loop.terminate_between_steps():
+            for epoch in range(run.epoch, run.num_epochs):
+                run.epoch = epoch
+                metrics = _run_epoch(run, callbacks)
+                loop.stop_if_terminated()  # after the epoch's checkpoint and summary are written
         if dist.primary and metrics is not None:
             _log_done(run, metrics, time.perf_counter() - started)
         return metrics if dist.primary else None
@@ -303,7 +306,8 @@ def _schedule(run, train_set, val_set):
     run.sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
                                                       shuffle=True, seed=args.seed, drop_last=True)
     loader_kwargs = dict(num_workers=min(args.workers, os.cpu_count() or 1),
-                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist.device.type == "cuda")
+                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist.device.type == "cuda",
+                         worker_init_fn=_leave_sigterm_to_the_trainer)
     run.train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=run.sampler,
                                                    drop_last=True, **loader_kwargs)
     run.val_loader = torch.utils.data.DataLoader(
@@ -313,6 +317,12 @@ def _schedule(run, train_set, val_set):
         run.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(run.train_loader))
+
+
+def _leave_sigterm_to_the_trainer(worker_id):
+    """A loader worker ignores SIGTERM (a stop sent to the whole process group): the training process ends the run
+    and shuts its workers down, instead of each dying mid-batch with a traceback of its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _wrap(run):
