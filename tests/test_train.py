@@ -474,9 +474,15 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode, pixels):
     expected = np.rint(pixels.astype(np.float64) * (255.0 / full)).astype(np.uint8)
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), np.repeat(expected[..., None], 3, axis=-1))
-    if mode == "I;16":  # and as a PNG, the usual 16-bit format
+    if mode == "I;16":  # and as a PNG, the usual 16-bit format, and a 16-bit PGM, even a dark one
         Image.fromarray(pixels).save(tmp_path / "image.png")
         np.testing.assert_array_equal(np.asarray(data_lib.load_rgb(str(tmp_path / "image.png"))), np.asarray(image))
+        for scale in (1, 1 / 256):
+            dark = np.rint(pixels * scale).astype(">u2")
+            (tmp_path / "image.pgm").write_bytes(b"P5\n3 2\n65535\n" + dark.tobytes())
+            expected = np.rint(dark.astype(np.float64) / 257).astype(np.uint8)
+            np.testing.assert_array_equal(np.asarray(data_lib.load_rgb(str(tmp_path / "image.pgm")))[..., 0],
+                                          expected)
 
 
 def test_images_of_unknown_range_are_unreadable(tmp_path):

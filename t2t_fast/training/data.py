@@ -109,14 +109,18 @@ class SafeImageFolder(torch.utils.data.Dataset):
 
 # Full-scale value of the single-channel modes PIL's convert("RGB") would clip at 255.
 _FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+# Formats whose mode "I" images are 16-bit: PIL reads a PGM of any maxval above 255 onto 0..65535 (and older
+# PILs a 16-bit grayscale PNG as "I")
+_SIXTEEN_BIT_AS_I = ("PPM", "PNG")
 
 
 def load_rgb(path):
     """The image file at ``path`` as an 8-bit RGB PIL image.
 
     16-bit grayscale (PNG, TIFF, PGM) is scaled to 8 bits, where ``convert("RGB")`` alone would clip every value
-    above 255 to white. 32-bit integer and float images are scaled by their range when it is one of 0..255,
-    0..65535 (integers) or 0..1 (floats), and refused otherwise (raises ValueError, as for an unreadable file).
+    above 255 to white. Other 32-bit integer and float images (TIFF) are scaled by the range their values fall in:
+    0..255 or 0..65535 (integers), 0..1 or 0..255 (floats), and refused outside them (raises ValueError, as for an
+    unreadable file).
     """
     from PIL import Image
 
@@ -133,6 +137,8 @@ def _to_8bit(image, path):
     pixels = np.asarray(image, dtype=np.float64)
     low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
     full_scale = _FULL_SCALE.get(image.mode)
+    if image.mode == "I" and image.format in _SIXTEEN_BIT_AS_I:
+        full_scale = 65535
     if full_scale is None:
         ranges = (255, 65535) if image.mode == "I" else (1.0, 255)
         full_scale = next((top for top in ranges if low >= 0 and high <= top), None)
