@@ -127,11 +127,11 @@ def load_rgb(path):
     with Image.open(path) as image:
         image.load()
         if image.mode in _FULL_SCALE or image.mode in ("I", "F"):
-            image = _to_8bit(image, path)
+            image = _to_8bit(image)
         return image.convert("RGB")
 
 
-def _to_8bit(image, path):
+def _to_8bit(image):
     from PIL import Image
 
     pixels = np.asarray(image, dtype=np.float64)
