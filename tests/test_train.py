@@ -429,6 +429,31 @@ def test_eval_official_checkpoint_layout(trained, tiny_data, tmp_path, capsys):
     assert got["count"] == 12 and got["weights"] == "EMA" and 0 <= got["top1"] <= 100
 
 
+def test_eval_and_predict_read_a_timm_train_checkpoint(trained, tiny_data, tmp_path, capsys):
+    """A checkpoint of timm's own train.py (its args a Namespace with model_kwargs a dict, the image size among
+    them) is evaluated and predicted with its architecture and size, no options given."""
+    import argparse
+
+    ours = read_checkpoint(str(trained / "best.pth"))
+    timm_run = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 1, "arch": "t2t_vit_7", "state_dict": ours["state_dict"], "version": 2,
+                "args": argparse.Namespace(model="t2t_vit_7", img_size=None, input_size=None, mean=None, std=None,
+                                           crop_pct=None, interpolation="", num_classes=10, model_kwargs=dict(
+                                               depth=1, embed_dim=32, num_heads=2, token_dim=8, img_size=32,
+                                               drop_path_rate=0.1))}, timm_run)
+    results = [tmp_path / "timm.json", tmp_path / "ours.json"]
+    assert cli.main(["eval", "--checkpoint", str(timm_run), "--data", str(tiny_data), "--workers", "0", "--no-ema",
+                     "--results-file", str(results[0])]) == 0
+    assert cli.main(["eval", "--checkpoint", str(trained / "best.pth"), "--data", str(tiny_data), "--workers", "0",
+                     "--no-ema", "--results-file", str(results[1])]) == 0
+    timm_metrics, our_metrics = (json.load(open(path)) for path in results)
+    assert timm_metrics["img_size"] == 32 and timm_metrics["top1"] == pytest.approx(our_metrics["top1"], abs=1e-4)
+    image = next(iter(sorted((tiny_data / "val").rglob("*.png"))))
+    capsys.readouterr()
+    assert cli.main(["predict", str(image), "--checkpoint", str(timm_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["file"] == str(image)
+
+
 def test_image_folders_skip_hidden_folders_and_need_two_classes(tmp_path, capsys):
     root = _write_image_folder(tmp_path / "d", ["a", "b"], n_train=2, n_val=1)
     for split in ("train", "val"):  # a notebook's checkpoint folder is no class

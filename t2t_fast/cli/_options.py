@@ -275,18 +275,26 @@ def run_command(fn, args, argv=None, command=None, **kwargs):
         print(f"t2t-fast: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, loop.Terminated)
-        # objects the interrupt left half-built (a loader iterator starting its workers) fail in __del__ as the
-        # process ends: noise after the one line below
-        sys.unraisablehook = lambda unraisable: None
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(interrupted_message(args, argv, command, started, "stopped by SIGTERM" if terminated else
-                                      "interrupted"), file=sys.stderr)
-        return 143 if terminated else 130
+        return _stopped(args, argv, command, started, isinstance(exc, loop.Terminated))
+    except Exception:
+        if not (on_term and loop.termination_requested()):
+            raise
+        return _stopped(args, argv, command, started, True)  # a loader worker the SIGTERM ended failed the run
     finally:
         if on_term:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
+
+
+def _stopped(args, argv, command, started, terminated):
+    """The one line and exit code of a run stopped by Ctrl-C (130) or SIGTERM (``terminated``: 143)."""
+    # objects the stop left half-built (a loader iterator starting its workers) fail in __del__ as the process
+    # ends: noise after the one line
+    sys.unraisablehook = lambda unraisable: None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(interrupted_message(args, argv, command, started, "stopped by SIGTERM" if terminated else
+                                  "interrupted"), file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def interrupted_message(args, argv, command, started, what="interrupted"):

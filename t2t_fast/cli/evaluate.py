@@ -9,6 +9,7 @@ ImageNet mean/std.
 
     t2t-fast eval --model t2t_vit_14 --checkpoint 81.5_T2T_ViT_14.pth.tar --data /data/imagenet
 """
+import argparse
 import contextlib
 import functools
 import json
@@ -59,11 +60,14 @@ def build_parser():
 
 def checkpoint_settings(args, checkpoint):
     """Fill the unset model options of ``args`` (model, image size, model kwargs, evaluation transform, threads,
-    autocast; those ``args`` has) from the training run a checkpoint records; returns that run's options ({} for
-    files not written by ``t2t-fast train``/``finetune``)."""
-    run = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    autocast; those ``args`` has) from the training run a checkpoint records (a ``t2t-fast train``/``finetune``
+    run's, or the model options of a timm ``train.py`` run's); returns the ``t2t-fast`` run's options ({} for
+    other files)."""
+    saved = checkpoint.get("args")
+    run = saved if isinstance(saved, dict) else {}
+    recorded_options = run or (_timm_train_options(saved) if isinstance(saved, argparse.Namespace) else {})
     if args.model is None:
-        recorded = run.get("model") or checkpoint.get("arch")
+        recorded = recorded_options.get("model") or checkpoint.get("arch")
         if recorded not in registry.VARIANTS:  # official files record timm's class name ('t2t_vit'), if anything
             raise data_lib.DataError(f"the checkpoint does not record which variant it is (arch={recorded!r}): "
                                      f"pass --model NAME")
@@ -72,9 +76,30 @@ def checkpoint_settings(args, checkpoint):
         raise data_lib.DataError(str(registry.unknown_model_error(args.model)))
     for key in ("img_size", "crop_pct", "interpolation", "mean", "std", "model_kwargs", "threads", "amp",
                 "amp_dtype"):
-        if hasattr(args, key) and getattr(args, key) is None and run.get(key) is not None:
-            setattr(args, key, run[key])
+        if hasattr(args, key) and getattr(args, key) is None and recorded_options.get(key) is not None:
+            setattr(args, key, recorded_options[key])
     return run
+
+
+# timm train.py's --model-kwargs this command sets otherwise (the head from the weights) or does not need
+_TIMM_KWARGS_SET_HERE = ("num_classes", "drop_rate", "drop_path_rate", "pretrained")
+
+
+def _timm_train_options(namespace):
+    """The model options a timm ``train.py`` run records (its ``args`` Namespace) in this command's terms: the
+    variant, ``--img-size``, ``--model-kwargs`` (its ``model_kwargs`` dict without the image size) and the
+    evaluation transform it set."""
+    found = vars(namespace)
+    kwargs = dict(found.get("model_kwargs") or {})
+    sizes = [kwargs.pop("img_size", None), found.get("img_size"), (found.get("input_size") or [None])[-1]]
+    model = found.get("model")
+    options = {"model": model.lower() if isinstance(model, str) and model.lower() in registry.VARIANTS else model,
+               "img_size": next((size for size in sizes if size is not None), None),
+               "model_kwargs": [f"{key}={value!r}" for key, value in kwargs.items()
+                                if key not in _TIMM_KWARGS_SET_HERE],
+               "mean": found.get("mean"), "std": found.get("std"), "crop_pct": found.get("crop_pct"),
+               "interpolation": found.get("interpolation") or None}
+    return {key: value for key, value in options.items() if value is not None}
 
 
 def _settings(args, checkpoint):

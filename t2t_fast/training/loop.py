@@ -8,6 +8,7 @@ saved.
 import contextlib
 import logging
 import os
+import signal
 
 import torch
 
@@ -43,8 +44,10 @@ def install_termination():
 def terminate(signum=None, frame=None):
     """The SIGTERM handler of the training commands: stop the run with :class:`Terminated`, at once outside the
     epochs, at the next step during them."""
-    if os.getpid() != _Termination.pid:
-        return  # a loader worker: the training process ends the run and shuts it down
+    if os.getpid() != _Termination.pid:  # a loader worker forked with this handler: end as SIGTERM's default does
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     _Termination.requested = True
     if not _Termination.between_steps:
         raise Terminated()
@@ -58,6 +61,11 @@ def terminate_between_steps():
         yield
     finally:
         _Termination.between_steps = False
+
+
+def termination_requested():
+    """Whether SIGTERM was received (a loader worker it ended may make the run fail before the next step)."""
+    return _Termination.requested
 
 
 def stop_if_terminated():

@@ -12,7 +12,6 @@ import functools
 import itertools
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -306,8 +305,7 @@ def _schedule(run, train_set, val_set):
     run.sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,
                                                       shuffle=True, seed=args.seed, drop_last=True)
     loader_kwargs = dict(num_workers=min(args.workers, os.cpu_count() or 1),
-                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist.device.type == "cuda",
-                         worker_init_fn=_leave_sigterm_to_the_trainer)
+                         collate_fn=data_lib.collate_skip_unreadable, pin_memory=dist.device.type == "cuda")
     run.train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=run.sampler,
                                                    drop_last=True, **loader_kwargs)
     run.val_loader = torch.utils.data.DataLoader(
@@ -317,12 +315,6 @@ def _schedule(run, train_set, val_set):
         run.optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=args.cooldown_epochs,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=len(run.train_loader))
-
-
-def _leave_sigterm_to_the_trainer(worker_id):
-    """A loader worker ignores SIGTERM (a stop sent to the whole process group): the training process ends the run
-    and shuts its workers down, instead of each dying mid-batch with a traceback of its own."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _wrap(run):
