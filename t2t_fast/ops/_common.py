@@ -140,8 +140,7 @@ def fingerprint_buffer(tensor):
     """``(address, bytes)`` of a CPU tensor, as :func:`sample_fingerprint` takes it: no more bytes than its storage
     holds from its first element (none where the storage was resized to nothing, as FSDP does to sharded
     parameters)."""
-    held = tensor.untyped_storage().nbytes() - tensor.storage_offset() * tensor.element_size()
-    return tensor.data_ptr(), max(0, min(tensor.nbytes, held))
+    return tensor.data_ptr(), max(0, min(tensor.nbytes, storage_extent(tensor) * tensor.element_size()))
 
 
 def sample_fingerprint(buffers):
